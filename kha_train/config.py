@@ -1,0 +1,535 @@
+"""The run configuration: one typed schema for every option, loaded through OmegaConf.
+
+A run is described by a YAML file that may name a base file with ``extends:`` (resolved relative
+to the file that names it), followed by command-line ``key=value`` overrides::
+
+    kha-train train configs/tiny/kha_moe.yaml optim.lr=3e-4 train.max_steps=20
+
+Every option is documented once, as the comment beside its field below. Loading rejects unknown
+keys (suggesting the closest valid names), wrong types and missing required values, naming the
+full key path; :func:`validate` then runs the cross-field checks before anything is built.
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+import os
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+# omegaconf is imported lazily inside the loaders so `import kha_train.config` stays cheap and
+# works where omegaconf is not installed (e.g. the GPU image, which builds configs directly).
+
+
+class ConfigError(ValueError):
+    """A config problem, with a message that names the key and how to fix it."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+
+
+class AttnBackend(str, enum.Enum):
+    auto = "auto"  # let PyTorch pick (cuDNN is first on Hopper)
+    cudnn = "cudnn"  # SDPA cuDNN backend: fastest on H100 (8.1 ms vs 14.0 ms for flash)
+    flash = "flash"  # SDPA flash backend
+    efficient = "efficient"  # SDPA memory-efficient backend (no native GQA: K/V are expanded)
+    math = "math"  # SDPA reference math backend (CPU tests)
+    flash_attn = "flash_attn"  # the optional flash-attn package (pip install kha-train[flash])
+
+
+class AttentionKind(str, enum.Enum):
+    gqa = "gqa"  # MHA / GQA / MQA: set by num_kv_heads (= num_heads, divisor, 1)
+
+
+class KHAVariant(str, enum.Enum):
+    none = "none"  # plain attention
+    linear = "linear"  # shared d_head x d_head matrix T per target (absorbable at inference)
+    mlp = "mlp"  # 2 * (x W_up * sigmoid(x W_gate)) W_down per target; the paper uses V only
+    gate = "gate"  # x * 2 sigmoid(x W_gate): the paper's ablation (hurts, Table 2)
+
+
+class ScoreFunc(str, enum.Enum):
+    softmax = "softmax"
+    sigmoid = "sigmoid"
+
+
+class Balancing(str, enum.Enum):
+    none = "none"  # no balancing
+    loss_free_sign = "loss_free_sign"  # b <- b - u * sign(F - 1/E)            (Wang et al. 2024)
+    loss_free_rms = "loss_free_rms"  # b <- b - u * (F - 1/E) / RMS(F - 1/E)   (Su 2025; paper)
+    aux_loss = "aux_loss"  # Switch-style auxiliary loss, coefficient aux_loss_coef
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 0  # routed experts; 0 makes every layer a dense SwiGLU FFN
+    top_k: int = 0  # experts chosen per token
+    expert_ffn_size: int = 0  # hidden size of each SwiGLU expert
+    num_shared_experts: int = 0  # always-on experts of expert_ffn_size each (Qwen3: 0)
+    first_k_dense: int = 0  # the first k layers use the dense FFN (model.ffn_size)
+    moe_every_n: int = 1  # layer i (0-based) is MoE iff (i + 1) % moe_every_n == 0, after first_k
+    score_func: ScoreFunc = ScoreFunc.softmax  # router score; softmax over experts in fp32
+    norm_topk_prob: bool = True  # renormalise the top-k gate weights to sum to 1
+    balancing: Balancing = Balancing.loss_free_rms
+    bias_update_rate: float = 1e-3  # u in the loss-free rules, applied once per optimizer step
+    aux_loss_coef: float = 1e-2  # weight of the Switch aux loss when balancing=aux_loss
+
+
+@dataclass
+class KHAConfig:
+    variant: KHAVariant = KHAVariant.none
+    # Which projections get a shared head transform: any of q, k, v. The paper's main setting is
+    # mlp on [v]; gate is only defined on v.
+    targets: list[str] = field(default_factory=lambda: ["v"])
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 151936  # embedding rows; >= the tokenizer's vocab (padding is allowed)
+    hidden_size: int = 1152
+    num_layers: int = 12
+    num_heads: int = 32  # query heads
+    num_kv_heads: int = 4  # key/value heads: num_heads -> MHA, 1 -> MQA, else GQA
+    head_dim: int = 128
+    ffn_size: int = 3072  # dense SwiGLU hidden size (dense models and dense layers of MoEs)
+    tie_embeddings: bool = True  # LM head shares the input embedding matrix
+    rope_theta: float = 1_000_000.0
+    norm_eps: float = 1e-6
+    qk_norm: bool = True  # per-head RMSNorm on q and k before RoPE (Qwen3)
+    init_std: float = 0.02  # std of the normal init; output projections are scaled by depth
+    attention: AttentionKind = AttentionKind.gqa
+    attn_backend: AttnBackend = AttnBackend.auto
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    kha: KHAConfig = field(default_factory=KHAConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data, optimisation, training
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "???"  # directory written by `kha-train data prepare` (holds index.json)
+    seq_len: int = 2048  # tokens per sample; each sample reads seq_len + 1 tokens
+    seed: int = 1234  # seed of the per-epoch shuffle of the global sample order
+    tokenizer: str | None = None  # if set, its hash must match the dataset's (catches mixups)
+    prefetch: int = 2  # micro-batches prepared ahead by a background thread (0: synchronous)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4  # peak learning rate
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global grad-norm clip; 0 disables
+    # Parameters whose name contains any of these substrings get no weight decay. Default:
+    # norms, biases, embeddings and the KHA head transforms (they start at identity and decay
+    # would pull them toward zero instead).
+    no_decay: list[str] = field(default_factory=lambda: ["norm", "bias", "embed", "kha"])
+    implementation: str = "auto"  # auto (fused on CUDA, foreach on CPU) | fused | foreach
+
+
+class ScheduleKind(str, enum.Enum):
+    cosine = "cosine"  # linear warmup, cosine from lr to min_lr_ratio * lr
+    constant = "constant"  # linear warmup, then lr
+    wsd = "wsd"  # warmup, stable at lr, linear decay to min_lr_ratio * lr over decay_fraction
+
+
+@dataclass
+class ScheduleConfig:
+    kind: ScheduleKind = ScheduleKind.cosine
+    warmup_fraction: float = 0.05  # of train.max_steps (the paper: 5%)
+    warmup_steps: int | None = None  # overrides warmup_fraction when set
+    min_lr_ratio: float = 0.1  # final lr as a fraction of peak (the paper: 10%)
+    decay_fraction: float = 0.2  # wsd only: final fraction of steps spent decaying
+
+
+class Precision(str, enum.Enum):
+    bf16 = "bf16"  # bf16 compute, fp32 master weights, fp32 gradient reduction
+    fp32 = "fp32"  # everything fp32 (CPU tests, exact-resume checks)
+
+
+@dataclass
+class TrainConfig:
+    global_batch_tokens: int = 65536  # tokens per optimizer step across all ranks
+    micro_batch_size: int = 4  # samples per rank per forward/backward
+    max_steps: int | None = None  # optimizer steps; exactly one of max_steps / total_tokens
+    total_tokens: int | None = None  # training length in tokens (steps = total // batch)
+    seed: int = 0  # model init and dropout-free RNG streams
+    device: str = "auto"  # auto (cuda if available) | cuda | cpu
+    precision: Precision = Precision.bf16
+    val_every: int = 0  # validation every N steps (0: only at the end, if a val split exists)
+    val_batches: int = 8  # micro-batches per validation pass
+    max_nonfinite_in_row: int = 5  # abort after this many consecutive non-finite steps
+
+
+class ACMode(str, enum.Enum):
+    none = "none"
+    full = "full"  # checkpoint every transformer block
+    every_n = "every_n"  # checkpoint every ac_every_n-th block
+
+
+@dataclass
+class ParallelConfig:
+    dp_replicate: int = 1  # HSDP replicas (multi-node: number of nodes); 1 = plain FSDP
+    dp_shard: int = -1  # ranks each replica shards over; -1 = world_size / dp_replicate
+    activation_checkpointing: ACMode = ACMode.none
+    ac_every_n: int = 2  # for activation_checkpointing=every_n
+    compile: bool = False  # torch.compile each transformer block
+    reshard_after_forward: bool = True  # FSDP2: free gathered params after forward (ZeRO-3)
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str | None = None  # default: <logging.run_dir>/checkpoints
+    every_steps: int = 0  # save every N steps (0: only at the end); a final save always happens
+    keep_last: int = 3  # keep the newest K complete checkpoints
+    async_save: bool = False  # write in the background while training continues
+    resume: str = "none"  # none | auto (newest complete checkpoint in dir) | a checkpoint path
+
+
+class WandbMode(str, enum.Enum):
+    auto = "auto"  # online if WANDB_API_KEY is set or logged in, else offline
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+@dataclass
+class SpikeConfig:
+    window: int = 128  # running statistics over the last N steps
+    z_threshold: float = 6.0  # a spike: value > mean + z_threshold * std of the window
+    warmup: int = 20  # steps observed before any spike can be flagged
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str = "runs/${name}"  # everything a run writes: config, logs, plots, checkpoints
+    log_every: int = 10  # steps between metric logs (the only host syncs of the loop)
+    wandb: WandbMode = WandbMode.auto
+    wandb_project: str = "kha-train"
+    wandb_entity: str | None = None
+    tensorboard: bool = False
+    peak_tflops: float | None = None  # MFU denominator per GPU; default from a GPU table
+    spikes: SpikeConfig = field(default_factory=SpikeConfig)
+
+
+@dataclass
+class Config:
+    name: str = "run"  # run name: the run directory and the W&B run name
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+EXTENDS_KEY = "extends"
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML file, merging it over the chain of files it ``extends``."""
+    from omegaconf import OmegaConf
+
+    path = path.resolve()
+    if path in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path))
+        raise ConfigError(f"config files extend each other in a loop: {chain}")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception as e:  # yaml syntax errors
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    base_name = raw.pop(EXTENDS_KEY, None)
+    if base_name is None:
+        return raw
+    base = _read_yaml(path.parent / str(base_name), (*seen, path))
+    return _deep_merge(base, raw)
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _check_keys(node: Any, schema: type, prefix: str, source: str) -> None:
+    """Reject unknown keys anywhere in ``node`` with the full path and close matches."""
+    if not isinstance(node, dict):
+        return
+    by_name = {f.name: f for f in fields(schema)}
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        if key not in by_name:
+            close = difflib.get_close_matches(str(key), list(by_name), n=3, cutoff=0.5)
+            hint = f" Did you mean {' or '.join(repr(prefix + c) for c in close)}?" if close else ""
+            valid = ", ".join(sorted(by_name))
+            raise ConfigError(f"{source}: unknown key '{path}'.{hint} Valid keys here: {valid}.")
+        sub = _dataclass_type(by_name[key].type, schema)
+        if sub is not None:
+            if not isinstance(value, dict):
+                raise ConfigError(
+                    f"{source}: '{path}' is a section and needs a mapping of keys, got {value!r}."
+                )
+            _check_keys(value, sub, path + ".", source)
+
+
+def _dataclass_type(annotation: Any, owner: type) -> type | None:
+    """The dataclass a field holds, if any (annotations are strings under `from __future__`)."""
+    if isinstance(annotation, str):
+        annotation = globals().get(annotation, None)
+    return annotation if isinstance(annotation, type) and is_dataclass(annotation) else None
+
+
+def _overrides_to_dict(overrides: list[str]) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    for o in overrides:
+        if "=" not in o:
+            raise ConfigError(
+                f"command-line override {o!r} is not key=value (e.g. optim.lr=3e-4 or train.max_steps=100)"
+            )
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)), resolve=False)  # type: ignore[return-value]
+    except Exception as e:
+        raise ConfigError(f"could not parse command-line overrides {overrides}: {e}") from e
+
+
+def _format_omegaconf_error(e: Exception, source: str) -> str:
+    key = getattr(e, "full_key", None) or ""
+    msg = (getattr(e, "msg", None) or str(e)).splitlines()[0]
+    where = f" at '{key}'" if key else ""
+    return f"{source}: invalid value{where}: {msg}"
+
+
+def build_config(layers: list[tuple[str, dict[str, Any]]]) -> Config:
+    """Merge (source name, mapping) layers over the schema defaults into a typed :class:`Config`."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    merged = OmegaConf.structured(Config)
+    for source, layer in layers:
+        _check_keys(layer, Config, "", source)
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as e:
+            raise ConfigError(_format_omegaconf_error(e, source)) from e
+    missing = sorted(_missing_keys(merged))
+    if missing:
+        raise ConfigError(
+            f"required value(s) missing: {', '.join(missing)}. Set them in the YAML file or on the "
+            f"command line, e.g. {missing[0]}=..."
+        )
+    try:
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_format_omegaconf_error(e, "config")) from e
+    assert isinstance(cfg, Config)
+    return cfg
+
+
+def _missing_keys(node: Any, prefix: str = "") -> list[str]:
+    from omegaconf import DictConfig, OmegaConf
+
+    out = []
+    for key in node:
+        path = f"{prefix}{key}"
+        if OmegaConf.is_missing(node, key):
+            out.append(path)
+        elif isinstance(node[key], DictConfig):
+            out.extend(_missing_keys(node[key], path + "."))
+    return out
+
+
+def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (following ``extends``), apply ``key=value`` overrides, check types."""
+    layers = [(str(path), _read_yaml(Path(path)))]
+    if overrides:
+        layers.append(("command line", _overrides_to_dict(list(overrides))))
+    return build_config(layers)
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (saved with every run; loadable by :func:`load_config`)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg), resolve=True)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)  # type: ignore[return-value]
+
+
+def save_config(cfg: Config, path: str | os.PathLike[str]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(to_yaml(cfg))
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Cross-field checks
+# ----------------------------------------------------------------------------------------------
+
+
+def is_moe_layer(moe: MoEConfig, layer_idx: int) -> bool:
+    """Whether layer ``layer_idx`` (0-based) uses the routed MoE FFN."""
+    if moe.num_experts == 0 or layer_idx < moe.first_k_dense:
+        return False
+    return (layer_idx + 1) % moe.moe_every_n == 0
+
+
+def validate_model(m: ModelConfig) -> list[str]:
+    errs = []
+    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
+        if getattr(m, name) <= 0:
+            errs.append(f"model.{name} must be positive, got {getattr(m, name)}")
+    if errs:
+        return errs
+    if m.num_heads % m.num_kv_heads:
+        errs.append(
+            f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads} "
+            "(GQA groups whole query heads per KV head; use 1 for MQA or num_heads for MHA)"
+        )
+    if m.head_dim % 2:
+        errs.append(f"model.head_dim={m.head_dim} must be even for RoPE")
+    if m.num_heads * m.head_dim != m.hidden_size and m.head_dim * m.num_heads < 16:
+        errs.append("model.num_heads * model.head_dim is too small")
+    if m.init_std <= 0 or m.norm_eps <= 0 or m.rope_theta <= 0:
+        errs.append("model.init_std, model.norm_eps and model.rope_theta must be positive")
+    moe = m.moe
+    if moe.num_experts < 0:
+        errs.append(f"model.moe.num_experts must be >= 0, got {moe.num_experts}")
+    elif moe.num_experts > 0:
+        if not 1 <= moe.top_k <= moe.num_experts:
+            errs.append(
+                f"model.moe.top_k={moe.top_k} must be in [1, model.moe.num_experts={moe.num_experts}]"
+            )
+        if moe.expert_ffn_size <= 0:
+            errs.append("model.moe.expert_ffn_size must be positive for an MoE model")
+        if moe.moe_every_n < 1:
+            errs.append(f"model.moe.moe_every_n must be >= 1, got {moe.moe_every_n}")
+        elif not any(is_moe_layer(moe, i) for i in range(m.num_layers)):
+            errs.append(
+                "no layer is MoE: model.moe.first_k_dense / moe_every_n leave every one of the "
+                f"{m.num_layers} layers dense (set model.moe.num_experts=0 for a dense model)"
+            )
+        if moe.num_shared_experts < 0:
+            errs.append("model.moe.num_shared_experts must be >= 0")
+        if moe.bias_update_rate < 0 or moe.aux_loss_coef < 0:
+            errs.append("model.moe.bias_update_rate and aux_loss_coef must be >= 0")
+    dense_layers = m.num_layers if moe.num_experts == 0 else sum(
+        not is_moe_layer(moe, i) for i in range(m.num_layers)
+    )
+    if dense_layers and m.ffn_size <= 0:
+        errs.append(f"model.ffn_size must be positive: {dense_layers} layer(s) use the dense FFN")
+    kha = m.kha
+    if kha.variant != KHAVariant.none:
+        bad = [t for t in kha.targets if t not in ("q", "k", "v")]
+        if bad or not kha.targets:
+            errs.append(
+                f"model.kha.targets={list(kha.targets)} must be a non-empty subset of ['q', 'k', 'v']"
+            )
+        elif len(set(kha.targets)) != len(kha.targets):
+            errs.append(f"model.kha.targets={list(kha.targets)} lists a target twice")
+        if kha.variant == KHAVariant.gate and list(kha.targets) != ["v"]:
+            errs.append(
+                "model.kha.variant=gate is the paper's value-only ablation: set model.kha.targets=[v]"
+            )
+    return errs
+
+
+def validate(cfg: Config, world_size: int = 1) -> Config:
+    """Cross-field checks, run before anything is built. Raises one :class:`ConfigError` listing
+    every problem found."""
+    errs = validate_model(cfg.model)
+    d, t, o, s, p, c = cfg.data, cfg.train, cfg.optim, cfg.schedule, cfg.parallel, cfg.checkpoint
+    if d.seq_len <= 0:
+        errs.append(f"data.seq_len must be positive, got {d.seq_len}")
+    if t.micro_batch_size <= 0:
+        errs.append(f"train.micro_batch_size must be positive, got {t.micro_batch_size}")
+    if d.seq_len > 0 and t.micro_batch_size > 0:
+        per_micro = t.micro_batch_size * d.seq_len * world_size
+        if t.global_batch_tokens <= 0 or t.global_batch_tokens % per_micro:
+            errs.append(
+                f"train.global_batch_tokens={t.global_batch_tokens} must be a positive multiple of "
+                f"micro_batch_size x seq_len x ranks = {t.micro_batch_size} x {d.seq_len} x "
+                f"{world_size} = {per_micro}; e.g. train.global_batch_tokens="
+                f"{max(1, round(t.global_batch_tokens / per_micro)) * per_micro}"
+            )
+    if (t.max_steps is None) == (t.total_tokens is None):
+        errs.append(
+            "set exactly one of train.max_steps and train.total_tokens "
+            f"(got max_steps={t.max_steps}, total_tokens={t.total_tokens})"
+        )
+    elif t.max_steps is not None and t.max_steps <= 0:
+        errs.append(f"train.max_steps must be positive, got {t.max_steps}")
+    elif t.total_tokens is not None and t.global_batch_tokens > 0 and t.total_tokens < t.global_batch_tokens:
+        errs.append("train.total_tokens is less than one global batch (train.global_batch_tokens)")
+    if t.device not in ("auto", "cuda", "cpu"):
+        errs.append(f"train.device must be auto, cuda or cpu, got {t.device!r}")
+    if o.lr <= 0 or o.weight_decay < 0 or o.grad_clip < 0:
+        errs.append("optim.lr must be > 0, optim.weight_decay and optim.grad_clip >= 0")
+    if not (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1):
+        errs.append(f"optim.beta1/beta2 must be in [0, 1), got {o.beta1}/{o.beta2}")
+    if o.implementation not in ("auto", "fused", "foreach"):
+        errs.append(f"optim.implementation must be auto, fused or foreach, got {o.implementation!r}")
+    if not 0 <= s.warmup_fraction < 1 or not 0 <= s.min_lr_ratio <= 1 or not 0 <= s.decay_fraction <= 1:
+        errs.append("schedule.warmup_fraction must be in [0, 1), min_lr_ratio and decay_fraction in [0, 1]")
+    if p.dp_replicate < 1:
+        errs.append(f"parallel.dp_replicate must be >= 1, got {p.dp_replicate}")
+    elif p.dp_shard == -1:
+        if world_size % p.dp_replicate:
+            errs.append(
+                f"parallel.dp_replicate={p.dp_replicate} must divide the number of ranks {world_size}"
+            )
+    elif p.dp_replicate * p.dp_shard != world_size:
+        errs.append(
+            f"parallel.dp_replicate x dp_shard = {p.dp_replicate} x {p.dp_shard} must equal the "
+            f"number of ranks {world_size} (or set parallel.dp_shard=-1)"
+        )
+    if p.activation_checkpointing == ACMode.every_n and p.ac_every_n < 1:
+        errs.append("parallel.ac_every_n must be >= 1")
+    if c.keep_last < 1 or c.every_steps < 0:
+        errs.append("checkpoint.keep_last must be >= 1 and checkpoint.every_steps >= 0")
+    if cfg.logging.log_every < 1:
+        errs.append("logging.log_every must be >= 1")
+    if cfg.logging.spikes.window < 2 or cfg.logging.spikes.z_threshold <= 0:
+        errs.append("logging.spikes.window must be >= 2 and z_threshold > 0")
+    if errs:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(errs))
+    return cfg
+
+
+def total_steps(cfg: Config) -> int:
+    """Optimizer steps of the run (from max_steps or total_tokens)."""
+    if cfg.train.max_steps is not None:
+        return cfg.train.max_steps
+    assert cfg.train.total_tokens is not None
+    return cfg.train.total_tokens // cfg.train.global_batch_tokens
