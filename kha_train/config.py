@@ -32,7 +32,7 @@ class ConfigError(ValueError):
 # ----------------------------------------------------------------------------------------------
 
 
-class AttnBackend(str, enum.Enum):
+class AttnBackend(enum.StrEnum):
     auto = "auto"  # let PyTorch pick (cuDNN is first on Hopper)
     cudnn = "cudnn"  # SDPA cuDNN backend: fastest on H100 (8.1 ms vs 14.0 ms for flash)
     flash = "flash"  # SDPA flash backend
@@ -41,23 +41,23 @@ class AttnBackend(str, enum.Enum):
     flash_attn = "flash_attn"  # the optional flash-attn package (pip install kha-train[flash])
 
 
-class AttentionKind(str, enum.Enum):
+class AttentionKind(enum.StrEnum):
     gqa = "gqa"  # MHA / GQA / MQA: set by num_kv_heads (= num_heads, divisor, 1)
 
 
-class KHAVariant(str, enum.Enum):
+class KHAVariant(enum.StrEnum):
     none = "none"  # plain attention
     linear = "linear"  # shared d_head x d_head matrix T per target (absorbable at inference)
     mlp = "mlp"  # 2 * (x W_up * sigmoid(x W_gate)) W_down per target; the paper uses V only
     gate = "gate"  # x * 2 sigmoid(x W_gate): the paper's ablation (hurts, Table 2)
 
 
-class ScoreFunc(str, enum.Enum):
+class ScoreFunc(enum.StrEnum):
     softmax = "softmax"
     sigmoid = "sigmoid"
 
 
-class Balancing(str, enum.Enum):
+class Balancing(enum.StrEnum):
     none = "none"  # no balancing
     loss_free_sign = "loss_free_sign"  # b <- b - u * sign(F - 1/E)            (Wang et al. 2024)
     loss_free_rms = "loss_free_rms"  # b <- b - u * (F - 1/E) / RMS(F - 1/E)   (Su 2025; paper)
@@ -136,7 +136,7 @@ class OptimConfig:
     implementation: str = "auto"  # auto (fused on CUDA, foreach on CPU) | fused | foreach
 
 
-class ScheduleKind(str, enum.Enum):
+class ScheduleKind(enum.StrEnum):
     cosine = "cosine"  # linear warmup, cosine from lr to min_lr_ratio * lr
     constant = "constant"  # linear warmup, then lr
     wsd = "wsd"  # warmup, stable at lr, linear decay to min_lr_ratio * lr over decay_fraction
@@ -151,7 +151,7 @@ class ScheduleConfig:
     decay_fraction: float = 0.2  # wsd only: final fraction of steps spent decaying
 
 
-class Precision(str, enum.Enum):
+class Precision(enum.StrEnum):
     bf16 = "bf16"  # bf16 compute, fp32 master weights, fp32 gradient reduction
     fp32 = "fp32"  # everything fp32 (CPU tests, exact-resume checks)
 
@@ -170,7 +170,7 @@ class TrainConfig:
     max_nonfinite_in_row: int = 5  # abort after this many consecutive non-finite steps
 
 
-class ACMode(str, enum.Enum):
+class ACMode(enum.StrEnum):
     none = "none"
     full = "full"  # checkpoint every transformer block
     every_n = "every_n"  # checkpoint every ac_every_n-th block
@@ -195,7 +195,7 @@ class CheckpointConfig:
     resume: str = "none"  # none | auto (newest complete checkpoint in dir) | a checkpoint path
 
 
-class WandbMode(str, enum.Enum):
+class WandbMode(enum.StrEnum):
     auto = "auto"  # online if WANDB_API_KEY is set or logged in, else offline
     online = "online"
     offline = "offline"
@@ -258,7 +258,9 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}"
+        )
     base_name = raw.pop(EXTENDS_KEY, None)
     if base_name is None:
         return raw
@@ -407,7 +409,14 @@ def is_moe_layer(moe: MoEConfig, layer_idx: int) -> bool:
 
 def validate_model(m: ModelConfig) -> list[str]:
     errs = []
-    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
+    for name in (
+        "vocab_size",
+        "hidden_size",
+        "num_layers",
+        "num_heads",
+        "num_kv_heads",
+        "head_dim",
+    ):
         if getattr(m, name) <= 0:
             errs.append(f"model.{name} must be positive, got {getattr(m, name)}")
     if errs:
@@ -444,8 +453,10 @@ def validate_model(m: ModelConfig) -> list[str]:
             errs.append("model.moe.num_shared_experts must be >= 0")
         if moe.bias_update_rate < 0 or moe.aux_loss_coef < 0:
             errs.append("model.moe.bias_update_rate and aux_loss_coef must be >= 0")
-    dense_layers = m.num_layers if moe.num_experts == 0 else sum(
-        not is_moe_layer(moe, i) for i in range(m.num_layers)
+    dense_layers = (
+        m.num_layers
+        if moe.num_experts == 0
+        else sum(not is_moe_layer(moe, i) for i in range(m.num_layers))
     )
     if dense_layers and m.ffn_size <= 0:
         errs.append(f"model.ffn_size must be positive: {dense_layers} layer(s) use the dense FFN")
@@ -490,7 +501,11 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
         )
     elif t.max_steps is not None and t.max_steps <= 0:
         errs.append(f"train.max_steps must be positive, got {t.max_steps}")
-    elif t.total_tokens is not None and t.global_batch_tokens > 0 and t.total_tokens < t.global_batch_tokens:
+    elif (
+        t.total_tokens is not None
+        and t.global_batch_tokens > 0
+        and t.total_tokens < t.global_batch_tokens
+    ):
         errs.append("train.total_tokens is less than one global batch (train.global_batch_tokens)")
     if t.device not in ("auto", "cuda", "cpu"):
         errs.append(f"train.device must be auto, cuda or cpu, got {t.device!r}")
@@ -499,9 +514,17 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     if not (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1):
         errs.append(f"optim.beta1/beta2 must be in [0, 1), got {o.beta1}/{o.beta2}")
     if o.implementation not in ("auto", "fused", "foreach"):
-        errs.append(f"optim.implementation must be auto, fused or foreach, got {o.implementation!r}")
-    if not 0 <= s.warmup_fraction < 1 or not 0 <= s.min_lr_ratio <= 1 or not 0 <= s.decay_fraction <= 1:
-        errs.append("schedule.warmup_fraction must be in [0, 1), min_lr_ratio and decay_fraction in [0, 1]")
+        errs.append(
+            f"optim.implementation must be auto, fused or foreach, got {o.implementation!r}"
+        )
+    if (
+        not 0 <= s.warmup_fraction < 1
+        or not 0 <= s.min_lr_ratio <= 1
+        or not 0 <= s.decay_fraction <= 1
+    ):
+        errs.append(
+            "schedule.warmup_fraction must be in [0, 1), min_lr_ratio and decay_fraction in [0, 1]"
+        )
     if p.dp_replicate < 1:
         errs.append(f"parallel.dp_replicate must be >= 1, got {p.dp_replicate}")
     elif p.dp_shard == -1:

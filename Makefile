@@ -1,0 +1,51 @@
+# Quickstart:  make train  (set up, then train the tiny KHA MoE on the embedded corpus)
+#              make test   (set up, then lint and run the test suite)
+# The virtualenv is created once and reused. It sees system site-packages, so a machine that
+# already has torch >= 2.11 (a GPU image) keeps it; otherwise torch==2.13.0 is installed (a CPU
+# build where only that is on local disk; the same pin resolves to the CUDA build elsewhere).
+
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+KHA    := $(VENV)/bin/kha-train
+STAMP  := $(VENV)/.kha-installed
+CONFIG ?= configs/tiny/kha_moe.yaml
+DATA   ?= data/builtin
+ARGS   ?=
+
+.PHONY: setup train test lint format clean-runs
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@if $(PY) -c "import sys, torch; v = tuple(int(x) for x in torch.__version__.split('+')[0].split('.')[:2]); sys.exit(v < (2, 11))" 2>/dev/null; then \
+		echo "using the installed torch $$($(PY) -c 'import torch; print(torch.__version__)')"; \
+	else \
+		echo "installing torch==2.13.0"; $(PY) -m pip install -q torch==2.13.0; \
+	fi
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+$(DATA)/tokenizer.json: | $(STAMP)
+	$(KHA) tokenizer train --source builtin --vocab-size 8192 --out $(DATA)/tokenizer.json
+
+$(DATA)/index.json: $(DATA)/tokenizer.json
+	$(KHA) data prepare --source builtin --tokenizer $(DATA)/tokenizer.json --out $(DATA)
+
+train: $(STAMP) $(DATA)/index.json
+	$(KHA) train $(CONFIG) $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: lint
+	$(VENV)/bin/pytest -q tests
+
+clean-runs:
+	rm -rf runs
