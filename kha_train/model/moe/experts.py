@@ -1,0 +1,100 @@
+"""Routed SwiGLU experts stored as stacked tensors, run as grouped GEMMs.
+
+Weights carry their shape in their names (E experts, D model dim, F expert FFN size), in the
+[out, in] layout of nn.Linear per expert, so expert e is ``down(silu(x gate^T) * x up^T)`` with
+``gate = w_gate_EFD[e]``, ``up = w_up_EFD[e]``, ``down = w_down_EDF[e]``.
+
+The input rows are already sorted by expert; ``counts[e]`` rows belong to expert e. The fast path
+is one ``torch._grouped_mm`` per projection with int32 end offsets ``cumsum(counts)`` and no
+host sync. ``forward_loop`` is the per-expert reference (it reads the counts on the host) used by
+tests and as the fallback where the grouped kernel is unavailable (fp32 on CUDA, odd shapes).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kha_train.model.init import trunc_normal_
+
+
+class GroupedExperts(nn.Module):
+    def __init__(self, dim: int, ffn_size: int, num_experts: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.w_gate_EFD = nn.Parameter(torch.empty(num_experts, ffn_size, dim))
+        self.w_up_EFD = nn.Parameter(torch.empty(num_experts, ffn_size, dim))
+        self.w_down_EDF = nn.Parameter(torch.empty(num_experts, dim, ffn_size))
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x [M, D] sorted by expert, counts [E] (int32) -> [M, D]."""
+        dtype = _compute_dtype(x)
+        if not _grouped_mm_ok(x.device, dtype, self.w_gate_EFD.shape):
+            return self.forward_loop(x, counts)
+        offs = torch.cumsum(counts, dim=0, dtype=torch.int32)  # (E,) end row of each expert
+        x = x.to(dtype)
+        w_gate = self.w_gate_EFD.to(dtype).transpose(-2, -1)  # (E, D, F)
+        w_up = self.w_up_EFD.to(dtype).transpose(-2, -1)  # (E, D, F)
+        w_down = self.w_down_EDF.to(dtype).transpose(-2, -1)  # (E, F, D)
+        h = F.silu(torch._grouped_mm(x, w_gate, offs=offs)) * torch._grouped_mm(x, w_up, offs=offs)
+        return torch._grouped_mm(h, w_down, offs=offs)  # (M, D)
+
+    def forward_loop(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Reference: one small SwiGLU per expert over its slice of rows (syncs to read counts)."""
+        dtype = _compute_dtype(x)
+        x = x.to(dtype)
+        outs = []
+        for e, rows in enumerate(torch.split(x, counts.tolist(), dim=0)):  # rows: (M_e, D)
+            h = F.silu(rows @ self.w_gate_EFD[e].to(dtype).T) * (
+                rows @ self.w_up_EFD[e].to(dtype).T
+            )
+            outs.append(h @ self.w_down_EDF[e].to(dtype).T)  # (M_e, D)
+        return torch.cat(outs, dim=0)
+
+    def reset_parameters(self, std: float, out_std: float) -> None:
+        trunc_normal_(self.w_gate_EFD, std)
+        trunc_normal_(self.w_up_EFD, std)
+        trunc_normal_(self.w_down_EDF, out_std)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls run in: the autocast dtype inside autocast, else the input's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _grouped_mm_ok(device: torch.device, dtype: torch.dtype, shape_EFD: torch.Size) -> bool:
+    if device.type == "cuda":
+        # The CUDA kernel takes bf16 operands whose row strides are 16-byte aligned.
+        ok = dtype == torch.bfloat16 and shape_EFD[1] % 8 == 0 and shape_EFD[2] % 8 == 0
+        if not ok:
+            _warn_fallback(f"dtype {dtype}, expert shape {tuple(shape_EFD)}")
+        return ok
+    return _cpu_grouped_mm_works(device.type, dtype)
+
+
+@functools.cache
+def _cpu_grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether this build runs torch._grouped_mm on this device type and dtype (probed once)."""
+    try:
+        a = torch.ones(4, 8, dtype=dtype, device=device_type)
+        b = torch.ones(2, 8, 8, dtype=dtype, device=device_type)
+        torch._grouped_mm(a, b, offs=torch.tensor([1, 4], dtype=torch.int32, device=device_type))
+        return True
+    except (RuntimeError, NotImplementedError, AttributeError):
+        _warn_fallback(f"device {device_type}, dtype {dtype}")
+        return False
+
+
+@functools.cache
+def _warn_fallback(why: str) -> None:
+    warnings.warn(
+        f"MoE experts: torch._grouped_mm unavailable for {why}; using the per-expert loop "
+        "(correct but slower, and it syncs with the device)",
+        stacklevel=3,
+    )

@@ -1,0 +1,152 @@
+"""The decoder-only transformer: embeddings, pre-norm blocks (attention + dense or MoE FFN),
+final norm, LM head (tied to the embeddings or not), and the chunked training loss.
+
+    h_0     = Embed(tokens)
+    a_l     = h_{l-1} + Attention(RMSNorm(h_{l-1}))
+    h_l     = a_l + FFN_l(RMSNorm(a_l))          FFN_l: SwiGLU or MoE (config.is_moe_layer)
+    logits  = RMSNorm(h_L) W_head^T              W_head = W_embed when tied
+
+Parallelism, activation checkpointing and compilation are applied from outside (the trainer
+wraps each element of ``layers``); the model holds only modules.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from kha_train.config import Balancing, ModelConfig, is_moe_layer
+from kha_train.model.attention import Attention
+from kha_train.model.ffn import SwiGLU
+from kha_train.model.init import trunc_normal_
+from kha_train.model.loss import IGNORE_INDEX, chunked_cross_entropy
+from kha_train.model.moe.layer import MoELayer
+from kha_train.model.norms import RMSNorm
+from kha_train.model.rope import RotaryEmbedding
+
+
+class Block(nn.Module):
+    """One pre-norm residual block: attention, then a dense SwiGLU or a routed MoE FFN."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.is_moe = is_moe_layer(cfg.moe, layer_idx)
+        self.ffn: SwiGLU | MoELayer = (
+            MoELayer(cfg.hidden_size, cfg.moe)
+            if self.is_moe
+            else SwiGLU(cfg.hidden_size, cfg.ffn_size)
+        )
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope)
+        return x + self.ffn(self.ffn_norm(x))
+
+    def reset_parameters(self, std: float, out_std: float) -> None:
+        self.attn_norm.reset_parameters()
+        self.ffn_norm.reset_parameters()
+        self.attn.reset_parameters(std, out_std)
+        self.ffn.reset_parameters(std, out_std)
+
+
+class Transformer(nn.Module):
+    """Qwen3-style (MoE) decoder with knocking-heads attention. Build, then ``init_weights()``.
+
+    ``forward(input_ids [B, T], labels [B, T] | None)`` returns logits [B, T, V] without labels,
+    else the scalar training loss: mean next-token cross entropy (fp32) over labels != -100,
+    plus the Switch aux loss when model.moe.balancing=aux_loss (also kept, detached, in
+    ``last_aux_loss`` for logging). ``labels[t]`` is the target of position t (already shifted).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        # Tokens per chunk of the LM head + loss (see loss.py): bounds the logits held at once.
+        self.loss_chunk_tokens = 2048
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        # Tied: the head is the embedding matrix itself (one parameter, no second module), which
+        # keeps tying intact through meta-device build, to_empty and FSDP sharding.
+        self.lm_head = (
+            None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        )
+        self.last_aux_loss: torch.Tensor | None = None
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The LM head matrix [V, D]."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every parameter and buffer in place (after ``to_empty`` on a meta build).
+
+        Seed with ``torch.manual_seed`` first for a reproducible model. With std = init_std and
+        out_std = init_std / sqrt(2 * num_layers) (GPT-2: two residual writes per block):
+
+        ================================================  =====================================
+        tensor                                             initial value
+        ================================================  =====================================
+        embed_tokens.weight (also the head when tied)      N(0, std), truncated at 3 std
+        lm_head.weight (untied)                            N(0, std), truncated at 3 std
+        attn.{q,k,v}_proj, ffn.{gate,up}_proj              N(0, std), truncated at 3 std
+        attn.o_proj, ffn.down_proj                         N(0, out_std), truncated at 3 std
+        experts.w_gate_EFD, w_up_EFD                       N(0, std), truncated at 3 std
+        experts.w_down_EDF                                 N(0, out_std), truncated at 3 std
+        shared_experts (gate/up, down)                     as the dense FFN
+        router.weight                                      N(0, std), truncated at 3 std
+        router.expert_bias, expert_counts (buffers)        0
+        all RMSNorm weights (block, q/k, final)            1
+        kha_{q,k,v}.weight (linear T)                      I
+        kha_v.w_up, kha_v.w_down (mlp)                     I
+        kha_v.w_gate (mlp, gate)                           0  (2 sigmoid(0) = 1)
+        rope.inv_freq (buffer)                             rope_theta^(-2j / head_dim)
+        ================================================  =====================================
+
+        KHA therefore starts as the exact identity: the model computes the same function as the
+        one without KHA with the same other weights.
+        """
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.num_layers)
+        trunc_normal_(self.embed_tokens.weight, std)
+        self.rope.reset_parameters()
+        for block in self.layers:
+            block.reset_parameters(std, out_std)
+        self.norm.reset_parameters()
+        if self.lm_head is not None:
+            trunc_normal_(self.lm_head.weight, std)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        B, T = input_ids.shape
+        h = self.embed_tokens(input_ids)  # (B, T, D)
+        rope = self.rope(T)  # cos, sin: (T, head_dim/2) each
+        for block in self.layers:
+            h = block(h, rope)
+        h = self.norm(h)
+        if labels is None:
+            return h @ self.head_weight.to(h.dtype).T  # (B, T, V)
+        loss = chunked_cross_entropy(
+            h.reshape(B * T, -1),
+            self.head_weight,
+            labels.reshape(B * T),
+            self.loss_chunk_tokens,
+            IGNORE_INDEX,
+        )
+        return loss + self._aux_loss(loss)
+
+    def _aux_loss(self, like: torch.Tensor) -> torch.Tensor | float:
+        """Sum of the MoE layers' aux losses from this forward (0 unless balancing=aux_loss)."""
+        if self.cfg.moe.num_experts == 0 or Balancing(self.cfg.moe.balancing) != Balancing.aux_loss:
+            return 0.0
+        # modules() also finds layers inside the trainer's wrappers (checkpoint, compile).
+        losses = [m.take_aux_loss() for m in self.modules() if isinstance(m, MoELayer)]
+        total = sum((x for x in losses if x is not None), torch.zeros((), device=like.device))
+        self.last_aux_loss = total.detach()
+        return total
