@@ -1,0 +1,149 @@
+"""Parameter, FLOP, KV-cache and memory accounting, computed from the config alone.
+
+Parameter counts build the model on the meta device (no memory is allocated), so they always
+agree with the modules actually trained. FLOPs follow torchtitan's MFU convention (NOTES.md
+section 6):
+
+    FLOPs/token = 6 * N + 12 * n_layers * n_heads * head_dim * seq_len
+
+with N the *active* parameters excluding the input embedding (a tied table counts once, as the
+LM head). The 6 is 2 (multiply-add) x 3 (forward, and backward for inputs and for weights); the
+second term is attention's QK^T and AV over the full (not causally halved) sequence. One
+correction to 6N: a KHA matrix is applied to every head of its target, so it costs
+6 * d_head^2 * heads per token, not 6 * d_head^2; the extra uses are added.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from kha_train.config import AttnBackend, KHAVariant, ModelConfig, is_moe_layer
+
+
+def _meta_model(cfg: ModelConfig):
+    from kha_train.model.transformer import Transformer
+
+    # The attention backend changes no parameter; auto avoids needing flash-attn installed.
+    cfg = dataclasses.replace(cfg, attn_backend=AttnBackend.auto)
+    with torch.device("meta"):
+        return Transformer(cfg)
+
+
+def param_counts(cfg: ModelConfig) -> tuple[int, int]:
+    """(total, active) parameters. Active counts top_k of the routed experts in each MoE layer
+    (and everything else: embeddings, attention, router, shared experts, norms, KHA)."""
+    from kha_train.model.moe.balance import moe_layers
+
+    model = _meta_model(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    inactive = 0
+    for layer in moe_layers(model):
+        per_expert = sum(p.numel() for p in layer.experts.parameters()) // layer.num_experts
+        inactive += (layer.num_experts - layer.top_k) * per_expert
+    return total, total - inactive
+
+
+def kha_params(cfg: ModelConfig) -> int:
+    """Parameters of the KHA modules (all layers)."""
+    model = _meta_model(cfg)
+    return sum(p.numel() for n, p in model.named_parameters() if ".kha_" in n)
+
+
+def _kha_extra_uses(cfg: ModelConfig) -> int:
+    """Sum over KHA matrices of d_head^2 * (heads it is applied to - 1), per token, all layers."""
+    if KHAVariant(cfg.kha.variant) == KHAVariant.none:
+        return 0
+    per_target = {"linear": 1, "mlp": 3, "gate": 1}[KHAVariant(cfg.kha.variant).value]
+    heads = {"q": cfg.num_heads, "k": cfg.num_kv_heads, "v": cfg.num_kv_heads}
+    extra = sum(per_target * cfg.head_dim**2 * (heads[t] - 1) for t in cfg.kha.targets)
+    return cfg.num_layers * extra
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward), torchtitan's convention (module docstring)."""
+    _, active = param_counts(cfg)
+    n = active if cfg.tie_embeddings else active - cfg.vocab_size * cfg.hidden_size
+    attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+    return float(6 * (n + _kha_extra_uses(cfg)) + attention)
+
+
+def paper_layer_flops(L: int, d: int, n: int) -> dict[str, float]:
+    """Training FLOPs of one layer from the KHA paper, section 3.4 (sequence length L, width d,
+    n heads, d_ff = 3d): eq. 10 MHA = 8Ld^2 + 4L^2d, FFN = 18Ld^2, eq. 11 total = 26Ld^2 + 4L^2d,
+    eq. 12 KHA = 6Ld^2/n; plus the KHA overhead as fractions of the layer and of attention."""
+    mha = 8 * L * d**2 + 4 * L**2 * d
+    ffn = 18 * L * d**2
+    kha = 6 * L * d**2 / n
+    total = mha + ffn
+    return {
+        "mha": float(mha),
+        "ffn": float(ffn),
+        "total": float(total),
+        "kha": float(kha),
+        "kha_vs_layer": kha / total,
+        "kha_vs_mha": kha / mha,
+    }
+
+
+def kv_cache_elems_per_token_per_layer(cfg: ModelConfig) -> int:
+    """Cached K and V values per token and layer (the paper's Table 3 'Cache' column)."""
+    return 2 * cfg.num_kv_heads * cfg.head_dim
+
+
+def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_elem: int = 2) -> int:
+    """Bytes of KV cache one token takes over all layers (bf16 by default)."""
+    return cfg.num_layers * kv_cache_elems_per_token_per_layer(cfg) * bytes_per_elem
+
+
+def _activation_bytes_per_token(cfg: ModelConfig, layer_idx: int) -> int:
+    """Rough bf16 activations autograd keeps per token for one block (no checkpointing)."""
+    D, q = cfg.hidden_size, cfg.num_heads * cfg.head_dim
+    kv = cfg.num_kv_heads * cfg.head_dim
+    norms = 2 * 6 * D  # two RMSNorms: bf16 input + fp32 copy
+    attn = 2 * D + 6 * (q + kv) + 2 * (2 * q + 2 * kv)  # proj input, qk-norm inputs, SDPA q/k/v/out
+    kha = {"none": 0, "linear": 2, "mlp": 8, "gate": 4}[KHAVariant(cfg.kha.variant).value]
+    attn += kha * sum({"q": q, "k": kv, "v": kv}[t] for t in cfg.kha.targets) if kha else 0
+    if is_moe_layer(cfg.moe, layer_idx):
+        K, F, E = cfg.moe.top_k, cfg.moe.expert_ffn_size, cfg.moe.num_experts
+        ffn = 4 * D + 8 * E + 2 * (3 * K * D + 5 * K * F)  # router fp32, gathered rows, SwiGLU
+        ffn += 2 * (D + 5 * cfg.moe.num_shared_experts * F)
+    else:
+        ffn = 2 * (D + 5 * cfg.ffn_size)
+    return norms + attn + ffn
+
+
+def train_memory_estimate(
+    cfg: ModelConfig,
+    micro_batch: int,
+    seq_len: int,
+    n_ranks: int = 1,
+    activation_checkpointing: bool = False,
+    loss_chunk_tokens: int = 2048,
+) -> dict[str, float]:
+    """A rough per-rank training memory estimate in bytes (expect +-30%), FSDP over n_ranks:
+    fp32 weights, fp32 grads and AdamW moments sharded; bf16 copies of two gathered blocks
+    (the current one and the prefetched next); activations of one micro-batch (with full
+    activation checkpointing: the block inputs plus one block being recomputed); the LM head
+    and loss (one chunk of logits, the stored head gradients)."""
+    total, _ = param_counts(cfg)
+    tokens = micro_batch * seq_len
+    D, V = cfg.hidden_size, cfg.vocab_size
+    per_layer = [_activation_bytes_per_token(cfg, i) for i in range(cfg.num_layers)]
+    if activation_checkpointing:
+        acts = tokens * (2 * D * cfg.num_layers + max(per_layer))
+    else:
+        acts = tokens * sum(per_layer)
+    block_params = (total - V * D * (1 if cfg.tie_embeddings else 2)) / cfg.num_layers
+    head = tokens * 2 * D * 2 + V * D * (4 + 2) + min(tokens, loss_chunk_tokens) * V * (2 + 4)
+    out = {
+        "weights": 4 * total / n_ranks,
+        "grads": 4 * total / n_ranks,
+        "optimizer": 8 * total / n_ranks,
+        "gathered_params": 2 * 2 * block_params + (2 * V * D if n_ranks > 1 else 0),
+        "activations": float(acts),
+        "head_and_loss": float(head),
+    }
+    out["total"] = sum(out.values())
+    return out
