@@ -1,0 +1,334 @@
+"""The packed, resumable, rank-aware loader the trainer iterates.
+
+Sample ``i`` of a split is tokens ``[i*T, i*T + T + 1)`` of the split's flat token stream
+(``T = seq_len``): consecutive samples share one boundary token, so every token is a target
+exactly once per epoch. Samples are packed across document boundaries; ``Batch.doc_ids`` and
+``Batch.positions`` say where the documents (separated by EOS) start and end.
+
+Order (train): the global sequence of :mod:`kha_train.data.order`. One optimizer step takes the
+next ``global_batch_size`` global indices; rank ``r`` takes the ``r``-th contiguous slice of
+``global_batch_size // world_size`` of them, as ``micro_batches_per_step`` micro-batches. The
+data position is the global index of the next step (``state_dict()['sample_index']``), so
+resuming is exact and works for any world size (and any global batch size).
+
+Validation (``split="val"``): file order, no shuffle. Micro-batch ``j`` of rank ``r`` holds
+samples ``[(j*W + r)*mb, (j*W + r + 1)*mb)``. ``eval_batches(n)`` starts from the beginning on
+every call, so every validation pass sees the same data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kha_train.data.errors import DataError
+from kha_train.data.order import GlobalOrder
+from kha_train.data.prefetch import Prefetcher
+from kha_train.data.shards import DatasetIndex, TokenStream, read_index
+
+STATE_FORMAT = "kha-train-loader"
+STATE_VERSION = 1
+
+
+@dataclass
+class Batch:
+    """One micro-batch. B = micro_batch_size, T = seq_len."""
+
+    input_ids: torch.Tensor  # (B, T) int64: tokens [0, T) of each sample
+    labels: torch.Tensor  # (B, T) int64: tokens [1, T]: the next token at every position
+    doc_ids: torch.Tensor  # (B, T) int64: document number within the sample (0, 1, ...)
+    positions: torch.Tensor  # (B, T) int64: position within its document (0 after each EOS)
+    sample_ids: torch.Tensor  # (B,) int64: sample index within the split (tokens i*T ...)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return Batch(**{k: v.to(device, non_blocking=non_blocking) for k, v in self._items()})
+
+    def pin_memory(self) -> Batch:
+        return Batch(**{k: v.pin_memory() for k, v in self._items()})
+
+    def _items(self) -> list[tuple[str, torch.Tensor]]:
+        return [(k, getattr(self, k)) for k in self.__dataclass_fields__]
+
+
+class _BatchMaker:
+    """Builds micro-batches from sample ids. Holds no reference to the loader, so a prefetch
+    thread running it never keeps a dropped loader alive."""
+
+    def __init__(self, stream: TokenStream, seq_len: int, eos_id: int, pin: bool) -> None:
+        self.stream, self.seq_len, self.eos_id, self.pin = stream, seq_len, eos_id, pin
+
+    def make(self, sample_ids: np.ndarray) -> Batch:
+        T = self.seq_len
+        tokens = np.stack([self.stream.read(i * T, i * T + T + 1) for i in sample_ids])  # (B, T+1)
+        x, y = tokens[:, :-1], tokens[:, 1:]  # (B, T) each
+        starts = np.ones_like(x, dtype=bool)  # a document starts at 0 and after every EOS
+        starts[:, 1:] = x[:, :-1] == self.eos_id
+        doc_ids = np.cumsum(starts, axis=1) - 1
+        t = np.broadcast_to(np.arange(T), x.shape)
+        positions = t - np.maximum.accumulate(np.where(starts, t, 0), axis=1)
+        batch = Batch(
+            input_ids=torch.from_numpy(np.ascontiguousarray(x)),
+            labels=torch.from_numpy(np.ascontiguousarray(y)),
+            doc_ids=torch.from_numpy(doc_ids),
+            positions=torch.from_numpy(positions),
+            sample_ids=torch.from_numpy(np.asarray(sample_ids, dtype=np.int64)),
+        )
+        return batch.pin_memory() if self.pin else batch
+
+    def train_batches(
+        self, order: GlobalOrder, start: int, gbs: int, rank: int, world_size: int, mb: int
+    ) -> Iterator[Batch]:
+        per_rank = gbs // world_size
+        while True:
+            step = order.sample_ids(start, gbs)  # this optimizer step's samples, all ranks
+            mine = step[rank * per_rank : (rank + 1) * per_rank]
+            for j in range(0, per_rank, mb):
+                yield self.make(mine[j : j + mb])
+            start += gbs
+
+    def eval_batches(self, n: int, rank: int, world_size: int, mb: int) -> Iterator[Batch]:
+        for j in range(n):
+            first = (j * world_size + rank) * mb
+            yield self.make(np.arange(first, first + mb))
+
+
+class PackedLoader:
+    """Micro-batches of packed samples for one rank; see the module docstring for the order.
+
+    Iterating a train loader yields micro-batches forever (``next_step()`` takes one optimizer
+    step's worth); iterating a val loader yields every full val micro-batch once.
+    """
+
+    def __init__(
+        self,
+        dataset_dir: str | os.PathLike[str],
+        split: str = "train",
+        *,
+        seq_len: int,
+        micro_batch_size: int,
+        global_batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        prefetch: int = 2,
+        expected_vocab_size: int | None = None,
+        expected_tokenizer_hash: str | None = None,
+    ) -> None:
+        if seq_len < 1 or micro_batch_size < 1 or world_size < 1 or prefetch < 0:
+            raise DataError(
+                "seq_len, micro_batch_size and world_size must be >= 1 and prefetch >= 0, got "
+                f"{seq_len}, {micro_batch_size}, {world_size}, {prefetch}"
+            )
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is outside [0, world_size={world_size})")
+        per_micro = micro_batch_size * world_size
+        if global_batch_size < per_micro or global_batch_size % per_micro:
+            raise DataError(
+                f"global batch of {global_batch_size} samples must be a positive multiple of "
+                f"micro_batch_size x ranks = {micro_batch_size} x {world_size} = {per_micro} "
+                "(set train.global_batch_tokens to a multiple of micro_batch_size x seq_len x ranks)"
+            )
+        self.index: DatasetIndex = read_index(dataset_dir)
+        self._check_expected(expected_vocab_size, expected_tokenizer_hash)
+        self.split, self.seq_len, self.seed = split, seq_len, seed
+        self.micro_batch_size, self.global_batch_size = micro_batch_size, global_batch_size
+        self.rank, self.world_size, self.prefetch = rank, world_size, prefetch
+        self.device = torch.device(device)
+        self.micro_batches_per_step = global_batch_size // per_micro
+        stream = TokenStream(self.index, split)
+        self.num_samples = (stream.num_tokens - 1) // seq_len  # each reads seq_len + 1 tokens
+        self._check_size()
+        self._maker = _BatchMaker(stream, seq_len, self.index.eos_id, self.device.type == "cuda")
+        self._order = GlobalOrder(self.num_samples, seed, shuffle=split == "train")
+        self._sample_index = 0  # global index of the first sample of the step being yielded
+        self._micro = 0  # micro-batches of that step already yielded
+        self._source: Iterator[Batch] | None = None
+
+    def _check_expected(self, vocab_size: int | None, tok_hash: str | None) -> None:
+        idx = self.index
+        if vocab_size is not None and idx.vocab_size > vocab_size:
+            raise DataError(
+                f"{idx.path}: the dataset's tokenizer has {idx.vocab_size} ids but "
+                f"model.vocab_size is {vocab_size}: set model.vocab_size >= {idx.vocab_size} "
+                "or prepare the data with a tokenizer that fits the model"
+            )
+        if tok_hash is not None and tok_hash != idx.tokenizer_hash:
+            raise DataError(
+                f"{idx.path} was tokenized with tokenizer {idx.tokenizer_hash} "
+                f"({idx.raw['tokenizer'].get('path')}), but the configured tokenizer has hash "
+                f"{tok_hash}: point data.tokenizer at the dataset's tokenizer, or re-run "
+                f"`kha-train data prepare --tokenizer YOUR_TOKENIZER --out NEW_DIR`"
+            )
+
+    def _check_size(self) -> None:
+        if self.split == "train" and self.num_samples < self.global_batch_size:
+            raise DataError(
+                f"{self.index.path}: the train split holds {self.num_samples} samples of "
+                f"seq_len + 1 = {self.seq_len + 1} tokens, fewer than one global batch of "
+                f"{self.global_batch_size}: use a smaller batch or data.seq_len, or more data"
+            )
+        if self.split == "val" and self.num_samples < self.micro_batch_size * self.world_size:
+            raise DataError(
+                f"{self.index.path}: the val split holds {self.num_samples} samples of "
+                f"{self.seq_len + 1} tokens, fewer than one micro-batch on every rank "
+                f"({self.micro_batch_size} x {self.world_size}): prepare with a larger "
+                "--val-fraction or use a smaller micro batch"
+            )
+
+    # -- iteration -------------------------------------------------------------------------------
+
+    def _start(self, batches: Iterator[Batch]) -> Iterator[Batch]:
+        return Prefetcher(batches, self.prefetch) if self.prefetch > 0 else batches
+
+    def _stop(self) -> None:
+        if isinstance(self._source, Prefetcher):
+            self._source.close()
+        self._source = None
+
+    def _to_device(self, batch: Batch) -> Batch:
+        if self.device.type == "cpu":
+            return batch
+        return batch.to(self.device, non_blocking=self.device.type == "cuda")
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self.split != "train":
+            return self.eval_batches(self.num_eval_batches)
+        return self
+
+    def __next__(self) -> Batch:
+        if self.split != "train":
+            raise TypeError("iterate a val loader with eval_batches(n) or iter(loader)")
+        if self._source is None:
+            gen = self._maker.train_batches(
+                self._order, self._sample_index, self.global_batch_size, self.rank,
+                self.world_size, self.micro_batch_size,
+            )  # fmt: skip
+            self._source = self._start(gen)
+        batch = next(self._source)
+        self._micro += 1
+        if self._micro == self.micro_batches_per_step:
+            self._micro = 0
+            self._sample_index += self.global_batch_size
+        return self._to_device(batch)
+
+    def next_step(self) -> list[Batch]:
+        """The micro-batches of the next optimizer step (``micro_batches_per_step`` of them)."""
+        if self._micro:
+            raise RuntimeError(
+                f"next_step() called after {self._micro} micro-batch(es) of a step were taken "
+                "with next(): use one or the other"
+            )
+        return [next(self) for _ in range(self.micro_batches_per_step)]
+
+    @property
+    def num_eval_batches(self) -> int:
+        """Full micro-batches of this split on every rank when read in file order."""
+        return self.num_samples // (self.micro_batch_size * self.world_size)
+
+    def eval_batches(self, n: int) -> Iterator[Batch]:
+        """``n`` micro-batches from the start of the split in file order (fewer, with a warning,
+        if the split is smaller). Every call yields the same batches."""
+        available = self.num_eval_batches
+        if n > available:
+            warnings.warn(
+                f"{self.index.path}: the {self.split} split has only {available} micro-batches "
+                f"of {self.micro_batch_size} x {self.world_size} ranks; using {available}, not {n}",
+                stacklevel=2,
+            )
+            n = available
+        source = self._start(
+            self._maker.eval_batches(n, self.rank, self.world_size, self.micro_batch_size)
+        )
+        try:
+            for batch in source:
+                yield self._to_device(batch)
+        finally:
+            if isinstance(source, Prefetcher):
+                source.close()
+
+    # -- position --------------------------------------------------------------------------------
+
+    @property
+    def sample_index(self) -> int:
+        """Global index of the first sample of the next optimizer step."""
+        return self._sample_index
+
+    @property
+    def epoch(self) -> int:
+        return self._sample_index // self.num_samples
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position after the micro-batches yielded so far (not what the prefetch thread has
+        read ahead). Only valid at a step boundary."""
+        if self._micro:
+            raise RuntimeError(
+                f"state_dict() called in the middle of an optimizer step ({self._micro} of "
+                f"{self.micro_batches_per_step} micro-batches taken): save after the step"
+            )
+        return {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "split": self.split,
+            "sample_index": self._sample_index,
+            "epoch": self.epoch,
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+            "num_samples": self.num_samples,
+            "fingerprint": self.index.fingerprint,
+            "dataset": str(Path(self.index.directory)),
+            "global_batch_size": self.global_batch_size,
+            "world_size": self.world_size,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at ``state``'s position (any world size or global batch size). The seed of the
+        order is taken from ``state``, so the resumed run continues the same sequence."""
+        where = f"data loader state (dataset {state.get('dataset', '?')})"
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise DataError(f"not a {STATE_FORMAT} state: {str(state)[:200]}")
+        if state.get("version") != STATE_VERSION:
+            raise DataError(f"{where}: version {state.get('version')}, expected {STATE_VERSION}")
+        if state["fingerprint"] != self.index.fingerprint:
+            raise DataError(
+                f"{where} was saved on a dataset with fingerprint {state['fingerprint']}, but "
+                f"{self.index.path} has fingerprint {self.index.fingerprint}: resume with the "
+                "original dataset (data.dataset), or start a fresh run for this one"
+            )
+        if state["seq_len"] != self.seq_len:
+            raise DataError(
+                f"{where} was saved with data.seq_len={state['seq_len']}, but this run uses "
+                f"{self.seq_len}: samples would not line up; resume with data.seq_len="
+                f"{state['seq_len']}"
+            )
+        if state["split"] != self.split:
+            raise DataError(f"{where} is for split {state['split']!r}, not {self.split!r}")
+        self._stop()
+        self.seed = int(state["seed"])
+        self._order = GlobalOrder(self.num_samples, self.seed, shuffle=self.split == "train")
+        self._sample_index = int(state["sample_index"])
+        self._micro = 0
+
+    # -- lifetime --------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the prefetch thread (also done when the loader is garbage-collected)."""
+        self._stop()
+
+    def __enter__(self) -> PackedLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self._stop()
