@@ -1,0 +1,427 @@
+"""GPU throughput benchmark: full training steps of a config, with and without KHA, in one run.
+
+    python scripts/bench.py --preset a0.44b                  # the reference workload
+    kha-train bench --preset a0.44b --seq-len 8192 --micro-batch 2 --compile
+
+Each variant is timed over full optimizer steps: forward + backward of every micro-batch, global
+grad-norm clipping, fused AdamW, and the MoE bias update from the step's expert counts (real,
+unforced routing on random tokens), in the trainer's precision (fp32 master weights, bf16
+compute). It prints tokens/s, TFLOP/s, MFU (torchtitan convention, kha_train/model/flops.py)
+against the card's bf16 peak, peak memory, and a breakdown of step time from the PyTorch
+profiler. The step uses the same building blocks as the trainer (``kha_train.training``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from collections import defaultdict
+from typing import Any
+
+import torch
+
+from kha_train.config import (
+    ACMode,
+    AttnBackend,
+    KHAConfig,
+    KHAVariant,
+    ModelConfig,
+    MoEConfig,
+    ParallelConfig,
+    Precision,
+)
+
+# The paper's exploratory MoE sizes (Table 5), vocab 151,936 tied, GQA 32/4, head_dim 128,
+# 64 experts top-4, KHA-MLP on V. (layers, hidden, expert FFN)
+PRESETS = {
+    "a0.44b": (12, 1152, 768),
+    "a0.8b": (18, 1536, 1152),
+    "a1.6b": (23, 2048, 1536),
+}
+
+
+def preset_config(name: str) -> ModelConfig:
+    layers, hidden, ffn = PRESETS[name]
+    return ModelConfig(
+        vocab_size=151936,
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=32,
+        num_kv_heads=4,
+        head_dim=128,
+        ffn_size=3 * hidden,
+        attn_backend=AttnBackend.cudnn,
+        moe=MoEConfig(num_experts=64, top_k=4, expert_ffn_size=ffn),
+        kha=KHAConfig(variant=KHAVariant.mlp, targets=["v"]),
+    )
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+# ----------------------------------------------------------------------------------------------
+# One variant: build, step, time
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class BenchSettings:
+    seq_len: int = 4096
+    micro_batch: int = 4
+    accum: int = 1  # micro-batches per optimizer step
+    steps: int = 10  # timed optimizer steps
+    warmup: int = 3
+    compile: bool = False
+    ac: ACMode = ACMode.none
+    ac_every_n: int = 2
+    peak_tflops: float = 989.0
+    profile: bool = True
+    sync_check: bool = True
+    mode: str = (
+        "fsdp"  # fsdp: the trainer's FSDP2 mixed precision | autocast: fp32 weights + autocast
+    )
+
+
+class Workload:
+    """A model + optimizer in the trainer's precision, and a function doing one optimizer step."""
+
+    def __init__(self, mcfg: ModelConfig, s: BenchSettings, device: torch.device) -> None:
+        from kha_train.model import Transformer
+
+        self.cfg, self.s, self.device = mcfg, s, device
+        with torch.device("meta"):
+            model = Transformer(mcfg)
+        self.autocast = s.mode == "autocast"
+        if self.autocast:
+            # fp32 weights on the device, bf16 compute through autocast (single GPU).
+            if s.compile:
+                for block in model.layers:
+                    block.compile()
+            self.model = model
+        else:
+            # The trainer's path: FSDP2 mixed precision (bf16 params/compute, fp32 master
+            # weights and gradient reduction), AC and compile applied by parallelize().
+            from kha_train.training.parallel import parallelize
+
+            pcfg = ParallelConfig(
+                activation_checkpointing=s.ac, ac_every_n=s.ac_every_n, compile=s.compile
+            )
+            self.model = parallelize(model, pcfg, Precision.bf16, device)
+        self.model.to_empty(device=device)
+        torch.manual_seed(0)
+        self.model.init_weights()
+        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+        other = [
+            p for n, p in self.model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)
+        ]
+        self.opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
+            lr=3e-4,
+            betas=(0.9, 0.95),
+            fused=True,
+        )
+        g = torch.Generator(device=device).manual_seed(0)
+        shape = (s.micro_batch, s.seq_len)
+        # A few distinct batches so nothing is cached between micro-batches.
+        self.batches = [
+            (
+                torch.randint(0, mcfg.vocab_size, shape, device=device, generator=g),
+                torch.randint(0, mcfg.vocab_size, shape, device=device, generator=g),
+            )
+            for _ in range(4)
+        ]
+        self._i = 0
+
+    def step(self) -> torch.Tensor:
+        from kha_train.model import collect_expert_counts, update_expert_bias
+
+        total = torch.zeros((), device=self.device)
+        for _ in range(self.s.accum):
+            ids, labels = self.batches[self._i % len(self.batches)]
+            self._i += 1
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+                loss = self.model(ids, labels) / self.s.accum
+            loss.backward()
+            total += loss.detach()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0, foreach=True)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        update_expert_bias(self.model, collect_expert_counts(self.model))
+        return total
+
+
+def time_workload(w: Workload) -> dict[str, float]:
+    s = w.s
+    for _ in range(s.warmup):
+        w.step()
+    _sync()
+    if s.sync_check and torch.cuda.is_available():
+        # Any host-device synchronisation inside a step raises here.
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            w.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        _sync()
+    torch.cuda.reset_peak_memory_stats()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    t0 = time.perf_counter()
+    for _ in range(s.steps):
+        loss = w.step()
+    end.record()
+    _sync()
+    wall = time.perf_counter() - t0
+    step_ms = start.elapsed_time(end) / s.steps
+    tokens = s.micro_batch * s.seq_len * s.accum
+    from kha_train.model.flops import train_flops_per_token
+
+    fpt = train_flops_per_token(w.cfg, s.seq_len)
+    tps = tokens / (step_ms / 1e3)
+    return {
+        "step_ms": step_ms,
+        "wall_step_ms": wall / s.steps * 1e3,
+        "tokens_per_s": tps,
+        "tflops": tps * fpt / 1e12,
+        "mfu": tps * fpt / (s.peak_tflops * 1e12),
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "loss": float(loss),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Profiler breakdown
+# ----------------------------------------------------------------------------------------------
+
+# Categories by the name of the op that launched a kernel, or of its nearest named ancestor
+# (forward ops, and backward ops through their autograd node names). First match wins.
+CATEGORIES = [
+    ("optimizer", ("optimizer.step", "adamw", "_fused_adam", "clip_grad", "_foreach_norm")),
+    ("lm_head+loss", ("_chunkedcrossentropy", "chunked_cross_entropy", "logsumexp")),
+    (
+        "attention",
+        (
+            "scaled_dot_product",
+            "sdpa",
+            "cudnn_attention",
+            "flash_attention",
+            "efficient_attention",
+            "flash_attn",
+        ),
+    ),
+    ("expert_gemm", ("grouped_mm", "groupedmm")),
+    (
+        "moe_dispatch",
+        (
+            "topk",
+            "argsort",
+            "sort",
+            "index_select",
+            "index_copy",
+            "scatter_add",
+            "bmm",
+            "cumsum",
+            "gather",
+            "indexselect",
+            "indexcopy",
+            "gatherbackward",
+            "softmax",
+            "router",
+        ),
+    ),
+    ("kha", ("kha",)),
+]
+
+
+def _category(name: str) -> str | None:
+    name = name.lower()
+    for cat, keys in CATEGORIES:
+        if any(k in name for k in keys):
+            return cat
+    return None
+
+
+def profile_breakdown(w: Workload, steps: int = 2) -> dict[str, float]:
+    """Milliseconds of GPU kernel time per step in each category (plus 'other')."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            w.step()
+        _sync()
+    out: dict[str, float] = defaultdict(float)
+    for ev in prof.events():
+        t = ev.self_device_time_total
+        if t <= 0 or ev.device_type == torch.autograd.DeviceType.CUDA:
+            continue
+        cat, node = None, ev
+        while node is not None and cat is None:
+            cat = _category(node.name)
+            node = node.cpu_parent
+        out[cat or "other"] += t / 1e3 / steps
+    return dict(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver
+# ----------------------------------------------------------------------------------------------
+
+
+def run(mcfg: ModelConfig, s: BenchSettings, variants: list[str]) -> list[dict[str, Any]]:
+    device = torch.device("cuda")
+    from kha_train.model.flops import param_counts
+
+    results = []
+    for variant in variants:
+        cfg = (
+            mcfg
+            if variant == "kha"
+            else dataclasses.replace(mcfg, kha=KHAConfig(variant=KHAVariant.none))
+        )
+        total, active = param_counts(cfg)
+        w = Workload(cfg, s, device)
+        r: dict[str, Any] = {"variant": variant, "params_b": total / 1e9, "active_b": active / 1e9}
+        r.update(time_workload(w))
+        if s.profile:
+            r["breakdown_ms"] = profile_breakdown(w)
+        results.append(r)
+        print(json.dumps(r), flush=True)
+        del w
+        torch.cuda.empty_cache()
+    return results
+
+
+def format_table(results: list[dict[str, Any]], s: BenchSettings) -> str:
+    lines = [
+        f"seq {s.seq_len} x micro-batch {s.micro_batch} x accum {s.accum}, compile={s.compile}, "
+        f"ac={s.ac.value}, mode={s.mode}, peak {s.peak_tflops:.0f} TFLOP/s",
+        f"{'variant':8} {'params':>8} {'active':>7} {'step ms':>8} {'tok/s':>9} {'TFLOP/s':>8} "
+        f"{'MFU':>6} {'mem GiB':>8}",
+    ]
+    for r in results:
+        lines.append(
+            f"{r['variant']:8} {r['params_b']:7.3f}B {r['active_b']:6.3f}B {r['step_ms']:8.1f} "
+            f"{r['tokens_per_s']:9.0f} {r['tflops']:8.1f} {100 * r['mfu']:5.1f}% "
+            f"{r['peak_mem_gib']:8.1f}"
+        )
+    by = {r["variant"]: r for r in results}
+    if "kha" in by and "nokha" in by:
+        ratio = by["kha"]["step_ms"] / by["nokha"]["step_ms"]
+        lines.append(f"KHA overhead: step time x{ratio:.4f} ({100 * (ratio - 1):+.2f}%)")
+    for r in results:
+        if "breakdown_ms" in r:
+            parts = sorted(r["breakdown_ms"].items(), key=lambda kv: -kv[1])
+            total = sum(v for _, v in parts)
+            lines.append(
+                f"{r['variant']} GPU time/step {total:.1f} ms: "
+                + ", ".join(f"{k} {v:.1f} ({100 * v / total:.0f}%)" for k, v in parts)
+            )
+    return "\n".join(lines)
+
+
+def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="a0.44b",
+        help="Table 5 MoE size (default a0.44b: 2.34B total / 0.43B active)",
+    )
+    p.add_argument(
+        "--config", help="a YAML run config instead of a preset (uses its model section)"
+    )
+    p.add_argument(
+        "--kha",
+        choices=["mlp", "linear"],
+        default="mlp",
+        help="KHA variant of the 'kha' run (linear applies to q, k, v)",
+    )
+    p.add_argument("--variants", default="kha,nokha", help="comma list of kha, nokha")
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--compile", action="store_true", help="torch.compile each block")
+    p.add_argument("--ac", choices=[m.value for m in ACMode], default="none")
+    p.add_argument("--ac-every-n", type=int, default=2)
+    p.add_argument("--attn-backend", choices=[b.value for b in AttnBackend], default=None)
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak (H100: 989)")
+    p.add_argument(
+        "--mode",
+        choices=["fsdp", "autocast"],
+        default="fsdp",
+        help="fsdp: the trainer's FSDP2 bf16 mixed precision; autocast: fp32 weights "
+        "on one GPU under bf16 autocast",
+    )
+    p.add_argument("--no-profile", action="store_true")
+    p.add_argument("--no-sync-check", action="store_true")
+    p.add_argument("--json", help="append results as JSON lines to this file")
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    if not torch.cuda.is_available():
+        raise SystemExit("kha-train bench needs a CUDA GPU")
+    if args.config:
+        from kha_train.config import load_config
+
+        mcfg = load_config(args.config).model
+    else:
+        mcfg = preset_config(args.preset)
+    if args.kha == "linear":
+        mcfg = dataclasses.replace(
+            mcfg, kha=KHAConfig(variant=KHAVariant.linear, targets=["q", "k", "v"])
+        )
+    if args.attn_backend:
+        mcfg = dataclasses.replace(mcfg, attn_backend=AttnBackend(args.attn_backend))
+    s = BenchSettings(
+        seq_len=args.seq_len,
+        micro_batch=args.micro_batch,
+        accum=args.accum,
+        steps=args.steps,
+        warmup=args.warmup,
+        compile=args.compile,
+        ac=ACMode(args.ac),
+        ac_every_n=args.ac_every_n,
+        peak_tflops=args.peak_tflops,
+        profile=not args.no_profile,
+        sync_check=not args.no_sync_check,
+        mode=args.mode,
+    )
+    print(
+        f"{torch.cuda.get_device_name()} | torch {torch.__version__} | {time.strftime('%Y-%m-%d')}"
+    )
+    results = run(mcfg, s, [v.strip() for v in args.variants.split(",") if v.strip()])
+    print(format_table(results, s))
+    if args.json:
+        with open(args.json, "a") as f:
+            for r in results:
+                f.write(
+                    json.dumps(
+                        {
+                            **r,
+                            "settings": dataclasses.asdict(s) | {"ac": s.ac.value},
+                            "device": torch.cuda.get_device_name(),
+                        }
+                    )
+                    + "\n"
+                )
+    return 0
+
+
+def add_commands(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "bench", help="time full training steps on a GPU", description=__doc__
+    )
+    build_arg_parser(p)
+    p.set_defaults(func=main)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(build_arg_parser().parse_args()))
