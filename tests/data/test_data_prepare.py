@@ -1,0 +1,232 @@
+"""data prepare: formats, shards, index, validation hold-out, resume, parallel and streaming."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from data_helpers import read_split, split_docs, write_jsonl
+
+import kha_train.data.prepare as prep
+from kha_train.cli import main
+from kha_train.data.errors import DataError
+from kha_train.data.shards import read_index, token_dtype
+from kha_train.data.tokenizer import LoadedTokenizer
+
+
+def shard_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.bin"))}
+
+
+def test_index_and_token_stream(
+    tmp_path: Path, docs: list[str], tok: LoadedTokenizer, prepare
+) -> None:
+    src = write_jsonl(tmp_path / "a.jsonl", [*docs[:60], "", "   "])
+    index = prepare(src, tmp_path / "out", val_fraction=0.0)
+    raw = json.loads((tmp_path / "out" / "index.json").read_text())
+    assert raw["tokenizer"]["hash"] == tok.hash and raw["vocab_size"] == tok.vocab_size
+    assert raw["dtype"] == "uint16" and index.dtype == np.uint16
+    assert raw["source"]["fingerprint"] and raw["skipped_empty_docs"] == 2
+    assert raw["splits"]["train"]["docs"] == 60 and raw["splits"]["val"]["tokens"] == 0
+    expected = np.concatenate([[*tok.encode(d), tok.eos_id] for d in docs[:60]])
+    assert np.array_equal(
+        read_split(index, "train"), expected
+    )  # documents in order, EOS after each
+    assert raw["splits"]["train"]["tokens"] == len(expected)
+    assert (
+        tmp_path / "out" / "tokenizer.json"
+    ).is_file()  # a copy: the directory is self-contained
+    assert (
+        not (tmp_path / "out" / ".hf_cache").exists()
+        and not (tmp_path / "out" / "prepare.json").exists()
+    )
+
+
+def test_shards_end_at_document_boundaries(dataset: Path, tok: LoadedTokenizer) -> None:
+    index = read_index(dataset)
+    train = index.splits["train"]
+    assert len(train.shards) >= 4
+    for shard in train.shards:
+        data = np.fromfile(dataset / shard.file, dtype=index.dtype)
+        assert len(data) == shard.tokens and data[-1] == tok.eos_id
+        assert shard.docs == int((data == tok.eos_id).sum())
+    assert all(s.tokens >= 4000 for s in train.shards[:-1])  # cut at the first doc end after 4000
+
+
+def test_validation_split_shares_no_document(tmp_path: Path, docs: list[str], tok, prepare) -> None:
+    repeated = docs + docs[:50]  # duplicated documents must land in the same split
+    index = prepare(
+        write_jsonl(tmp_path / "a.jsonl", repeated), tmp_path / "out", val_fraction=0.25
+    )
+    train = {tuple(d) for d in split_docs(read_split(index, "train"), tok.eos_id)}
+    val = {tuple(d) for d in split_docs(read_split(index, "val"), tok.eos_id)}
+    assert len(val) >= 20 and len(train) >= 100
+    assert not train & val
+    assert index.splits["train"].docs + index.splits["val"].docs == len(repeated)
+    all_docs = {(*tok.encode(d), tok.eos_id) for d in repeated}
+    assert train | val == all_docs
+
+
+def test_val_max_tokens_caps_the_hold_out(tmp_path: Path, docs: list[str], prepare) -> None:
+    index = prepare(write_jsonl(tmp_path / "a.jsonl", docs), tmp_path / "out", val_fraction=0.5,
+                    val_max_tokens=300)  # fmt: skip
+    val = index.splits["val"].tokens
+    assert 300 <= val < 300 + max(len(d) for d in docs)  # stops at the first doc past the cap
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "txt", "glob"])
+def test_other_formats_give_the_same_tokens(
+    tmp_path: Path, docs: list[str], fmt: str, prepare
+) -> None:
+    ref = prepare(
+        write_jsonl(tmp_path / "ref.jsonl", docs[:40]), tmp_path / "ref", val_fraction=0.1
+    )
+    if fmt == "parquet":
+        src = tmp_path / "a.parquet"
+        pq.write_table(pa.table({"body": docs[:40]}), src)
+        index = prepare(src, tmp_path / "out", source_kw={"text_field": "body"}, val_fraction=0.1)
+    elif fmt == "txt":
+        folder = tmp_path / "books"
+        folder.mkdir()
+        for i, d in enumerate(docs[:40]):  # one document per file, read in name order
+            (folder / f"{i:03d}.txt").write_text(d)
+        index = prepare(folder, tmp_path / "out", val_fraction=0.1)
+    else:
+        write_jsonl(tmp_path / "parts" / "p0.jsonl", docs[:25])
+        write_jsonl(tmp_path / "parts" / "p1.jsonl", docs[25:40])
+        index = prepare(tmp_path / "parts" / "*.jsonl", tmp_path / "out", val_fraction=0.1)
+    for split in ("train", "val"):
+        assert np.array_equal(read_split(index, split), read_split(ref, split))
+
+
+def test_parallel_and_streaming_and_hub_paths_match(
+    tmp_path: Path, docs: list[str], prepare
+) -> None:
+    src = write_jsonl(tmp_path / "a.jsonl", docs)
+    kw = dict(val_fraction=0.2, shard_tokens=3000)
+    ref = prepare(src, tmp_path / "serial", num_proc=1, **kw)
+    expected = shard_bytes(tmp_path / "serial")
+    prepare(src, tmp_path / "parallel", num_proc=2, **kw)
+    prepare(src, tmp_path / "stream", source_kw={"streaming": True}, **kw)
+    # The Hub path: load_dataset(NAME, streaming=True, data_files=...) with a packaged builder
+    # name and local files, the same datasets API a Hub dataset name goes through.
+    hub = prepare("hub:json", tmp_path / "hub", source_kw={"hub_data_files": [str(src)]}, **kw)
+    for name in ("parallel", "stream", "hub"):
+        assert shard_bytes(tmp_path / name) == expected, name
+    assert hub.raw["source"]["spec"] == "hub:json"
+    assert ref.splits["train"].tokens == hub.splits["train"].tokens
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(
+    tmp_path: Path, docs, prepare, monkeypatch
+) -> None:
+    src = write_jsonl(tmp_path / "a.jsonl", docs)
+    kw = dict(val_fraction=0.2, shard_tokens=3000)
+    prepare(src, tmp_path / "ref", **kw)
+    expected = shard_bytes(tmp_path / "ref")
+
+    out = tmp_path / "out"
+    real_write = prep.write_shard
+    calls = {"n": 0}
+
+    def crash_on_third_shard(path, arrays, dtype):
+        calls["n"] += 1
+        if calls["n"] == 5:  # shard 0 and 1 (train + val each) are done; shard 2 is half written
+            path.with_name(path.name + ".tmp").write_bytes(b"\x01\x02partial")
+            raise KeyboardInterrupt
+        return real_write(path, arrays, dtype)
+
+    monkeypatch.setattr(prep, "write_shard", crash_on_third_shard)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(src, out, **kw)
+    assert not (out / "index.json").exists()
+    assert sorted(p.name for p in out.glob("shard_*.json")) == [
+        "shard_00000.json",
+        "shard_00001.json",
+    ]
+    kept = {n: (out / n).stat().st_mtime_ns for n in ("train_00000.bin", "train_00001.bin")}
+    monkeypatch.setattr(prep, "write_shard", real_write)
+
+    starts = []
+    real_batches = prep._tokenized_batches
+    monkeypatch.setattr(prep, "_tokenized_batches",
+                        lambda s, o, t, start: (starts.append(start), real_batches(s, o, t, start))[1])  # fmt: skip
+    index = prepare(src, out, **kw)
+    assert starts and starts[0] > 0  # tokenizing resumed after the committed shards
+    assert shard_bytes(out) == expected  # identical to the uninterrupted run
+    assert {n: (out / n).stat().st_mtime_ns for n in kept} == kept  # finished shards untouched
+    assert not list(out.glob("*.tmp"))
+    assert index.fingerprint == read_index(tmp_path / "ref").fingerprint
+
+    starts.clear()
+    prepare(src, out, **kw)  # finished: nothing to do
+    assert starts == []
+
+
+def test_rerun_with_other_settings_is_refused(tmp_path: Path, docs, prepare) -> None:
+    src = write_jsonl(tmp_path / "a.jsonl", docs[:30])
+    prepare(src, tmp_path / "out", val_fraction=0.1)
+    with pytest.raises(
+        DataError, match=r"index\.json was written with other settings.*val_fraction"
+    ):
+        prepare(src, tmp_path / "out", val_fraction=0.3)
+    write_jsonl(tmp_path / "a.jsonl", docs[:31])  # the source changed
+    with pytest.raises(DataError, match="source_fingerprint"):
+        prepare(src, tmp_path / "out", val_fraction=0.1)
+
+
+def test_uint32_when_the_vocab_does_not_fit_uint16(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from kha_train.data.prepare import PrepareOptions, prepare_dataset
+    from kha_train.data.sources import SourceSpec
+
+    assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
+    words = [f"w{i}" for i in range(70_000)]
+    vocab = {"<|endoftext|>": 0, **{w: i + 1 for i, w in enumerate(words)}}
+    wl = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    wl.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok_path = tmp_path / "big.json"
+    tok_path.write_text(wl.to_str())
+    docs = [" ".join(words[i * 7 % 70_000 : i * 7 % 70_000 + 50]) for i in range(0, 10_000, 97)]
+    docs.append("w69998 w69999 w0")
+    src = write_jsonl(tmp_path / "a.jsonl", docs)
+    index = prepare_dataset(SourceSpec(spec=str(src)),
+                            PrepareOptions(out=str(tmp_path / "out"), tokenizer=str(tok_path),
+                                           val_fraction=0.0, progress=False))  # fmt: skip
+    assert index.dtype == np.uint32 and index.raw["dtype"] == "uint32"
+    tokens = read_split(index, "train")
+    assert tokens.max() == 70_000 and tokens[-4:].tolist() == [69_999, 70_000, 1, 0]
+    with pytest.raises(DataError, match="--dtype uint16 cannot hold"):
+        prepare_dataset(SourceSpec(spec=str(src)),
+                        PrepareOptions(out=str(tmp_path / "o2"), tokenizer=str(tok_path),
+                                       dtype="uint16", progress=False))  # fmt: skip
+
+
+def test_forced_uint32_reads_back_the_same(tmp_path: Path, docs, prepare) -> None:
+    src = write_jsonl(tmp_path / "a.jsonl", docs[:50])
+    small = prepare(src, tmp_path / "u16", val_fraction=0.1)
+    big = prepare(src, tmp_path / "u32", val_fraction=0.1, dtype="uint32")
+    assert big.dtype == np.uint32 and small.dtype == np.uint16
+    for split in ("train", "val"):
+        assert np.array_equal(read_split(big, split), read_split(small, split))
+
+
+def test_cli_data_prepare_builtin(tmp_path: Path, tokenizer_path: Path, tok) -> None:
+    out = tmp_path / "builtin"
+    args = ["data", "prepare", "--source", "builtin", "--tokenizer", str(tokenizer_path),
+            "--out", str(out), "--max-docs", "30", "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    index = read_index(out)
+    assert index.raw["source_rows"] == 30 and index.raw["source"]["fingerprint"].startswith(
+        "builtin-"
+    )
+    assert index.splits["train"].tokens > 10_000
+    text = tok.decode(read_split(index, "train")[:2000].tolist())
+    assert "the" in text and "<|endoftext|>" in text
+    mtime = (out / "index.json").stat().st_mtime_ns
+    assert main(args) == 0 and (out / "index.json").stat().st_mtime_ns == mtime
