@@ -24,7 +24,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,6 +33,9 @@ from kha_train.data.errors import DataError
 from kha_train.data.order import GlobalOrder
 from kha_train.data.prefetch import Prefetcher
 from kha_train.data.shards import DatasetIndex, TokenStream, read_index
+
+if TYPE_CHECKING:
+    from kha_train.config import Config
 
 STATE_FORMAT = "kha-train-loader"
 STATE_VERSION = 1
@@ -152,6 +155,40 @@ class PackedLoader:
         self._sample_index = 0  # global index of the first sample of the step being yielded
         self._micro = 0  # micro-batches of that step already yielded
         self._source: Iterator[Batch] | None = None
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: Config,
+        split: str = "train",
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | str = "cpu",
+    ) -> PackedLoader:
+        """The loader a run's config describes: ``data.*`` for the dataset and order,
+        ``train.global_batch_tokens // data.seq_len`` samples per step, and checks against
+        ``model.vocab_size`` and (if ``data.tokenizer`` is set) that tokenizer's hash."""
+        d, t = cfg.data, cfg.train
+        tok_hash = None
+        if d.tokenizer:
+            from kha_train.data.tokenizer import load_tokenizer, tokenizer_hash
+
+            tok_hash = tokenizer_hash(load_tokenizer(d.tokenizer))
+        return cls(
+            d.dataset,
+            split,
+            seq_len=d.seq_len,
+            micro_batch_size=t.micro_batch_size,
+            global_batch_size=t.global_batch_tokens // d.seq_len,
+            rank=rank,
+            world_size=world_size,
+            seed=d.seed,
+            device=device,
+            prefetch=d.prefetch,
+            expected_vocab_size=cfg.model.vocab_size,
+            expected_tokenizer_hash=tok_hash,
+        )
 
     def _check_expected(self, vocab_size: int | None, tok_hash: str | None) -> None:
         idx = self.index

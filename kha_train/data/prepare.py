@@ -179,7 +179,8 @@ def _check_progress_file(out: Path, settings: dict[str, Any]) -> None:
         old = json.loads(path.read_text())["settings"]
     except (ValueError, KeyError, TypeError):
         return  # a damaged progress file only holds settings we are about to rewrite
-    if old != settings:
+    # Without a committed shard the old settings produced nothing worth keeping.
+    if old != settings and any(out.glob("shard_*.json")):
         raise _settings_conflict(out, PROGRESS_FILE, old, settings)
 
 
@@ -236,8 +237,9 @@ def tokenize_batch(
     for i, t in zip(indices, texts):
         if t is not None and not isinstance(t, str):
             raise DataError(
-                f"{description}: row {row_offset + i} has a {type(t).__name__} in column "
-                f"{text_field!r}, not text: pass --text-field with the column that holds the text"
+                f"{description}: row {row_offset + i}, column {text_field!r} holds a "
+                f"{type(t).__name__} ({str(t)[:40]!r}), not text: pass --text-field with the "
+                "column that holds the text"
             )
     texts = [t if t is not None and t.strip() else "" for t in texts]
     encoded = tokenizer.encode_batch(texts, add_special_tokens=False)
