@@ -197,8 +197,9 @@ def time_workload(w: Workload) -> dict[str, float]:
 # Profiler breakdown
 # ----------------------------------------------------------------------------------------------
 
-# Categories by the name of the op that launched a kernel, or of its nearest named ancestor
-# (forward ops, and backward ops through their autograd node names). First match wins.
+# Categories by the names of the CPU ops enclosing a kernel's launch (forward ops, and backward
+# ops through their autograd node names, e.g. GroupedMmBackward0). When several ops on the stack
+# match, the category listed first wins (a gather inside the loss counts as loss).
 CATEGORIES = [
     ("optimizer", ("optimizer.step", "adamw", "_fused_adam", "clip_grad", "_foreach_norm")),
     ("lm_head+loss", ("_chunkedcrossentropy", "chunked_cross_entropy", "logsumexp")),
@@ -233,7 +234,6 @@ CATEGORIES = [
             "router",
         ),
     ),
-    ("kha", ("kha",)),
 ]
 
 
@@ -245,8 +245,17 @@ def _category(name: str) -> str | None:
     return None
 
 
-def profile_breakdown(w: Workload, steps: int = 2) -> dict[str, float]:
-    """Milliseconds of GPU kernel time per step in each category (plus 'other')."""
+def profile_breakdown(
+    w: Workload, steps: int = 2, trace_path: str | None = None
+) -> dict[str, float]:
+    """Milliseconds of GPU kernel time per step in each category (plus 'other').
+
+    Each kernel is counted once: it is matched to the CPU launch call with the same correlation
+    id, and categorised by the innermost enclosing CPU op (on the launching thread) whose name
+    matches a category; backward kernels fall under their autograd node (e.g.
+    ``GroupedMmBackward0``)."""
+    import tempfile
+
     from torch.profiler import ProfilerActivity, profile
 
     _sync()
@@ -254,16 +263,43 @@ def profile_breakdown(w: Workload, steps: int = 2) -> dict[str, float]:
         for _ in range(steps):
             w.step()
         _sync()
+    path = trace_path or tempfile.mktemp(suffix=".json")
+    prof.export_chrome_trace(path)
+    with open(path) as f:
+        events = json.load(f)["traceEvents"]
+    out = {k: v / steps for k, v in breakdown_from_trace(events).items()}
+    return out
+
+
+def breakdown_from_trace(events: list[dict[str, Any]]) -> dict[str, float]:
+    """Kernel milliseconds per category from a Chrome trace's events (see profile_breakdown)."""
+    kernel_dur: dict[Any, float] = defaultdict(float)  # correlation id -> kernel microseconds
+    for e in events:
+        if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"):
+            kernel_dur[e.get("args", {}).get("correlation")] += e.get("dur", 0)
+    # Per thread, sweep CPU ops and launch calls in time order with a stack of open ops: the
+    # stack at a launch is the chain of ops that enclose it.
+    by_tid: dict[Any, list[tuple[float, int, dict[str, Any]]]] = defaultdict(list)
+    for e in events:
+        cat = e.get("cat")
+        if cat in ("cpu_op", "user_annotation", "python_function") and "dur" in e:
+            by_tid[e["tid"]].append((e["ts"], 0, e))  # ops before launches at equal ts
+        elif cat == "cuda_runtime" and e.get("args", {}).get("correlation") in kernel_dur:
+            by_tid[e["tid"]].append((e["ts"], 1, e))
     out: dict[str, float] = defaultdict(float)
-    for ev in prof.events():
-        t = ev.self_device_time_total
-        if t <= 0 or ev.device_type == torch.autograd.DeviceType.CUDA:
-            continue
-        cat, node = None, ev
-        while node is not None and cat is None:
-            cat = _category(node.name)
-            node = node.cpu_parent
-        out[cat or "other"] += t / 1e3 / steps
+    for items in by_tid.values():
+        items.sort(key=lambda t: (t[0], t[1], -t[2].get("dur", 0)))
+        stack: list[tuple[float, str | None]] = []  # (end time, category of the op or None)
+        for ts, kind, e in items:
+            while stack and stack[-1][0] < ts:
+                stack.pop()
+            if kind == 0:
+                stack.append((ts + e["dur"], _category(e["name"])))
+                continue
+            found = {c for _, c in stack if c is not None}
+            cat = next((c for c, _ in CATEGORIES if c in found), "other")
+            out[cat] += kernel_dur.pop(e["args"]["correlation"]) / 1e3
+    out["other"] += sum(kernel_dur.values()) / 1e3  # kernels whose launch was not traced
     return dict(out)
 
 

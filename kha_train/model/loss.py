@@ -11,6 +11,10 @@ of the hidden states and one the size of the head weight.
 
 from __future__ import annotations
 
+import functools
+import os
+from collections.abc import Callable
+
 import torch
 
 IGNORE_INDEX = -100
@@ -38,6 +42,57 @@ def chunked_cross_entropy(
     return _ChunkedCrossEntropy.apply(hidden, weight, labels, chunk_tokens, ignore_index, with_grad)
 
 
+def _chunk_nll_and_grad(
+    h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk of tokens: per-token NLL (fp32) and d loss / d logits (in h's dtype).
+
+    h [n, D], weight [V, D], y [n] (valid ids), scale [n] = valid / n_valid. The gradient of
+    sum(scale * nll) w.r.t. the logits is (softmax - onehot(y)) * scale.
+    """
+    logits = (h @ weight.T).float()  # (n, V)
+    lse = torch.logsumexp(logits, dim=-1)  # (n,)
+    nll = lse - logits.gather(1, y[:, None]).squeeze(1)  # (n,)
+    onehot = torch.arange(logits.shape[1], device=y.device)[None, :] == y[:, None]  # (n, V)
+    grad = (torch.exp(logits - lse[:, None]) - onehot.float()) * scale[:, None]  # (n, V)
+    return nll, grad.to(h.dtype)
+
+
+@functools.cache
+def _compiled_chunk_fn() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    # On CUDA, Inductor fuses the fp32 upcast, logsumexp, exp, one-hot and scaling into two
+    # passes over the chunk's logits (eager makes ~8, each over fp32 data): this step was a
+    # fifth of the A0.44B training step before (docs/performance.md).
+    return torch.compile(_chunk_nll_and_grad, dynamic=False)
+
+
+def _chunk_fn(device: torch.device) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    if device.type == "cuda" and os.environ.get("KHA_TRAIN_COMPILE_LOSS", "1") != "0":
+        return _compiled_chunk_fn()
+    return _chunk_nll_and_grad
+
+
+def _accumulate_grad_weight(acc: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
+    """acc (fp32, [V, D]) += g^T @ h, with the product accumulated in fp32."""
+    if acc.device.type == "cuda" and g.dtype != torch.float32 and _fp32_out_addmm_works():
+        # cuBLAS writes the fp32 sum directly: no bf16 [V, D] temporary and no upcast pass.
+        torch.addmm(acc, g.T, h, out_dtype=torch.float32, out=acc)
+    else:
+        acc += (g.T @ h).float()
+
+
+@functools.cache
+def _fp32_out_addmm_works() -> bool:
+    """Whether this torch build has addmm(..., out_dtype=float32) for bf16 inputs on CUDA."""
+    try:
+        a = torch.ones(16, 16, device="cuda", dtype=torch.bfloat16)
+        c = torch.zeros(16, 16, device="cuda")
+        torch.addmm(c, a, a, out_dtype=torch.float32, out=c)
+        return bool(c[0, 0] == 16)  # one sync, once per process
+    except (RuntimeError, TypeError):
+        return False
+
+
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk_tokens, ignore_index, with_grad):  # type: ignore[override]
@@ -45,6 +100,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         valid = labels != ignore_index  # (N,)
         n_valid = valid.sum().clamp_min(1).float()  # device scalar: no host sync
         targets = torch.where(valid, labels, torch.zeros_like(labels))  # (N,) in range for gather
+        scale = valid.float() / n_valid  # (N,) weight of each token in the mean
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if with_grad else None
         grad_weight = (
@@ -52,23 +108,20 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             if with_grad
             else None
         )
+        chunk_fn = _chunk_fn(hidden.device)
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             for start in range(0, N, chunk_tokens):
                 end = min(start + chunk_tokens, N)
-                h, y, ok = hidden[start:end], targets[start:end, None], valid[start:end]
-                logits = (h @ weight.T).float()  # (n, V): the only chunk of logits alive
-                lse = torch.logsumexp(logits, dim=-1)  # (n,)
-                nll = lse - logits.gather(1, y).squeeze(1)  # (n,)
-                loss_sum += (nll * ok).sum()
+                h, y, ok = hidden[start:end], targets[start:end], valid[start:end]
                 if not with_grad:
+                    logits = (h @ weight.T).float()  # (n, V): the only chunk of logits alive
+                    nll = torch.logsumexp(logits, dim=-1) - logits.gather(1, y[:, None]).squeeze(1)
+                    loss_sum += (nll * ok).sum()
                     continue
-                # d(sum nll / n_valid) / d logits = (softmax - onehot(y)) * ok / n_valid
-                probs = logits.sub_(lse[:, None]).exp_()  # (n, V), in place of the logits
-                probs.scatter_add_(1, y, torch.full_like(y, -1, dtype=probs.dtype))
-                probs.mul_((ok.float() / n_valid)[:, None])
-                g = probs.to(hidden.dtype)  # (n, V)
+                nll, g = chunk_fn(h, weight, y, scale[start:end])  # (n,), (n, V)
+                loss_sum += (nll * ok).sum()
                 grad_hidden[start:end] = g @ weight  # (n, D)
-                grad_weight += (g.T @ h).float()  # (V, D)
+                _accumulate_grad_weight(grad_weight, g, h)  # (V, D)
         if with_grad:
             ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         return loss_sum / n_valid
