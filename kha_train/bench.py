@@ -29,6 +29,7 @@ from kha_train.config import (
     KHAVariant,
     ModelConfig,
     MoEConfig,
+    OptimConfig,
     ParallelConfig,
     Precision,
 )
@@ -108,22 +109,18 @@ class Workload:
             from kha_train.training.parallel import parallelize
 
             pcfg = ParallelConfig(
-                activation_checkpointing=s.ac, ac_every_n=s.ac_every_n, compile=s.compile
+                activation_checkpointing=s.ac,
+                ac_every_n=s.ac_every_n,
+                compile=s.compile,
+                reshard_after_forward=s.reshard,
             )
             self.model = parallelize(model, pcfg, Precision.bf16, device)
         self.model.to_empty(device=device)
         torch.manual_seed(0)
         self.model.init_weights()
-        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-        other = [
-            p for n, p in self.model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)
-        ]
-        self.opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
-            lr=3e-4,
-            betas=(0.9, 0.95),
-            fused=True,
-        )
+        from kha_train.training.optim import build_optimizer
+
+        self.opt = build_optimizer(self.model, OptimConfig(lr=3e-4, implementation="fused"), device)
         g = torch.Generator(device=device).manual_seed(0)
         shape = (s.micro_batch, s.seq_len)
         # A few distinct batches so nothing is cached between micro-batches.
@@ -335,7 +332,7 @@ def run(mcfg: ModelConfig, s: BenchSettings, variants: list[str]) -> list[dict[s
 def format_table(results: list[dict[str, Any]], s: BenchSettings) -> str:
     lines = [
         f"seq {s.seq_len} x micro-batch {s.micro_batch} x accum {s.accum}, compile={s.compile}, "
-        f"ac={s.ac.value}, mode={s.mode}, peak {s.peak_tflops:.0f} TFLOP/s",
+        f"ac={s.ac.value}, mode={s.mode}, reshard={s.reshard}, peak {s.peak_tflops:.0f} TFLOP/s",
         f"{'variant':8} {'params':>8} {'active':>7} {'step ms':>8} {'tok/s':>9} {'TFLOP/s':>8} "
         f"{'MFU':>6} {'mem GiB':>8}",
     ]
@@ -395,6 +392,11 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
         help="fsdp: the trainer's FSDP2 bf16 mixed precision; autocast: fp32 weights "
         "on one GPU under bf16 autocast",
     )
+    p.add_argument(
+        "--no-reshard",
+        action="store_true",
+        help="FSDP2 reshard_after_forward=False (one GPU: no second all-gather)",
+    )
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--no-sync-check", action="store_true")
     p.add_argument("--json", help="append results as JSON lines to this file")
@@ -429,6 +431,7 @@ def main(args: argparse.Namespace) -> int:
         profile=not args.no_profile,
         sync_check=not args.no_sync_check,
         mode=args.mode,
+        reshard=not args.no_reshard,
     )
     print(
         f"{torch.cuda.get_device_name()} | torch {torch.__version__} | {time.strftime('%Y-%m-%d')}"
