@@ -82,9 +82,9 @@ class BenchSettings:
     peak_tflops: float = 989.0
     profile: bool = True
     sync_check: bool = True
-    mode: str = (
-        "fsdp"  # fsdp: the trainer's FSDP2 mixed precision | autocast: fp32 weights + autocast
-    )
+    reshard: bool = True  # FSDP2 reshard_after_forward (False: keep bf16 params for backward)
+    # fsdp: the trainer's FSDP2 mixed precision | autocast: fp32 weights + autocast
+    mode: str = "fsdp"
 
 
 class Workload:
