@@ -88,13 +88,18 @@ def test_missing_paths(tmp_path: Path) -> None:
         (lambda raw: json.dumps({**raw, "splits": {"train": {"shards": [{"file": "x"}]}}}), "missing key 'tokens'"),
     ],
 )  # fmt: skip
-def test_corrupt_index(ds: Path, damage, message: str) -> None:
+def test_corrupt_index(ds: Path, damage, message: str, prepare) -> None:
     raw = json.loads((ds / "index.json").read_text())
     (ds / "index.json").write_text(damage(raw))
     with pytest.raises(
         DataError, match=rf"index\.json is corrupt \(.*{message}.*re-run `kha-train data prepare"
     ):
         loader(ds)
+    s = raw["settings"]  # the fix the message names: re-running prepare rebuilds the index
+    prepare(
+        raw["source"]["spec"], ds, val_fraction=s["val_fraction"], shard_tokens=s["shard_tokens"]
+    )
+    assert json.loads((ds / "index.json").read_text()) == raw
 
 
 def test_truncated_and_missing_shards_and_repair(ds: Path, dataset: Path, prepare) -> None:
