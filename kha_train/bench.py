@@ -138,7 +138,12 @@ class Workload:
         from kha_train.model import collect_expert_counts, update_expert_bias
 
         total = torch.zeros((), device=self.device)
-        for _ in range(self.s.accum):
+        for i in range(self.s.accum):
+            if not self.autocast and self.s.accum > 1:
+                # Keep the gathered bf16 parameters between micro-batches of one step; free
+                # them after the last backward (one all-gather per step instead of per
+                # micro-batch, at the memory cost of unsharded bf16 weights).
+                self.model.set_reshard_after_backward(i == self.s.accum - 1)
             ids, labels = self.batches[self._i % len(self.batches)]
             self._i += 1
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
