@@ -1,0 +1,33 @@
+"""``kha-train train``: the trainer as a CLI command (one process, or one rank under torchrun)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train a model from a YAML config",
+        description=(
+            "Train the model of CONFIG on its dataset. Runs as one process here, or as every "
+            "rank of a torchrun launch (`torchrun --nproc_per_node=N -m kha_train.train CONFIG "
+            "...` is the same). Writes config.yaml, metrics.jsonl, spikes.jsonl, loss.png and "
+            "checkpoints/ under logging.run_dir. SIGTERM or SIGUSR1: finish the step, save, exit 0. "
+            "See docs/training.md."
+        ),
+    )
+    p.add_argument("config", help="run config (YAML), e.g. configs/tiny/kha_moe.yaml")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides, e.g. optim.lr=3e-4 train.max_steps=100 checkpoint.resume=auto",
+    )
+    p.set_defaults(func=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from kha_train.training.trainer import run
+
+    return run(args.config, args.overrides)

@@ -1,0 +1,96 @@
+"""AdamW with weight-decay groups.
+
+Grouping rule (``optim.no_decay``, documented default in ``kha_train/config.py``): a parameter
+whose name contains any of the listed substrings gets ``weight_decay=0``; every other parameter
+gets ``optim.weight_decay``. Default substrings: ``norm`` (RMSNorm gains), ``bias``, ``embed``
+(the token embedding, which is also the LM head when tied) and ``kha`` (the knocking-heads
+transforms start at the identity, and decay would pull them towards zero instead).
+
+Names are matched after removing the wrapper prefixes that activation checkpointing and
+``torch.compile`` insert, so the grouping does not depend on ``parallel.*`` options.
+
+Implementation (``optim.implementation``): ``fused`` is one kernel over all parameters and can
+skip a non-finite step on the device without a host sync (see ``trainer.py``); ``foreach`` is the
+multi-tensor fallback. ``auto`` picks fused on CUDA and foreach on CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kha_train.config import OptimConfig
+
+# Module-name pieces added by wrappers (activation checkpointing, torch.compile, FSDP1-style).
+_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
+
+
+def clean_param_name(name: str) -> str:
+    """The parameter's name as the bare model spells it (wrapper prefixes removed)."""
+    for piece in _WRAPPER_PREFIXES:
+        name = name.replace(piece, "")
+    return name
+
+
+@dataclass
+class ParamGroupSummary:
+    name: str
+    weight_decay: float
+    num_tensors: int
+    num_params: int
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """AdamW parameter groups: ``decay`` and ``no_decay`` (empty groups are left out)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        clean = clean_param_name(name)
+        (no_decay if any(s in clean for s in cfg.no_decay) else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay, "group": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "group": "no_decay"},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def summarize_groups(optimizer: torch.optim.Optimizer) -> list[ParamGroupSummary]:
+    """Per-group tensor and parameter counts (global counts: DTensor shapes are global)."""
+    return [
+        ParamGroupSummary(
+            name=g.get("group", f"group{i}"),
+            weight_decay=g["weight_decay"],
+            num_tensors=len(g["params"]),
+            num_params=sum(p.numel() for p in g["params"]),
+        )
+        for i, g in enumerate(optimizer.param_groups)
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over ``model``'s parameters with the decay groups above."""
+    impl = cfg.implementation
+    if impl == "auto":
+        impl = "fused" if device.type == "cuda" else "foreach"
+    return torch.optim.AdamW(
+        param_groups(model, cfg),
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        fused=impl == "fused",
+        foreach=impl == "foreach",
+    )
+
+
+def is_fused(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer runs the fused kernel (which honours ``found_inf``)."""
+    return bool(optimizer.defaults.get("fused"))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr

@@ -1,0 +1,180 @@
+"""Parallelism, applied from outside the model: ``parallelize(model, cfg, precision, device)``.
+
+Order (each step needs the previous one's result):
+
+1. activation checkpointing: wrap every block (full) or every n-th block (every_n), so the
+   block's activations are recomputed in backward instead of stored;
+2. ``torch.compile`` per block (after the AC wrapper, so the compiled region includes it, and
+   before FSDP, so FSDP's hooks stay outside the graphs);
+3. FSDP2 ``fully_shard`` on each block, then on the root (embedding, final norm, head).
+
+Mixed precision (precision=bf16): parameters are all-gathered and computed in bf16, the sharded
+master weights and the optimizer stay fp32, gradients are reduce-scattered in fp32.
+
+The mesh is 1-D (``dp_shard``: plain FSDP) or, with ``parallel.dp_replicate > 1``, 2-D
+(``dp_replicate`` x ``dp_shard``: HSDP, each replica shards over ``dp_shard`` ranks, e.g. one
+node, and gradients are all-reduced across replicas).
+
+``init_weights_like_single_device()`` makes the initial weights independent of the sharding:
+see its docstring.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.overrides import TorchFunctionMode
+
+from kha_train.config import ACMode, ParallelConfig, Precision
+
+
+def build_mesh(cfg: ParallelConfig, device: torch.device) -> DeviceMesh:
+    """The data-parallel mesh: (dp_shard,) or (dp_replicate, dp_shard) for HSDP."""
+    world = dist.get_world_size()
+    replicate = cfg.dp_replicate
+    shard = cfg.dp_shard if cfg.dp_shard != -1 else world // replicate
+    if replicate * shard != world:
+        raise ValueError(
+            f"parallel.dp_replicate x dp_shard = {replicate} x {shard} != {world} ranks "
+            "(kha_train.config.validate should have caught this)"
+        )
+    if replicate > 1:
+        return init_device_mesh(
+            device.type, (replicate, shard), mesh_dim_names=("dp_replicate", "dp_shard")
+        )
+    return init_device_mesh(device.type, (shard,), mesh_dim_names=("dp_shard",))
+
+
+def apply_activation_checkpointing(model: nn.Module, cfg: ParallelConfig) -> None:
+    """Wrap blocks of ``model.layers`` so their activations are recomputed in backward."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    if cfg.activation_checkpointing == ACMode.none:
+        return
+    every = 1 if cfg.activation_checkpointing == ACMode.full else cfg.ac_every_n
+    for i, block in enumerate(model.layers):
+        if i % every == 0:
+            # Non-reentrant checkpointing (the default of checkpoint_wrapper) works with FSDP2
+            # and torch.compile. No RNG to preserve: the model has no dropout.
+            model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+
+
+def apply_compile(model: nn.Module) -> None:
+    """Compile each block in place (parameter names stay unchanged)."""
+    for block in model.layers:
+        block.compile()
+
+
+def apply_fsdp(
+    model: nn.Module, mesh: DeviceMesh, precision: Precision, reshard_after_forward: bool
+) -> None:
+    """``fully_shard`` every block, then the root."""
+    if precision == Precision.bf16:
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    else:
+        mp = MixedPrecisionPolicy()
+    n = len(model.layers)
+    for i, block in enumerate(model.layers):
+        # The last block's parameters are needed again at once by the backward: keep them.
+        fully_shard(
+            block,
+            mesh=mesh,
+            mp_policy=mp,
+            reshard_after_forward=reshard_after_forward and i < n - 1,
+        )
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+
+
+def parallelize(
+    model: nn.Module,
+    cfg: ParallelConfig,
+    precision: Precision,
+    device: torch.device,
+    mesh: DeviceMesh | None = None,
+) -> nn.Module:
+    """Apply AC -> compile -> FSDP2 to a model built on the meta device (see module doc).
+
+    Without a ``mesh`` one is built from ``cfg`` over all ranks; a single process without a
+    process group gets a one-rank group first (so benchmarks can call this directly).
+    Returns the same module, sharded; call ``to_empty(device=...)`` and initialise next.
+    """
+    if mesh is None:
+        if not dist.is_initialized():
+            from kha_train.training.distributed import init_distributed
+
+            init_distributed("cuda" if device.type == "cuda" else "cpu")
+        mesh = build_mesh(cfg, device)
+    apply_activation_checkpointing(model, cfg)
+    if cfg.compile:
+        apply_compile(model)
+    apply_fsdp(model, mesh, precision, cfg.reshard_after_forward)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Initialisation that does not depend on the sharding
+# ----------------------------------------------------------------------------------------------
+
+# In-place initialisers whose result does not depend on the tensor's previous value.
+_FILLS = {
+    torch.Tensor.normal_,
+    torch.Tensor.uniform_,
+    torch.nn.init.normal_,
+    torch.nn.init.uniform_,
+}
+# Reductions that decide control flow in initialisers (nn.init.trunc_normal_ resamples until
+# no value is out of range): answered over the whole tensor, so every rank loops, and draws
+# random numbers, exactly as a single device would.
+_GLOBAL_REDUCTIONS = {torch.Tensor.any, torch.any, torch.Tensor.all, torch.all}
+
+
+class _FullTensorFills(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        if func in _FILLS and args and _is_sharded_dtensor(args[0]):
+            dt = args[0]
+            local = dt.to_local()
+            full = torch.empty(dt.shape, dtype=dt.dtype, device=local.device)  # global shape
+            func(full, *args[1:], **kwargs)
+            with torch.no_grad():
+                local.copy_(_local_part(full, dt))
+            return dt
+        if func in _GLOBAL_REDUCTIONS and args and _is_sharded_dtensor(args[0]):
+            return func(args[0].full_tensor(), *args[1:], **kwargs)
+        return func(*args, **kwargs)
+
+
+def _is_sharded_dtensor(x: object) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(x, DTensor)
+
+
+def _local_part(full: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+    """The block of ``full`` that this rank holds of the DTensor ``dt``."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(dt.shape, dt.device_mesh, dt.placements)
+    return full[tuple(slice(o, o + s) for o, s in zip(offset, shape))]
+
+
+@contextlib.contextmanager
+def init_weights_like_single_device() -> Iterator[None]:
+    """Random initialisers on sharded parameters draw the *full* tensor, then keep this rank's
+    part, so the model starts from exactly the weights a single device would draw with the same
+    seed, whatever the number of ranks or the mesh.
+
+    (On CPU, DTensor random ops fall back to drawing each shard from the local generator, which
+    repeats values across ranks and depends on the world size.) Covers ``normal_``/``uniform_``
+    and everything built on them, including ``nn.init.trunc_normal_``'s rejection loop (see
+    ``_GLOBAL_REDUCTIONS``); ``tests/training`` checks the tiny models on 2 ranks against a
+    plain single-device init. Costs one full-size temporary per parameter, one at a time.
+    """
+    with _FullTensorFills():
+        yield

@@ -1,0 +1,105 @@
+"""Loss-spike detection: running statistics of the loss and the gradient norm.
+
+For each metric the detector keeps the last ``window`` finite values. Once ``warmup`` values
+have been seen, a new value is a spike when it exceeds ``mean + z_threshold * std`` of the window
+*before* it (the value is then added to the window, so a lasting level shift stops being flagged
+after a while instead of being flagged forever). Each spike is recorded with its step, value,
+z-score, ratio to the window mean, the step's loss and grad norm, and the global sample indices
+of that step's batch, so the offending data can be looked up.
+
+Non-finite values are not observed here (the trainer skips and counts those steps).
+
+The detector is ``Stateful``: its windows and counters are checkpointed, so a resumed run flags
+exactly what the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+METRICS = ("loss", "grad_norm")
+
+
+@dataclass
+class Spike:
+    step: int  # the optimizer step (1-based: the step counter after the step)
+    metric: str  # "loss" or "grad_norm"
+    value: float
+    mean: float  # window mean before this value
+    std: float  # window std before this value
+    z: float  # (value - mean) / std
+    ratio: float  # value / mean
+    loss: float
+    grad_norm: float
+    sample_ids: list[int] = field(default_factory=list)  # global sample indices of the batch
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "spike", **asdict(self)}
+
+
+class SpikeDetector:
+    """Flags values above ``mean + z_threshold * std`` of a running window (see module doc)."""
+
+    def __init__(self, window: int, z_threshold: float, warmup: int) -> None:
+        self.window = window
+        self.z_threshold = z_threshold
+        self.warmup = warmup
+        self._values: dict[str, deque[float]] = {m: deque(maxlen=window) for m in METRICS}
+        self._seen = 0  # finite steps observed
+        self.num_spikes = 0
+        self.spikes_by_metric: dict[str, int] = {m: 0 for m in METRICS}
+
+    def observe(
+        self, step: int, loss: float, grad_norm: float, sample_ids: list[int] | None = None
+    ) -> list[Spike]:
+        """Feed one step's values; return the spikes they contain (zero, one or two)."""
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            return []
+        values = {"loss": loss, "grad_norm": grad_norm}
+        spikes = []
+        for metric in METRICS:
+            window = self._values[metric]
+            value = values[metric]
+            if self._seen >= self.warmup and len(window) >= 2:
+                mean = sum(window) / len(window)
+                std = math.sqrt(sum((v - mean) ** 2 for v in window) / (len(window) - 1))
+                if std > 0 and value > mean + self.z_threshold * std:
+                    spikes.append(
+                        Spike(
+                            step=step,
+                            metric=metric,
+                            value=value,
+                            mean=mean,
+                            std=std,
+                            z=(value - mean) / std,
+                            ratio=value / mean if mean else math.inf,
+                            loss=loss,
+                            grad_norm=grad_norm,
+                            sample_ids=list(sample_ids or []),
+                        )
+                    )
+            window.append(value)
+        self._seen += 1
+        self.num_spikes += len(spikes)
+        for s in spikes:
+            self.spikes_by_metric[s.metric] += 1
+        return spikes
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "window": self.window,
+            "values": {m: list(v) for m, v in self._values.items()},
+            "seen": self._seen,
+            "num_spikes": self.num_spikes,
+            "spikes_by_metric": dict(self.spikes_by_metric),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # A changed window keeps the newest values that fit.
+        self._values = {m: deque(state["values"][m], maxlen=self.window) for m in METRICS}
+        self._seen = int(state["seen"])
+        self.num_spikes = int(state["num_spikes"])
+        self.spikes_by_metric = {m: int(state["spikes_by_metric"].get(m, 0)) for m in METRICS}

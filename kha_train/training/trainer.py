@@ -1,0 +1,532 @@
+"""The training loop.
+
+``Trainer(cfg)`` builds everything in this order (each step needs the ones before it):
+
+    validate the config for the real number of ranks -> process group + device -> data loaders
+    (the dataset's tokenizer and vocab are checked against the config before any model exists)
+    -> model on the meta device -> parallelize (AC, compile, FSDP2) -> allocate -> init_weights
+    (seeded, identical for any number of ranks) -> AdamW -> checkpoint manager -> resume ->
+    loggers.
+
+``Trainer.train()`` runs optimizer steps until ``train.max_steps`` / ``train.total_tokens``, a
+preemption signal, or too many non-finite steps in a row.
+
+One optimizer step (``_step``):
+
+    micro-batches of this rank                  (loader.next_step(): one global batch / ranks)
+    for each: loss_i = model(x_i, y_i);  backward(loss_i * w_i)
+        w_i = n_i * ranks / N with n_i the micro-batch's target tokens and N those of the global
+        batch: FSDP averages gradients over ranks, so the step's gradient is exactly that of the
+        mean loss over every target token of the global batch (= 1 / micro-batches when, as
+        with the packed loader, every position has a target)
+    loss  = sum over ranks of sum_i loss_i * w_i / ranks       (all-reduce on the device)
+    gnorm = global gradient norm; clip to optim.grad_clip
+    ok    = loss and gnorm are finite                          (a device tensor)
+    AdamW step, applied only if ok (see "non-finite steps")
+    MoE: counts of the step (all micro-batches) summed over ranks -> expert-bias update (if ok)
+
+No host-device sync in the hot loop: loss, grad norm and the ok flag stay on the device (in a
+small history buffer) until a logging step, checkpoint or validation reads them all at once. The
+only per-step cross-rank exchange is a one-int gloo all-reduce of the preemption flag (host
+memory: it does not wait for the GPU).
+
+Non-finite steps: with the fused AdamW (the default on CUDA) the flag goes in as the kernel's
+``found_inf`` argument: the kernel leaves parameters, both moments and the step count untouched
+when it is set, decided on the device, no sync. The foreach implementation has no such input, so
+there the trainer reads the flag on the host once per step (free on CPU; a sync per step on GPU,
+so prefer fused there). The MoE bias update gets counts x ok, and a step with zero counts does not
+move the bias. Skipped steps are counted; ``train.max_nonfinite_in_row`` consecutive ones abort
+the run, detected at the next logging step (weights are never touched in between).
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+
+from kha_train.config import Config, ConfigError, to_dict, to_yaml, total_steps, validate
+from kha_train.training import distributed as D
+from kha_train.training.checkpoint import CheckpointManager, complete_checkpoints, resolve_resume
+from kha_train.training.loggers import RunLoggers
+from kha_train.training.metrics import WindowTimer, memory_stats, peak_flops, throughput
+from kha_train.training.optim import build_optimizer, is_fused, set_lr, summarize_groups
+from kha_train.training.parallel import build_mesh, init_weights_like_single_device, parallelize
+from kha_train.training.schedule import lr_at
+from kha_train.training.spikes import SpikeDetector
+
+STATE_VERSION = 1
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+class Trainer:
+    def __init__(self, cfg: Config, *, console: TextIO | None = None) -> None:
+        validate(cfg, D.env_world_size())
+        self.cfg = cfg
+        self.env = D.init_distributed(cfg.train.device)
+        self.device = self.env.device
+        t = cfg.train
+        self.total_steps = total_steps(cfg)
+        self.tokens_per_step = t.global_batch_tokens
+        self.run_dir = Path(cfg.logging.run_dir)
+        self.ckpt_dir = (
+            Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
+        )
+        resume_path = self._resume_path()
+        self._build_data()
+        self._build_model()
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
+        self.fused = is_fused(self.optimizer)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        sp = cfg.logging.spikes
+        self.detector = SpikeDetector(sp.window, sp.z_threshold, sp.warmup)
+        self.ckpt = CheckpointManager(
+            self.ckpt_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save, self.env
+        )
+        self.step = 0  # optimizer steps done
+        self.skipped_total = 0  # non-finite steps skipped (host copy, updated at drains)
+        self.in_row = 0  # consecutive non-finite steps at the last drain
+        if resume_path is not None:
+            self._load(resume_path)
+        self._init_step_state()
+        self.config_yaml = to_yaml(cfg)
+        if self.env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(self.config_yaml)
+        self.log = RunLoggers(
+            run_dir=self.run_dir, name=cfg.name, wandb_mode=cfg.logging.wandb,
+            wandb_project=cfg.logging.wandb_project, wandb_entity=cfg.logging.wandb_entity,
+            tensorboard=cfg.logging.tensorboard, config=to_dict(cfg),
+            total_steps=self.total_steps, start_step=self.step,
+            resumed=resume_path is not None, is_main=self.env.is_main, console_stream=console,
+        )  # fmt: skip
+        self._announce(resume_path)
+
+    # -- building ---------------------------------------------------------------------------------
+
+    def _resume_path(self) -> Path | None:
+        resume = self.cfg.checkpoint.resume
+        path = resolve_resume(resume, self.ckpt_dir)
+        existing = complete_checkpoints(self.ckpt_dir)
+        if resume == "none" and existing:
+            raise ConfigError(
+                f"{self.ckpt_dir} already holds checkpoints of an earlier run (newest: step "
+                f"{existing[-1][0]}). Continue it with checkpoint.resume=auto, or start a new run "
+                "elsewhere (logging.run_dir=... or checkpoint.dir=...), or delete that folder"
+            )
+        return path
+
+    def _build_data(self) -> None:
+        from kha_train.data import PackedLoader
+
+        cfg, env = self.cfg, self.env
+        tok_hash = None
+        if cfg.data.tokenizer:
+            from kha_train.data.tokenizer import load_tokenizer, tokenizer_hash
+
+            tok_hash = tokenizer_hash(load_tokenizer(cfg.data.tokenizer))
+        common = dict(
+            seq_len=cfg.data.seq_len, micro_batch_size=cfg.train.micro_batch_size,
+            global_batch_size=self.tokens_per_step // cfg.data.seq_len, rank=env.rank,
+            world_size=env.world_size, seed=cfg.data.seed, device=self.device,
+            prefetch=cfg.data.prefetch, expected_vocab_size=cfg.model.vocab_size,
+            expected_tokenizer_hash=tok_hash,
+        )  # fmt: skip
+        self.loader = PackedLoader(cfg.data.dataset, "train", **common)
+        val = self.loader.index.splits.get("val")
+        self.val_loader = None
+        if (
+            val is not None
+            and val.tokens > cfg.data.seq_len * cfg.train.micro_batch_size * env.world_size
+        ):
+            self.val_loader = PackedLoader(cfg.data.dataset, "val", **common)
+
+    def _build_model(self) -> None:
+        from kha_train.model import Transformer, moe_layers
+
+        cfg = self.cfg
+        with torch.device("meta"):
+            model = Transformer(cfg.model)
+        mesh = build_mesh(cfg.parallel, self.device)
+        parallelize(model, cfg.parallel, cfg.train.precision, self.device, mesh=mesh)
+        model.to_empty(device=self.device)
+        torch.manual_seed(cfg.train.seed)
+        with init_weights_like_single_device():
+            model.init_weights()
+        model.train()
+        self.model = model
+        self.has_moe = bool(moe_layers(model))
+
+    def _init_step_state(self) -> None:
+        """Device-side per-step history and counters, read at drains."""
+        n = self.cfg.logging.log_every
+        self._hist = torch.zeros(n, 3, device=self.device)  # loss, grad norm, ok
+        self._hist_len = 0
+        self._hist_ids: list[torch.Tensor] = []  # this rank's sample ids of each step
+        self._in_row = torch.tensor(self.in_row, device=self.device)
+        self._max_in_row = torch.tensor(self.in_row, device=self.device)
+        self._last_counts: torch.Tensor | None = None
+        # Host sums over the current logging window (drains may split a window).
+        self._win = {"loss": 0.0, "gnorm": 0.0, "n": 0, "skipped": 0}
+        self._flops_per_token = self._model_flops()
+        self._peak = peak_flops(self.device, self.cfg.logging.peak_tflops)
+
+    def _model_flops(self) -> float | None:
+        try:
+            from kha_train.model.flops import train_flops_per_token
+
+            return train_flops_per_token(self.cfg.model, self.cfg.data.seq_len)
+        except Exception:  # accounting must never stop training
+            return None
+
+    def _announce(self, resume_path: Path | None) -> None:
+        cfg, env = self.cfg, self.env
+        n_params = sum(p.numel() for p in self.params)
+        accum = self.loader.micro_batches_per_step
+        groups = ", ".join(
+            f"{g.name}: {g.num_tensors} tensors / {g.num_params / 1e6:.2f}M (wd {g.weight_decay})"
+            for g in summarize_groups(self.optimizer)
+        )
+        impl = "fused" if self.fused else "foreach"
+        self.log.info(
+            f"{cfg.name}: {n_params / 1e6:.2f}M parameters on {env.world_size} rank(s) "
+            f"({self.device.type}, {cfg.train.precision.value}); global batch "
+            f"{self.tokens_per_step} tokens = {accum} micro-batch(es) x "
+            f"{cfg.train.micro_batch_size} x {cfg.data.seq_len} tokens x {env.world_size} rank(s); "
+            f"{self.total_steps} steps; AdamW {impl} [{groups}]; run dir {self.run_dir}"
+        )
+        if self.val_loader is None:
+            self.log.info(f"no validation: {cfg.data.dataset} has no usable val split")
+        elif self.val_batches < cfg.train.val_batches:
+            self.log.info(
+                f"validation uses {self.val_batches} micro-batches per rank (train.val_batches="
+                f"{cfg.train.val_batches}, but the val split holds only {self.val_batches})"
+            )
+        if resume_path is not None:
+            self.log.info(f"resumed from {resume_path} at step {self.step}")
+
+    # -- checkpoint state -------------------------------------------------------------------------
+
+    def trainer_state(self) -> dict[str, Any]:
+        """Everything besides model and optimizer that a resume needs (JSON-able, same on every
+        rank). Call after ``_drain()``."""
+        return {
+            "version": STATE_VERSION,
+            "step": self.step,
+            "tokens_seen": self.step * self.tokens_per_step,
+            "loader": self.loader.state_dict(),
+            "spikes": self.detector.state_dict(),
+            "nonfinite": {"skipped_total": self.skipped_total, "in_row": self.in_row},
+            "world_size": self.env.world_size,
+        }
+
+    def _load(self, path: Path) -> None:
+        state = self.ckpt.load(path, self.model, self.optimizer, to_dict(self.cfg)["model"])
+        if state.get("version") != STATE_VERSION:
+            raise ConfigError(
+                f"{path}: trainer state version {state.get('version')}, expected {STATE_VERSION}"
+            )
+        self.step = int(state["step"])
+        self.loader.load_state_dict(state["loader"])
+        self.detector.load_state_dict(state["spikes"])
+        self.skipped_total = int(state["nonfinite"]["skipped_total"])
+        self.in_row = int(state["nonfinite"]["in_row"])
+
+    def save_checkpoint(self, *, blocking: bool = False) -> Path:
+        self._drain()
+        path = self.ckpt.save(
+            self.step, self.model, self.optimizer, self.trainer_state(), self.config_yaml,
+            blocking=blocking,
+        )  # fmt: skip
+        self._last_saved = self.step
+        self.log.event({"type": "checkpoint", "step": self.step, "path": str(path)})
+        return path
+
+    # -- one optimizer step -----------------------------------------------------------------------
+
+    def compute_loss(self, batch: Any) -> torch.Tensor:
+        """The training loss of one micro-batch (a method so tests can inject faults)."""
+        return self.model(batch.input_ids, batch.labels)
+
+    def _step(self, micro_batches: list[Any]) -> None:
+        world = self.env.world_size
+        n_tok = torch.stack([(b.labels != -100).sum() for b in micro_batches]).float()  # (A,)
+        total = n_tok.sum()
+        if world > 1:
+            dist.all_reduce(total)
+        weights = n_tok * world / total  # (A,)
+        loss_sum = torch.zeros((), device=self.device)
+        for i, batch in enumerate(micro_batches):
+            loss = self.compute_loss(batch)
+            (loss * weights[i]).backward()
+            loss_sum += loss.detach().float() * weights[i]
+        if world > 1:
+            dist.all_reduce(loss_sum)
+        loss = loss_sum / world  # the global batch's mean loss
+
+        grad_norm = get_total_norm(
+            [p.grad for p in self.params if p.grad is not None], foreach=True
+        )
+        if isinstance(grad_norm, DTensor):
+            grad_norm = grad_norm.full_tensor()  # sum of the shards' squares over ranks
+        if self.cfg.optim.grad_clip > 0:
+            clip_grads_with_norm_(self.params, self.cfg.optim.grad_clip, grad_norm, foreach=True)
+        ok = torch.isfinite(loss) & torch.isfinite(grad_norm)
+
+        set_lr(
+            self.optimizer,
+            lr_at(
+                self.step,
+                peak_lr=self.cfg.optim.lr,
+                total_steps=self.total_steps,
+                cfg=self.cfg.schedule,
+            ),
+        )
+        if self.fused:
+            self.optimizer.found_inf = (~ok).float()  # the fused kernel skips the update if 1
+            self.optimizer.step()
+        elif ok.item():  # foreach has no device-side skip: one host read per step
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+        if self.has_moe:
+            from kha_train.model import collect_expert_counts, update_expert_bias
+
+            counts = collect_expert_counts(self.model)  # (n_moe_layers, E), this rank
+            if world > 1:
+                dist.all_reduce(counts)
+            update_expert_bias(self.model, counts * ok)  # zero counts: bias unchanged
+            self._last_counts = counts
+
+        # Per-step history for the next drain (device writes only).
+        self._hist[self._hist_len] = torch.stack([loss, grad_norm.float(), ok.float()])
+        self._hist_len += 1
+        self._hist_ids.append(torch.cat([b.sample_ids for b in micro_batches]))
+        self._in_row = (self._in_row + 1) * (~ok)
+        self._max_in_row = torch.maximum(self._max_in_row, self._in_row)
+        self.step += 1
+
+    # -- reading the device state (the host syncs) --------------------------------------------------
+
+    def _drain(self) -> None:
+        """Read the steps since the last drain: feed the spike detector, record skipped steps,
+        and add to the logging window. Identical on every rank (values are global)."""
+        k = self._hist_len
+        if k == 0:
+            return
+        hist = self._hist[:k].tolist()  # the sync
+        in_row, max_in_row = int(self._in_row.item()), int(self._max_in_row.item())
+        first = self.step - k + 1
+        spikes, bad_steps = [], []
+        for j, (loss, gnorm, ok) in enumerate(hist):
+            if ok:
+                spikes.extend(self.detector.observe(first + j, loss, gnorm))
+                self._win["loss"] += loss
+                self._win["gnorm"] += gnorm
+                self._win["n"] += 1
+            else:
+                bad_steps.append(j)
+        if spikes or bad_steps:  # every rank takes this branch together (global values)
+            ids = self._gather_sample_ids()
+            for s in spikes:
+                s.sample_ids = ids[s.step - first]
+            self.log.log_spikes(self.step, [s.to_dict() for s in spikes], self.detector.num_spikes)
+            for j in bad_steps:
+                loss, gnorm, _ = hist[j]
+                self.log.event(
+                    {"type": "nonfinite", "step": first + j, "loss": loss, "grad_norm": gnorm,
+                     "sample_ids": ids[j]},
+                    echo=f"step {first + j}: non-finite loss {loss} / grad norm {gnorm}: "
+                    "update skipped (weights and optimizer state unchanged)",
+                )  # fmt: skip
+        self.skipped_total += len(bad_steps)
+        self._win["skipped"] += len(bad_steps)
+        self.in_row = in_row
+        self._hist_len = 0
+        self._hist_ids = []
+        self._max_in_row.copy_(self._in_row)
+        limit = self.cfg.train.max_nonfinite_in_row
+        if max_in_row >= limit:
+            raise NonFiniteError(
+                f"{max_in_row} consecutive optimizer steps (up to step {self.step}) had a "
+                f"non-finite loss or gradient norm, train.max_nonfinite_in_row={limit}: stopping. "
+                "None of them was applied to the weights. Their sample ids are in "
+                f"{self.run_dir / 'metrics.jsonl'} (type nonfinite). Lower optim.lr, check the "
+                "data at those ids, or resume from the last checkpoint with checkpoint.resume=auto"
+            )
+
+    def _gather_sample_ids(self) -> list[list[int]]:
+        """Global sample ids of every step in the history, all ranks' micro-batches in order."""
+        local = torch.stack(self._hist_ids)  # (k, n_local)
+        world = self.env.world_size
+        if world > 1:
+            local = local.to(self.device)
+            out = torch.empty((world, *local.shape), dtype=local.dtype, device=self.device)
+            dist.all_gather_into_tensor(out, local)
+            local = out.transpose(0, 1).reshape(local.shape[0], -1)  # (k, world * n_local)
+        return local.tolist()
+
+    def _log_window(self, timer: WindowTimer) -> None:
+        self._drain()
+        elapsed, data_wait, steps = timer.read_and_reset()
+        w = self._win
+        rec: dict[str, Any] = {"type": "train", "step": self.step}
+        if w["n"]:
+            rec["loss"] = w["loss"] / w["n"]
+            rec["grad_norm"] = w["gnorm"] / w["n"]
+        rec["lr"] = lr_at(
+            max(0, self.step - 1),
+            peak_lr=self.cfg.optim.lr,
+            total_steps=self.total_steps,
+            cfg=self.cfg.schedule,
+        )
+        rec["tokens_seen"] = self.step * self.tokens_per_step
+        perf = throughput(
+            elapsed_s=elapsed, steps=steps, tokens_per_step=self.tokens_per_step,
+            world_size=self.env.world_size, flops_per_token=self._flops_per_token,
+            peak_flops_per_device=self._peak,
+        )  # fmt: skip
+        rec.update(perf)
+        rec.update(memory_stats(self.device))
+        if steps:
+            rec["data_wait_s"] = data_wait / steps
+            rec["data_wait_frac"] = data_wait / elapsed if elapsed > 0 else 0.0
+            rec["eta_s"] = (self.total_steps - self.step) * elapsed / steps
+        rec["nonfinite_skipped"] = self.skipped_total
+        rec["nonfinite_in_window"] = w["skipped"]
+        rec["spikes_total"] = self.detector.num_spikes
+        rec.update(self._moe_stats())
+        self._win = {"loss": 0.0, "gnorm": 0.0, "n": 0, "skipped": 0}
+        self.log.log(rec)
+
+    def _moe_stats(self) -> dict[str, Any]:
+        if self._last_counts is None:
+            return {}
+        from kha_train.model import load_stats
+
+        stats = {k: v.tolist() for k, v in load_stats(self._last_counts).items()}
+        out: dict[str, Any] = {f"moe_{k}": v for k, v in stats.items()}
+        out["moe_max_violation_mean"] = sum(stats["max_violation"]) / len(stats["max_violation"])
+        out["moe_dead_experts_total"] = int(sum(stats["dead_experts"]))
+        aux = getattr(self.model, "last_aux_loss", None)
+        if aux is not None:
+            out["aux_loss"] = float(aux)
+        return out
+
+    # -- validation -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        """Mean loss over ``train.val_batches`` micro-batches per rank of the val split."""
+        if self.val_loader is None:
+            return None
+        self.model.eval()
+        total = torch.zeros(2, device=self.device)  # sum of loss x tokens, tokens
+        for batch in self.val_loader.eval_batches(self.val_batches):
+            n = (batch.labels != -100).sum().float()
+            total += torch.stack([self.model(batch.input_ids, batch.labels).float() * n, n])
+        self.model.train()
+        if self.env.world_size > 1:
+            dist.all_reduce(total)
+        val = (total[0] / total[1].clamp_min(1)).item()
+        self.log.log({"type": "val", "step": self.step, "val_loss": val})
+        return val
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def train(self) -> int:
+        """Run to the end (or a stop signal). Returns the exit code (0)."""
+        cfg = self.cfg
+        self._stop_signal: str | None = None
+        previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
+        self._last_saved = self.step if self.step > 0 else -1
+        stopped = False
+        try:
+            timer = WindowTimer()
+            while self.step < self.total_steps:
+                t0 = time.perf_counter()
+                micro_batches = self.loader.next_step()
+                timer.add_data_wait(time.perf_counter() - t0)
+                self._step(micro_batches)
+                timer.step()
+                self.log.advance(self.step)
+                if self.step % cfg.logging.log_every == 0 or self.step == self.total_steps:
+                    self._log_window(timer)
+                if cfg.train.val_every and self.step % cfg.train.val_every == 0:
+                    self.validate()
+                if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
+                    self.save_checkpoint()
+                self.ckpt.poll()
+                if D.any_rank(self._stop_signal is not None):
+                    stopped = True
+                    break
+            if stopped:
+                if self._hist_len:
+                    self._log_window(timer)
+                self.log.info(
+                    f"stop requested ({self._stop_signal or 'signal on another rank'}) at step "
+                    f"{self.step}: saving a checkpoint and exiting"
+                )
+            elif cfg.train.val_every == 0 or self.step % cfg.train.val_every:
+                self.validate()  # the final validation
+            if self._last_saved != self.step:
+                self.save_checkpoint(blocking=True)
+            self.ckpt.wait()
+            self._finish("preempted" if stopped else "completed")
+            return 0
+        except NonFiniteError:
+            self._finish("nonfinite", exit_code=1)
+            raise
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._stop_signal = signal.Signals(signum).name
+
+    def _finish(self, status: str, exit_code: int = 0) -> None:
+        summary = {
+            "status": status, "step": self.step, "tokens_seen": self.step * self.tokens_per_step,
+            "nonfinite_skipped": self.skipped_total, "spikes_total": self.detector.num_spikes,
+        }  # fmt: skip
+        self.log.event({"type": "end", **summary})
+        if self.env.is_main:
+            try:
+                from kha_train.training.plot import plot_loss
+
+                png = plot_loss(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
+                if png:
+                    self.log.info(f"{status} at step {self.step}; loss plot: {png}")
+            except Exception as e:  # a plot must never fail a finished run
+                self.log.info(f"warning: could not draw loss.png: {e}")
+        self.log.close(summary, exit_code)
+
+    def close(self) -> None:
+        self.loader.close()
+        if self.val_loader is not None:
+            self.val_loader.close()
+
+
+def run(config_path: str, overrides: list[str] | None = None, console: TextIO | None = None) -> int:
+    """Load the config, train, tear down. The body of ``kha-train train`` and ``kha_train.train``."""
+    from kha_train.config import load_config
+
+    cfg = load_config(config_path, overrides or [])
+    trainer = None
+    try:
+        trainer = Trainer(cfg, console=console)
+        return trainer.train()
+    finally:
+        if trainer is not None:
+            trainer.close()
+        D.teardown()
