@@ -345,7 +345,7 @@ class _ShardWriter:
             raise DataError(f"{self.tok.path} produced id {int(ids.max())} >= its vocab size")
         cap = self.opts.val_max_tokens
         split = "val" if held_out and (cap is None or self.val_tokens < cap) else "train"
-        self.bufs[split].append(ids)
+        self.bufs[split].append(ids.astype(self.dtype))  # the shard's dtype halves the buffer
         self.tokens[split] += len(ids)
         if split == "val":
             self.val_tokens += len(ids)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "te
 HUB_PREFIX = "hub:"
 FULL_HASH_BYTES = 256 << 20  # files up to this size are hashed whole; larger ones are sampled
 SAMPLE_BYTES = 4 << 20
+OWN_FILES = re.compile(r"^(index|prepare|tokenizer|tokenizer_config|shard_\d+)\.json$")
 
 
 @dataclass
@@ -78,7 +80,7 @@ def resolve_local_files(spec: str) -> list[Path]:
                 raise DataError(f"--source glob {item!r} matches no file: check the pattern")
             files += matches
         elif os.path.isdir(item):
-            found = sorted(p for p in Path(item).rglob("*") if p.is_file() and _format_of(p))
+            found = sorted(p for p in Path(item).rglob("*") if _is_data_file(p, Path(item)))
             if not found:
                 raise DataError(
                     f"--source directory {item} holds no {', '.join(FORMATS)} file: "
@@ -106,6 +108,15 @@ def resolve_local_files(spec: str) -> list[Path]:
             "or convert them to one"
         )
     return files
+
+
+def _is_data_file(path: Path, root: Path) -> bool:
+    """In a directory source: supported files, minus hidden ones and the files kha-train itself
+    writes (a prepared dataset's index, shard records and tokenizer are not text)."""
+    rel = path.relative_to(root).parts
+    if any(part.startswith(".") for part in rel) or OWN_FILES.match(path.name):
+        return False
+    return path.is_file() and _format_of(path) is not None
 
 
 def _format_of(path: Path) -> str | None:

@@ -230,3 +230,13 @@ def test_cli_data_prepare_builtin(tmp_path: Path, tokenizer_path: Path, tok) -> 
     assert "the" in text and "<|endoftext|>" in text
     mtime = (out / "index.json").stat().st_mtime_ns
     assert main(args) == 0 and (out / "index.json").stat().st_mtime_ns == mtime
+
+
+def test_directory_source_skips_hidden_and_kha_train_files(tmp_path: Path, docs, prepare) -> None:
+    folder = tmp_path / "src"
+    write_jsonl(folder / "a.jsonl", docs[:20])
+    write_jsonl(folder / ".cache" / "b.jsonl", docs[20:40])
+    (folder / "index.json").write_text('{"format": "kha-train-tokens"}')
+    (folder / "tokenizer.json").write_text("{}")
+    index = prepare(folder, tmp_path / "out", val_fraction=0.0)
+    assert index.raw["source_rows"] == 20
