@@ -78,7 +78,7 @@ def test_val_max_tokens_caps_the_hold_out(tmp_path: Path, docs: list[str], prepa
     assert 300 <= val < 300 + max(len(d) for d in docs)  # stops at the first doc past the cap
 
 
-@pytest.mark.parametrize("fmt", ["parquet", "txt", "glob"])
+@pytest.mark.parametrize("fmt", ["parquet", "txt", "glob", "json-array"])
 def test_other_formats_give_the_same_tokens(
     tmp_path: Path, docs: list[str], fmt: str, prepare
 ) -> None:
@@ -95,6 +95,10 @@ def test_other_formats_give_the_same_tokens(
         for i, d in enumerate(docs[:40]):  # one document per file, read in name order
             (folder / f"{i:03d}.txt").write_text(d)
         index = prepare(folder, tmp_path / "out", val_fraction=0.1)
+    elif fmt == "json-array":
+        src = tmp_path / "a.json"
+        src.write_text(json.dumps([{"text": d} for d in docs[:40]]))
+        index = prepare(src, tmp_path / "out", val_fraction=0.1)
     else:
         write_jsonl(tmp_path / "parts" / "p0.jsonl", docs[:25])
         write_jsonl(tmp_path / "parts" / "p1.jsonl", docs[25:40])
