@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import time
 from collections import defaultdict
 from typing import Any
@@ -138,12 +139,7 @@ class Workload:
         from kha_train.model import collect_expert_counts, update_expert_bias
 
         total = torch.zeros((), device=self.device)
-        for i in range(self.s.accum):
-            if not self.autocast and self.s.accum > 1:
-                # Keep the gathered bf16 parameters between micro-batches of one step; free
-                # them after the last backward (one all-gather per step instead of per
-                # micro-batch, at the memory cost of unsharded bf16 weights).
-                self.model.set_reshard_after_backward(i == self.s.accum - 1)
+        for _ in range(self.s.accum):
             ids, labels = self.batches[self._i % len(self.batches)]
             self._i += 1
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
@@ -192,6 +188,8 @@ def time_workload(w: Workload) -> dict[str, float]:
         "tflops": tps * fpt / 1e12,
         "mfu": tps * fpt / (s.peak_tflops * 1e12),
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+        # cudaMalloc retries mean the allocator ran out of cached blocks: slow, and it syncs.
+        "alloc_retries": torch.cuda.memory_stats().get("num_alloc_retries", 0),
         "loss": float(loss),
     }
 
@@ -291,7 +289,10 @@ def breakdown_from_trace(
         cat = e.get("cat")
         if cat in ("cpu_op", "user_annotation", "python_function") and "dur" in e:
             by_tid[e["tid"]].append((e["ts"], 0, e))  # ops before launches at equal ts
-        elif cat == "cuda_runtime" and e.get("args", {}).get("correlation") in kernels:
+        elif (
+            cat in ("cuda_runtime", "cuda_driver")
+            and e.get("args", {}).get("correlation") in kernels
+        ):
             by_tid[e["tid"]].append((e["ts"], 1, e))
     scope: dict[Any, str | None] = {}  # correlation id -> stack category
     for items in by_tid.values():
@@ -422,6 +423,8 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
 
 
 def main(args: argparse.Namespace) -> int:
+    # Less fragmentation near full memory (set before CUDA initialises; the trainer does too).
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if not torch.cuda.is_available():
         raise SystemExit("kha-train bench needs a CUDA GPU")
     if args.config:
