@@ -43,6 +43,10 @@ class AttnBackend(enum.StrEnum):
 
 class AttentionKind(enum.StrEnum):
     gqa = "gqa"  # MHA / GQA / MQA: set by num_kv_heads (= num_heads, divisor, 1)
+    gta = "gta"  # grouped-tied: one KV projection per KV head (V = KV), one shared RoPE key
+    mla = "mla"  # DeepSeek-V2 latent attention (model.mla); KHA-Linear only, qk_norm off
+    mea = "mea"  # GQA + head-level composition of K/V across KV heads + head norm (model.mea)
+    talking_heads = "talking_heads"  # GQA + H x H logit/weight mixing; materialised map, slow
 
 
 class KHAVariant(enum.StrEnum):
@@ -88,6 +92,26 @@ class KHAConfig:
 
 
 @dataclass
+class MLAConfig:
+    """Multi-head latent attention (model.attention=mla). Content (no RoPE) part of each query /
+    key head and each value head: model.head_dim; the cache holds kv_lora_rank + rope_head_dim."""
+
+    kv_lora_rank: int = 512  # latent c_kv each token caches; K and V heads are up-projected from it
+    q_lora_rank: int = 1024  # query latent size; 0: queries are projected from x directly
+    rope_head_dim: int = 64  # decoupled RoPE part of q and k; the key's is one head shared by all
+
+
+@dataclass
+class MEAConfig:
+    """Explicit multi-head attention (model.attention=mea, Peng et al. 2026)."""
+
+    # KV heads projected (and cached); the HLC matrices expand them to model.num_kv_heads.
+    # 0: as many as num_kv_heads (HLC is then a square mixing); fewer: MEA's "virtual heads".
+    cached_kv_heads: int = 0
+    head_norm: bool = True  # RMSNorm over d_head on each head's attention output before W^O
+
+
+@dataclass
 class ModelConfig:
     vocab_size: int = 151936  # embedding rows; >= the tokenizer's vocab (padding is allowed)
     hidden_size: int = 1152
@@ -105,6 +129,8 @@ class ModelConfig:
     attn_backend: AttnBackend = AttnBackend.auto
     moe: MoEConfig = field(default_factory=MoEConfig)
     kha: KHAConfig = field(default_factory=KHAConfig)
+    mla: MLAConfig = field(default_factory=MLAConfig)  # read only when attention=mla
+    mea: MEAConfig = field(default_factory=MEAConfig)  # read only when attention=mea
 
 
 # ----------------------------------------------------------------------------------------------
@@ -473,6 +499,62 @@ def validate_model(m: ModelConfig) -> list[str]:
             errs.append(
                 "model.kha.variant=gate is the paper's value-only ablation: set model.kha.targets=[v]"
             )
+    return errs + _validate_attention_variant(m)
+
+
+def _validate_attention_variant(m: ModelConfig) -> list[str]:
+    """Checks of model.attention against the fields the variant reads (model.mla, model.mea)."""
+    errs = []
+    kind = AttentionKind(m.attention)
+    if kind == AttentionKind.mla:
+        mla = m.mla
+        if mla.kv_lora_rank < 1 or mla.q_lora_rank < 0:
+            errs.append(
+                f"model.mla.kv_lora_rank must be >= 1 and model.mla.q_lora_rank >= 0 (0: no query "
+                f"compression), got {mla.kv_lora_rank} and {mla.q_lora_rank}"
+            )
+        if mla.rope_head_dim < 2 or mla.rope_head_dim % 2:
+            errs.append(
+                f"model.mla.rope_head_dim={mla.rope_head_dim} must be even and >= 2 for RoPE"
+            )
+        if m.kha.variant not in (KHAVariant.none, KHAVariant.linear):
+            errs.append(
+                f"model.kha.variant={KHAVariant(m.kha.variant).value} with model.attention=mla: "
+                "MLA only works with KHA-Linear (the paper, section 4.2.3: MLA never materialises per-head "
+                "keys and values at inference, so only a linear transform can be folded into its "
+                "up-projections): set model.kha.variant=linear"
+            )
+        if m.qk_norm:
+            errs.append(
+                "model.qk_norm=true with model.attention=mla: MLA normalises its latents instead, "
+                "and a per-head norm on the up-projected keys would stop W^UK being folded into "
+                "the queries at inference: set model.qk_norm=false"
+            )
+    elif kind == AttentionKind.gta and m.head_dim % 4:
+        errs.append(
+            f"model.head_dim={m.head_dim} must be a multiple of 4 for model.attention=gta "
+            "(RoPE rotates pairs in the half of each key that is the shared RoPE head)"
+        )
+    elif kind == AttentionKind.talking_heads and m.attn_backend not in (
+        AttnBackend.auto,
+        AttnBackend.math,
+    ):
+        errs.append(
+            f"model.attn_backend={AttnBackend(m.attn_backend).value} with "
+            "model.attention=talking_heads: talking heads mixes the materialised attention map, which no fused kernel "
+            "provides: set model.attn_backend=math (or auto)"
+        )
+    cached = m.mea.cached_kv_heads
+    if kind == AttentionKind.mea and not 0 <= cached <= m.num_kv_heads:
+        errs.append(
+            f"model.mea.cached_kv_heads={cached} must be in [0, model.num_kv_heads="
+            f"{m.num_kv_heads}] (0: all of them; fewer: virtual heads expanded by HLC)"
+        )
+    elif kind != AttentionKind.mea and cached:
+        errs.append(
+            f"model.mea.cached_kv_heads={cached} is set but model.attention={kind.value}: set "
+            "model.attention=mea, or remove model.mea.cached_kv_heads"
+        )
     return errs
 
 

@@ -7,7 +7,15 @@
     o       = softmax(q k^T / sqrt(d_head) + causal mask) v    (SDPA, KV heads shared by groups)
     out     = o W^O
 
-MHA, GQA and MQA differ only in num_kv_heads (= num_heads, a divisor, 1).
+MHA, GQA and MQA differ only in num_kv_heads (= num_heads, a divisor, 1). The forward is split
+into steps (project, knock, norm_and_rotate, _attend, merge_heads) so that MEA (attn_mea.py) and
+talking heads (attn_talking.py), which are this attention plus one change, override one step.
+:func:`causal_attention` is the fused-kernel call every variant shares.
+
+Every attention module also accounts for itself (used by flops.py and `kha-train info`):
+``rope_dim`` (features RoPE rotates per head), ``kv_cache_elems`` (values cached per token and
+layer), ``flops_per_token(seq_len)`` (training FLOPs not counted by 6 x parameters) and
+``activation_bytes_per_token(d_model, seq_len)`` (a rough count of what autograd keeps).
 """
 
 from __future__ import annotations
@@ -32,23 +40,71 @@ _SDPA_BACKENDS = {
     AttnBackend.efficient: SDPBackend.EFFICIENT_ATTENTION,
     AttnBackend.math: SDPBackend.MATH,
 }
+# Kernels that need one head size for q, k and v (MLA's values are narrower: padded for them).
+_SAME_HEAD_DIM = (AttnBackend.cudnn, AttnBackend.flash, AttnBackend.flash_attn)
+
+
+def checked_backend(cfg: ModelConfig) -> AttnBackend:
+    """model.attn_backend, after checking that the flash-attn package is there if it is named."""
+    backend = AttnBackend(cfg.attn_backend)
+    if backend == AttnBackend.flash_attn and importlib.util.find_spec("flash_attn") is None:
+        raise ImportError(
+            "model.attn_backend=flash_attn needs the flash-attn package "
+            "(pip install 'kha-train[flash]'), or choose model.attn_backend=auto or cudnn"
+        )
+    return backend
+
+
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: AttnBackend
+) -> torch.Tensor:
+    """Causal softmax(q k^T / sqrt(d_qk)) v of q [B, T, H, d_qk] over k [B, T, Hkv, d_qk] and
+    v [B, T, Hkv, d_v], query head i reading KV head i // (H / Hkv) -> [B, T, H, d_v]."""
+    d_v = v.shape[-1]
+    pad = d_v < q.shape[-1] and backend in _SAME_HEAD_DIM
+    if pad:  # zero value features change nothing; the scale still comes from d_qk
+        v = F.pad(v, (0, q.shape[-1] - d_v))
+    if backend == AttnBackend.flash_attn:
+        from flash_attn import flash_attn_func  # GQA-native, takes the (B, T, heads, d) layout
+
+        o = flash_attn_func(q, k, v, causal=True)
+    else:
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, d)
+        gqa = k.shape[1] != q.shape[1]
+        if gqa and backend == AttnBackend.efficient:
+            # The memory-efficient kernel has no GQA support: give every query head its KV head.
+            groups = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            gqa = False
+        ctx = (
+            contextlib.nullcontext()
+            if backend == AttnBackend.auto
+            else sdpa_kernel(_SDPA_BACKENDS[backend])
+        )
+        with ctx:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        o = o.transpose(1, 2)  # (B, T, H, d)
+    return o[..., :d_v] if pad else o
+
+
+def attention_activation_bytes(d_model: int, q: int, k: int, v: int, o: int) -> int:
+    """Rough bf16 bytes autograd keeps per token for an attention whose query, key, value and
+    output rows are q, k, v and o values wide: the projection input, the QK-norm inputs (with
+    their fp32 copies) and the q/k/v/out tensors the fused kernel saves."""
+    return 2 * d_model + 6 * (q + k) + 2 * (q + k + v + o)
 
 
 class Attention(nn.Module):
+    """MHA / GQA / MQA (model.attention=gqa); KV cache 2 * H_kv * d values per token."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.num_heads = cfg.num_heads
         self.num_kv_heads = cfg.num_kv_heads
         self.head_dim = cfg.head_dim
-        self.backend = AttnBackend(cfg.attn_backend)
-        if (
-            self.backend == AttnBackend.flash_attn
-            and importlib.util.find_spec("flash_attn") is None
-        ):
-            raise ImportError(
-                "model.attn_backend=flash_attn needs the flash-attn package "
-                "(pip install 'kha-train[flash]'), or choose model.attn_backend=auto or cudnn"
-            )
+        self.rope_dim = cfg.head_dim
+        self.kv_cache_elems = 2 * cfg.num_kv_heads * cfg.head_dim
+        self.backend = checked_backend(cfg)
         q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.q_proj = nn.Linear(cfg.hidden_size, q_dim, bias=False)
         self.k_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=False)
@@ -62,44 +118,55 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        q, k, v = self.project(x)
+        q, k, v = self.knock(q, k, v)
+        q, k = self.norm_and_rotate(q, k, rope)
+        o = self._attend(q, k, v)  # (B, T, H, d)
+        return self.o_proj(self.merge_heads(o))
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)  # (B, T, H, d)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, Hkv, d)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, Hkv, d)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, d)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, d)
+        return q, k, v
+
+    def knock(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The knocking-heads transforms, where configured (identity modules at init)."""
         if self.kha_q is not None:
             q = self.kha_q(q)
         if self.kha_k is not None:
             k = self.kha_k(k)
         if self.kha_v is not None:
             v = self.kha_v(v)
+        return q, k, v
+
+    def norm_and_rotate(
+        self, q: torch.Tensor, k: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o = self._attend(q, k, v)  # (B, T, H, d)
-        return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Causal attention of q [B, T, H, d] over k, v [B, T, Hkv, d] -> [B, T, H, d]."""
-        if self.backend == AttnBackend.flash_attn:
-            from flash_attn import flash_attn_func  # GQA-native, takes the (B, T, heads, d) layout
+        return causal_attention(q, k, v, self.backend)
 
-            return flash_attn_func(q, k, v, causal=True)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, d)
-        gqa = self.num_kv_heads != self.num_heads
-        if gqa and self.backend == AttnBackend.efficient:
-            # The memory-efficient kernel has no GQA support: give every query head its KV head.
-            groups = self.num_heads // self.num_kv_heads
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-            gqa = False
-        ctx = (
-            contextlib.nullcontext()
-            if self.backend == AttnBackend.auto
-            else sdpa_kernel(_SDPA_BACKENDS[self.backend])
-        )
-        with ctx:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        return o.transpose(1, 2)  # (B, T, H, d)
+    def merge_heads(self, o: torch.Tensor) -> torch.Tensor:
+        B, T = o.shape[:2]
+        return o.reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H * d)
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token beyond 6 x parameters: q k^T and the weighted sum of v over
+        seq_len keys, forward and backward (torchtitan's 12 H d T; no causal discount)."""
+        return 6 * self.num_heads * (self.head_dim + self.head_dim) * seq_len
+
+    def activation_bytes_per_token(self, d_model: int, seq_len: int) -> int:
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return attention_activation_bytes(d_model, q, kv, kv, q)
 
     def reset_parameters(self, std: float, out_std: float) -> None:
         for proj in (self.q_proj, self.k_proj, self.v_proj):

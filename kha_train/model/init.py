@@ -17,11 +17,17 @@ def trunc_normal_(w: torch.Tensor, std: float) -> None:
 
 def fill_identity_(weight: torch.Tensor) -> None:
     """weight <- I, also when ``weight`` is a sharded DTensor."""
-    eye = torch.eye(weight.shape[0], weight.shape[1], dtype=weight.dtype, device=weight.device)
-    if hasattr(weight, "device_mesh"):  # a DTensor: lay the full identity out like the weight
+    copy_full_(weight, torch.eye(weight.shape[0], weight.shape[1]))
+
+
+def copy_full_(weight: torch.Tensor, value: torch.Tensor) -> None:
+    """weight <- value (a full, unsharded tensor of the weight's global shape), also when
+    ``weight`` is a sharded DTensor: the value is then laid out like the weight first."""
+    value = value.to(dtype=weight.dtype, device=weight.device)
+    if hasattr(weight, "device_mesh"):  # a DTensor
         # Imported here so the model package never imports torch.distributed otherwise.
         from torch.distributed.tensor import distribute_tensor
 
-        eye = distribute_tensor(eye, weight.device_mesh, weight.placements)
+        value = distribute_tensor(value, weight.device_mesh, weight.placements)
     with torch.no_grad():
-        weight.copy_(eye)
+        weight.copy_(value)

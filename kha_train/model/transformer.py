@@ -17,14 +17,40 @@ import math
 import torch
 from torch import nn
 
-from kha_train.config import Balancing, ModelConfig, is_moe_layer
+from kha_train.config import AttentionKind, Balancing, ModelConfig, is_moe_layer
 from kha_train.model.attention import Attention
+from kha_train.model.attn_gta import GroupedTiedAttention
+from kha_train.model.attn_mea import ExplicitAttention
+from kha_train.model.attn_mla import LatentAttention
+from kha_train.model.attn_talking import TalkingHeadsAttention
 from kha_train.model.ffn import SwiGLU
 from kha_train.model.init import trunc_normal_
 from kha_train.model.loss import IGNORE_INDEX, chunked_cross_entropy
 from kha_train.model.moe.layer import MoELayer
 from kha_train.model.norms import RMSNorm
 from kha_train.model.rope import RotaryEmbedding
+
+AnyAttention = (
+    Attention | GroupedTiedAttention | LatentAttention | ExplicitAttention | TalkingHeadsAttention
+)
+
+
+def build_attention(cfg: ModelConfig) -> AnyAttention:
+    """The attention module model.attention names (the one place the variant is chosen)."""
+    match AttentionKind(cfg.attention):
+        case AttentionKind.gqa:
+            return Attention(cfg)
+        case AttentionKind.gta:
+            return GroupedTiedAttention(cfg)
+        case AttentionKind.mla:
+            return LatentAttention(cfg)
+        case AttentionKind.mea:
+            return ExplicitAttention(cfg)
+        case AttentionKind.talking_heads:
+            return TalkingHeadsAttention(cfg)
+    raise ValueError(
+        f"unknown model.attention {cfg.attention!r}: use gqa, gta, mla, mea or talking_heads"
+    )
 
 
 class Block(nn.Module):
@@ -34,7 +60,7 @@ class Block(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = build_attention(cfg)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.is_moe = is_moe_layer(cfg.moe, layer_idx)
         self.ffn: SwiGLU | MoELayer = (
@@ -68,9 +94,12 @@ class Transformer(nn.Module):
         self.cfg = cfg
         # Tokens per chunk of the LM head + loss (see loss.py): bounds the logits held at once.
         self.loss_chunk_tokens = 2048
+        layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        # The attention variant decides how many features of a head RoPE rotates: all of them,
+        # or the decoupled RoPE part (half a head for GTA, model.mla.rope_head_dim for MLA).
+        self.rope = RotaryEmbedding(layers[0].attn.rope_dim, cfg.rope_theta)
+        self.layers = layers
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         # Tied: the head is the embedding matrix itself (one parameter, no second module), which
         # keeps tying intact through meta-device build, to_empty and FSDP sharding.
@@ -126,7 +155,7 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         B, T = input_ids.shape
         h = self.embed_tokens(input_ids)  # (B, T, D)
-        rope = self.rope(T)  # cos, sin: (T, head_dim/2) each
+        rope = self.rope(T)  # cos, sin: (T, rope_dim/2) each
         for block in self.layers:
             h = block(h, rope)
         h = self.norm(h)
