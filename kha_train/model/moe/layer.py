@@ -20,6 +20,7 @@ from torch import nn
 
 from kha_train.config import Balancing, MoEConfig
 from kha_train.model.ffn import SwiGLU
+from kha_train.model.moe.dispatch import combine_rows, dispatch_rows, inverse_permutation
 from kha_train.model.moe.experts import GroupedExperts
 from kha_train.model.moe.router import Router
 
@@ -64,10 +65,11 @@ class MoELayer(nn.Module):
 
         # Dispatch: a stable sort keeps tokens in order within each expert's group.
         order = torch.argsort(flat_ids, stable=True)  # (N*K,) slot index of each sorted row
-        x_sorted = x_flat.index_select(0, order // K)  # (N*K, D)
+        inverse = inverse_permutation(order)  # (N*K,) sorted row of each slot
+        x_sorted = dispatch_rows(x_flat, order, inverse, K)  # (N*K, D)
         y_sorted = self.experts(x_sorted, counts)  # (N*K, D)
-        # Combine: sorted row i goes back to slot order[i]; then a weighted sum over the K slots.
-        y = torch.zeros_like(y_sorted).index_copy(0, order, y_sorted).view(B * T, K, D)
+        # Combine: slot j takes sorted row inverse[j]; then a weighted sum over the K slots.
+        y = combine_rows(y_sorted, order, inverse).view(B * T, K, D)
         out = torch.bmm(gates.to(y.dtype).unsqueeze(1), y).squeeze(1)  # (N, D)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x_flat)
