@@ -60,6 +60,24 @@ def preset_config(name: str) -> ModelConfig:
     )
 
 
+def gpu_state() -> str:
+    """SM clock / max, temperature, power and active throttle reasons (nvidia-smi), to tell
+    a throttled card from a slow change."""
+    import subprocess
+
+    query = "clocks.sm,clocks.max.sm,temperature.gpu,power.draw,clocks_event_reasons.active"
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "n/a"
+
+
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -167,6 +185,7 @@ def time_workload(w: Workload) -> dict[str, float]:
             torch.cuda.set_sync_debug_mode("default")
         _sync()
     torch.cuda.reset_peak_memory_stats()
+    state_before = gpu_state()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     t0 = time.perf_counter()
@@ -175,6 +194,7 @@ def time_workload(w: Workload) -> dict[str, float]:
     end.record()
     _sync()
     wall = time.perf_counter() - t0
+    state_after = gpu_state()
     step_ms = start.elapsed_time(end) / s.steps
     tokens = s.micro_batch * s.seq_len * s.accum
     from kha_train.model.flops import train_flops_per_token
@@ -191,6 +211,8 @@ def time_workload(w: Workload) -> dict[str, float]:
         # cudaMalloc retries mean the allocator ran out of cached blocks: slow, and it syncs.
         "alloc_retries": torch.cuda.memory_stats().get("num_alloc_retries", 0),
         "loss": float(loss),
+        "gpu_before": state_before,
+        "gpu_after": state_after,
     }
 
 
