@@ -233,7 +233,7 @@ class WandbLogger:
             import wandb
 
             run_id = id_file.read_text().strip() if resume and id_file.exists() else None
-            run_id = run_id or wandb.util.generate_id()
+            run_id = run_id or _new_run_id()
             kwargs = dict(
                 project=project, entity=entity, name=name, dir=str(run_dir), config=config,
                 id=run_id, resume="allow",
@@ -310,6 +310,14 @@ class WandbLogger:
         except Exception as e:
             self._fail("finish", e)
         self.run = None
+
+
+def _new_run_id() -> str:
+    """A W&B-style run id (8 characters of [a-z0-9])."""
+    import secrets
+    import string
+
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
 
 def _short(e: BaseException) -> str:

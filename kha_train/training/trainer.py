@@ -143,13 +143,14 @@ class Trainer:
             expected_tokenizer_hash=tok_hash,
         )  # fmt: skip
         self.loader = PackedLoader(cfg.data.dataset, "train", **common)
+        # Validation needs one full micro-batch on every rank: (seq_len + 1) tokens per sample.
         val = self.loader.index.splits.get("val")
-        self.val_loader = None
-        if (
-            val is not None
-            and val.tokens > cfg.data.seq_len * cfg.train.micro_batch_size * env.world_size
-        ):
+        need = (cfg.data.seq_len * cfg.train.micro_batch_size * env.world_size) + 1
+        self.val_loader, self.val_batches = None, 0
+        if val is not None and val.tokens >= need:
             self.val_loader = PackedLoader(cfg.data.dataset, "val", **common)
+            # A small val split caps the pass (said once at startup, not at every pass).
+            self.val_batches = min(cfg.train.val_batches, self.val_loader.num_eval_batches)
 
     def _build_model(self) -> None:
         from kha_train.model import Transformer, moe_layers
@@ -308,7 +309,10 @@ class Trainer:
             update_expert_bias(self.model, counts * ok)  # zero counts: bias unchanged
             self._last_counts = counts
 
-        # Per-step history for the next drain (device writes only).
+        # Per-step history for the next drain (device writes only). The loop drains at least
+        # every log_every steps; a caller stepping by hand gets a drain when the buffer is full.
+        if self._hist_len == len(self._hist):
+            self._drain()
         self._hist[self._hist_len] = torch.stack([loss, grad_norm.float(), ok.float()])
         self._hist_len += 1
         self._hist_ids.append(torch.cat([b.sample_ids for b in micro_batches]))

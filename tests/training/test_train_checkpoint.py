@@ -52,11 +52,11 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer) -> None:
 
 
 def snapshot(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    out = {f"m.{k}": v.full_tensor() if hasattr(v, "full_tensor") else v.clone()
+    out = {f"m.{k}": (v.full_tensor() if hasattr(v, "full_tensor") else v).clone()
            for k, v in model.state_dict().items()}  # fmt: skip
     for i, s in enumerate(opt.state.values()):
         for k, v in s.items():
-            out[f"o.{i}.{k}"] = v.full_tensor() if hasattr(v, "full_tensor") else v.clone()
+            out[f"o.{i}.{k}"] = (v.full_tensor() if hasattr(v, "full_tensor") else v).clone()
     return out
 
 

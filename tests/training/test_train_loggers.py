@@ -88,7 +88,6 @@ class FakeRun:
 def fake_wandb(monkeypatch, init) -> None:
     module = types.SimpleNamespace(
         init=init,
-        util=types.SimpleNamespace(generate_id=lambda: "abc123"),
         Table=lambda columns, data: ("table", columns, list(data)),
     )
     monkeypatch.setitem(sys.modules, "wandb", module)
@@ -115,7 +114,8 @@ def test_wandb_failure_is_reported_once_and_never_raises(tmp_path, monkeypatch) 
     logger.finish()
     text = out.getvalue()
     assert text.count("warning: W&B failed") == 1 and "network is unreachable" in text
-    assert (tmp_path / "wandb_run_id").read_text().strip() == "abc123"
+    run_id = (tmp_path / "wandb_run_id").read_text().strip()
+    assert len(run_id) == 8 and run_id.isalnum()
 
     def broken_init(**kw):
         raise RuntimeError("wandb is broken")

@@ -25,7 +25,10 @@ def prepare_tiny_dataset(root: Path) -> Path:
 
     docs = [t.strip() for _, t in sorted(topics.items()) if len(t.strip()) > 200]
     tok = save_tokenizer(
-        train_tokenizer(docs, VOCAB), root / "tokenizer.json", eos_token="<|endoftext|>"
+        train_tokenizer(docs, VOCAB),
+        root / "tokenizer.json",
+        eos_token="<|endoftext|>",
+        pad_token=None,
     )
     src = root / "src.jsonl"
     src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
