@@ -85,6 +85,7 @@ def info_text(cfg, ranks: int) -> str:
         )
     else:
         lines.append(f"  dense FFN {m.ffn_size}")
+    lines.append(f"  attention: {_attention_text(m)}")
     kha = m.kha.variant.value
     lines.append(f"  KHA: {kha}" + (f" on {','.join(m.kha.targets)}" if kha != "none" else ""))
     lines += [
@@ -103,7 +104,7 @@ def info_text(cfg, ranks: int) -> str:
         )
     lines.append(
         f"KV cache        {kv_cache_bytes_per_token(m) / 1024:.1f} KiB/token in bf16 "
-        f"({kv_cache_elems_per_token_per_layer(m)} values per layer)"
+        f"({kv_cache_elems_per_token_per_layer(m)} values per layer{_cache_parts(m)})"
     )
     ac = cfg.parallel.activation_checkpointing != ACMode.none
     mem = train_memory_estimate(
@@ -116,6 +117,45 @@ def info_text(cfg, ranks: int) -> str:
         f"{cfg.parallel.activation_checkpointing.value}: {parts}"
     )
     return "\n".join(lines)
+
+
+def _attention_text(m) -> str:
+    """One line on model.attention and its settings."""
+    from kha_train.config import AttentionKind
+
+    H, Hkv, d = m.num_heads, m.num_kv_heads, m.head_dim
+    match AttentionKind(m.attention):
+        case AttentionKind.gqa:
+            return "gqa (" + ("MHA" if Hkv == H else "MQA" if Hkv == 1 else f"GQA-{Hkv}") + ")"
+        case AttentionKind.gta:
+            return f"gta ({Hkv} tied KV heads, one shared RoPE key head of {d // 2})"
+        case AttentionKind.mla:
+            q = m.mla.q_lora_rank or "none"
+            return (
+                f"mla (KV latent {m.mla.kv_lora_rank}, query latent {q}, RoPE part "
+                f"{m.mla.rope_head_dim}, {Hkv} up-projected KV heads)"
+            )
+        case AttentionKind.mea:
+            cached = m.mea.cached_kv_heads or Hkv
+            return (
+                f"mea ({cached} cached KV heads, HLC to {Hkv}, head norm "
+                f"{'on' if m.mea.head_norm else 'off'})"
+            )
+        case AttentionKind.talking_heads:
+            return f"talking_heads ({H} x {H} mixing before and after softmax; math path, slow)"
+    return str(m.attention)
+
+
+def _cache_parts(m) -> str:
+    """How the cached values split up, for the variants that cache more than K and V heads."""
+    from kha_train.config import AttentionKind
+
+    match AttentionKind(m.attention):
+        case AttentionKind.gta:
+            return f": {m.num_kv_heads} x {m.head_dim} KV + {m.head_dim // 2} RoPE key"
+        case AttentionKind.mla:
+            return f": {m.mla.kv_lora_rank} latent + {m.mla.rope_head_dim} RoPE key"
+    return ""
 
 
 def _n(x: float) -> str:

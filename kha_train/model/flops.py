@@ -8,9 +8,12 @@ section 6):
 
 with N the *active* parameters excluding the input embedding (a tied table counts once, as the
 LM head). The 6 is 2 (multiply-add) x 3 (forward, and backward for inputs and for weights); the
-second term is attention's QK^T and AV over the full (not causally halved) sequence. One
-correction to 6N: a KHA matrix is applied to every head of its target, so it costs
-6 * d_head^2 * heads per token, not 6 * d_head^2; the extra uses are added.
+second term is attention's QK^T and AV over the full (not causally halved) sequence. Corrections
+to 6N: a KHA matrix is applied to every head of its target, so it costs 6 * d_head^2 * heads
+per token, not 6 * d_head^2; the extra uses are added. The attention term is each variant's own
+(``flops_per_token`` of the module model.attention builds): 6 H (d_qk + d_v) T, i.e. 12 H d T
+for GQA, GTA and MEA, with MLA's d_qk = head_dim + rope_head_dim, plus MEA's HLC and
+talking heads' mixing of the T x T maps.
 """
 
 from __future__ import annotations
@@ -29,6 +32,14 @@ def _meta_model(cfg: ModelConfig):
     cfg = dataclasses.replace(cfg, attn_backend=AttnBackend.auto)
     with torch.device("meta"):
         return Transformer(cfg)
+
+
+def _meta_attention(cfg: ModelConfig):
+    """One layer's attention module, built on the meta device (it accounts for itself)."""
+    from kha_train.model.transformer import build_attention
+
+    with torch.device("meta"):
+        return build_attention(dataclasses.replace(cfg, attn_backend=AttnBackend.auto))
 
 
 def param_counts(cfg: ModelConfig) -> tuple[int, int]:
@@ -65,7 +76,7 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward), torchtitan's convention (module docstring)."""
     _, active = param_counts(cfg)
     n = active if cfg.tie_embeddings else active - cfg.vocab_size * cfg.hidden_size
-    attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+    attention = cfg.num_layers * _meta_attention(cfg).flops_per_token(seq_len)
     return float(6 * (n + _kha_extra_uses(cfg)) + attention)
 
 
@@ -88,8 +99,10 @@ def paper_layer_flops(L: int, d: int, n: int) -> dict[str, float]:
 
 
 def kv_cache_elems_per_token_per_layer(cfg: ModelConfig) -> int:
-    """Cached K and V values per token and layer (the paper's Table 3 'Cache' column)."""
-    return 2 * cfg.num_kv_heads * cfg.head_dim
+    """Values cached per token and layer (the paper's Table 3 'Cache' column): 2 H_kv d for
+    GQA / MQA / MHA and talking heads, H_kv d + d/2 for GTA, kv_lora_rank + rope_head_dim for
+    MLA, 2 h_c d for MEA with h_c = model.mea.cached_kv_heads (or H_kv)."""
+    return _meta_attention(cfg).kv_cache_elems
 
 
 def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_elem: int = 2) -> int:
@@ -97,12 +110,13 @@ def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_elem: int = 2) -> int:
     return cfg.num_layers * kv_cache_elems_per_token_per_layer(cfg) * bytes_per_elem
 
 
-def _activation_bytes_per_token(cfg: ModelConfig, layer_idx: int) -> int:
-    """Rough bf16 activations autograd keeps per token for one block (no checkpointing)."""
+def _activation_bytes_per_token(cfg: ModelConfig, layer_idx: int, attn_bytes: int) -> int:
+    """Rough bf16 activations autograd keeps per token for one block (no checkpointing);
+    ``attn_bytes``: the attention module's own (projection input, q/k/v/out, norms, maps)."""
     D, q = cfg.hidden_size, cfg.num_heads * cfg.head_dim
     kv = cfg.num_kv_heads * cfg.head_dim
     norms = 2 * 6 * D  # two RMSNorms: bf16 input + fp32 copy
-    attn = 2 * D + 6 * (q + kv) + 2 * (2 * q + 2 * kv)  # proj input, qk-norm inputs, SDPA q/k/v/out
+    attn = attn_bytes
     kha = {"none": 0, "linear": 2, "mlp": 8, "gate": 4}[KHAVariant(cfg.kha.variant).value]
     attn += kha * sum({"q": q, "k": kv, "v": kv}[t] for t in cfg.kha.targets) if kha else 0
     if is_moe_layer(cfg.moe, layer_idx):
@@ -130,7 +144,8 @@ def train_memory_estimate(
     total, _ = param_counts(cfg)
     tokens = micro_batch * seq_len
     D, V = cfg.hidden_size, cfg.vocab_size
-    per_layer = [_activation_bytes_per_token(cfg, i) for i in range(cfg.num_layers)]
+    attn_bytes = _meta_attention(cfg).activation_bytes_per_token(cfg.hidden_size, seq_len)
+    per_layer = [_activation_bytes_per_token(cfg, i, attn_bytes) for i in range(cfg.num_layers)]
     if activation_checkpointing:
         acts = tokens * (2 * D * cfg.num_layers + max(per_layer))
     else:
