@@ -1,10 +1,17 @@
-"""`kha-train info CONFIG [key=value ...]`: sizes, FLOPs, KHA overhead, KV cache and memory of a
-config, computed without allocating the model."""
+"""Model commands:
+
+- `kha-train info CONFIG [key=value ...]`: sizes, FLOPs, KHA overhead, KV cache and memory of a
+  config, computed without allocating the model;
+- `kha-train virtual-heads SOURCE --kv-heads N [key=value ...]`: MEA's virtual heads, the KV
+  heads of a trained GQA / MEA model factored into fewer cached heads (virtual_heads.py), with
+  the held-out loss before and after.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -29,6 +36,37 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=run_info)
 
+    v = subparsers.add_parser(
+        "virtual-heads",
+        help="factor a trained GQA/MEA model's KV heads into fewer cached heads (MEA)",
+        description=(
+            "MEA's virtual heads (Peng et al. 2026, appendix F): factor each layer's K and V "
+            "projections by SVD over the head axis into --kv-heads cached heads, expanded back "
+            "by MEA's head-level linear composition at attention time. The KV cache shrinks by "
+            "num_kv_heads / --kv-heads. Prints the held-out loss (the dataset's val split) "
+            "before and after, and with --out writes the converted weights (safetensors) and "
+            "their config (same name, .yaml)."
+        ),
+    )
+    v.add_argument(
+        "source",
+        help="a trainer checkpoint folder (checkpoints/step_XXXXXXX, config read from its "
+        "config.yaml), or a .safetensors / .pt state-dict file (then give --config)",
+    )
+    v.add_argument(
+        "overrides",
+        nargs="*",
+        help="key=value overrides right after SOURCE, e.g. data.dataset=DIR train.micro_batch_size=1",
+    )
+    v.add_argument("--kv-heads", type=int, required=True, help="KV heads to cache per layer")
+    v.add_argument("--config", help="run config YAML of the weights (required for files)")
+    v.add_argument(
+        "--batches", type=int, default=8, help="held-out micro-batches to evaluate (default 8)"
+    )
+    v.add_argument("--out", help="write the converted weights here (.safetensors) + a .yaml")
+    v.add_argument("--device", default="auto", help="auto (cuda if available) | cuda | cpu")
+    v.set_defaults(func=run_virtual_heads)
+
 
 def run_info(args: argparse.Namespace) -> int:
     from kha_train.config import ConfigError, load_config, validate_model
@@ -42,6 +80,101 @@ def run_info(args: argparse.Namespace) -> int:
         raise ConfigError(f"--ranks must be >= 1, got {ranks}")
     print(info_text(cfg, ranks))
     return 0
+
+
+def run_virtual_heads(args: argparse.Namespace) -> int:
+    import torch
+
+    from kha_train.config import (
+        AttnBackend,
+        ConfigError,
+        load_config,
+        save_config,
+        validate_model,
+    )
+    from kha_train.model.flops import kv_cache_elems_per_token_per_layer
+    from kha_train.model.transformer import Transformer
+    from kha_train.model.virtual_heads import convert_to_virtual_heads
+    from kha_train.model.weights_io import load_weights, save_weights
+
+    source = Path(args.source)
+    config = Path(args.config) if args.config else source / "config.yaml"
+    if not args.config and not source.is_dir():
+        raise ConfigError(f"{source} is a weights file: give its run config with --config")
+    out = Path(args.out) if args.out else None
+    if out is not None and (out.suffix != ".safetensors" or out.exists()):
+        raise ConfigError(
+            f"--out {out}: must be a new .safetensors path (it exists, or has another suffix)"
+        )
+    cfg = load_config(config, args.overrides)
+    errs = validate_model(cfg.model)
+    if errs:
+        raise ConfigError(f"{config}: invalid model config:\n  - " + "\n  - ".join(errs))
+    device = torch.device(
+        args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    )
+    if device.type != "cuda" and cfg.model.attn_backend not in (AttnBackend.auto, "math"):
+        print(f"note: model.attn_backend={cfg.model.attn_backend.value} needs CUDA; using auto")
+        cfg.model.attn_backend = AttnBackend.auto
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    model.to_empty(device=device)
+    model.init_weights()  # the non-persistent buffers; every parameter is then loaded
+    load_weights(model, source)
+    batches = _heldout_batches(cfg, args.batches, device)
+    before = _heldout_loss(model, batches)
+    new = convert_to_virtual_heads(model, args.kv_heads)
+    after = _heldout_loss(new, batches)
+    cache, new_cache = (kv_cache_elems_per_token_per_layer(c) for c in (cfg.model, new.cfg))
+    tokens = sum(b.labels.numel() for b in batches)
+    print(
+        f"virtual heads: {cfg.model.num_kv_heads} -> {args.kv_heads} cached KV heads per layer "
+        f"(KV cache {cache} -> {new_cache} values per token per layer)\n"
+        f"held-out loss ({len(batches)} batches, {tokens:,} tokens of {cfg.data.dataset} val): "
+        f"before {before:.4f}, after {after:.4f} ({after - before:+.4f})"
+    )
+    if out is not None:
+        save_weights(new, out)
+        save_config(dataclasses.replace(cfg, model=new.cfg), out.with_suffix(".yaml"))
+        print(f"wrote {out} and {out.with_suffix('.yaml')}")
+    return 0
+
+
+def _heldout_batches(cfg, n: int, device):
+    from kha_train.data.loader import PackedLoader
+
+    mb = cfg.train.micro_batch_size
+    loader = PackedLoader(
+        cfg.data.dataset,
+        "val",
+        seq_len=cfg.data.seq_len,
+        micro_batch_size=mb,
+        global_batch_size=mb,
+        prefetch=0,
+        device=device,
+        expected_vocab_size=cfg.model.vocab_size,
+    )
+    with loader:
+        return list(loader.eval_batches(n))
+
+
+def _heldout_loss(model, batches) -> float:
+    """Mean next-token loss over every labelled position of ``batches`` (bf16 on CUDA)."""
+    import torch
+
+    model.eval()
+    total, count = 0.0, 0
+    cuda = next(model.parameters()).is_cuda
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=cuda):
+        for b in batches:
+            n = int((b.labels != -100).sum())
+            model.last_aux_loss = None
+            loss = model(b.input_ids, b.labels)
+            if model.last_aux_loss is not None:  # balancing=aux_loss: report the LM loss only
+                loss = loss - model.last_aux_loss
+            total += loss.item() * n
+            count += n
+    return total / max(count, 1)
 
 
 def _default_ranks(cfg) -> int:

@@ -1,0 +1,107 @@
+"""Model weights in and out of files, for commands that work on a trained model outside the
+trainer (e.g. `kha-train virtual-heads`). Three sources load:
+
+- a trainer checkpoint folder (``step_XXXXXXX/``, torch.distributed.checkpoint): only the
+  ``model.*`` entries are read, on one process, whatever the number of ranks that wrote it;
+- a ``.safetensors`` file of the model's state dict;
+- a ``.pt`` / ``.pth`` / ``.bin`` torch file holding the state dict (or ``{"model": ...}``).
+
+Every key and shape is checked against the model first, with an error naming the mismatches.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class WeightsError(ValueError):
+    """Weights that do not fit the model or cannot be read; the message names file and fix."""
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
+    """Load the weights at ``path`` (see the module docstring) into ``model``, in place."""
+    path = Path(path)
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if path.is_dir():
+        if not (path / ".metadata").is_file():
+            raise WeightsError(
+                f"{path} is a folder without .metadata, not a trainer checkpoint: point at a "
+                "step_XXXXXXX folder inside checkpoint.dir, or at a .safetensors / .pt file"
+            )
+        _check_shapes(path, _dcp_model_shapes(path), ours)
+        import torch.distributed.checkpoint as dcp
+
+        state = {"model": model.state_dict()}
+        with warnings.catch_warnings():  # "no process group: loading in a single process": yes
+            warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+            dcp.load(state, checkpoint_id=str(path))
+        model.load_state_dict(state["model"])
+        return
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such file or checkpoint folder")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(path))
+    elif path.suffix in (".pt", ".pth", ".bin"):
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
+            sd = sd["model"]
+    else:
+        raise WeightsError(
+            f"{path}: unknown weights format {path.suffix!r}: use a trainer checkpoint folder, "
+            "a .safetensors file or a .pt / .pth / .bin torch state dict"
+        )
+    _check_shapes(path, {k: tuple(v.shape) for k, v in sd.items()}, ours)
+    model.load_state_dict(sd)
+
+
+def save_weights(model: nn.Module, path: str | os.PathLike[str]) -> Path:
+    """Write ``model``'s state dict as safetensors, atomically (a temporary file, renamed)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
+    tmp.replace(path)
+    return path
+
+
+def _dcp_model_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    meta = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return {
+        k.removeprefix("model."): tuple(v.size)
+        for k, v in meta.items()
+        if k.startswith("model.") and isinstance(v, TensorStorageMetadata)
+    }
+
+
+def _check_shapes(
+    path: Path, saved: dict[str, tuple[int, ...]], ours: dict[str, tuple[int, ...]]
+) -> None:
+    problems = []
+    for k in sorted(set(saved) | set(ours)):
+        if k not in saved:
+            problems.append(f"{k}: missing from {path.name} (the model has {list(ours[k])})")
+        elif k not in ours:
+            problems.append(f"{k}: in {path.name} {list(saved[k])}, not in the model")
+        elif saved[k] != ours[k]:
+            problems.append(f"{k}: {path.name} has {list(saved[k])}, the model {list(ours[k])}")
+    if problems:
+        shown = problems[:10] + (
+            [f"... and {len(problems) - 10} more"] if len(problems) > 10 else []
+        )
+        raise WeightsError(
+            f"{path} holds weights of another model:\n  " + "\n  ".join(shown) + "\nFix: "
+            "give the config the weights were trained with (--config, or the checkpoint's "
+            "config.yaml) and the same model.* overrides"
+        )
