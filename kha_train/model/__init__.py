@@ -8,14 +8,17 @@ from kha_train.model.moe.balance import (
     update_expert_bias,
 )
 from kha_train.model.moe.layer import MoELayer
-from kha_train.model.transformer import Block, Transformer
+from kha_train.model.transformer import Block, Transformer, build_attention
+from kha_train.model.virtual_heads import convert_to_virtual_heads
 
 __all__ = [
     "Block",
     "MoELayer",
     "Transformer",
     "absorb_kha",
+    "build_attention",
     "collect_expert_counts",
+    "convert_to_virtual_heads",
     "load_stats",
     "moe_layers",
     "update_expert_bias",
