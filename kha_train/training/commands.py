@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import TextIO
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -28,6 +29,21 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from kha_train.training.trainer import run
-
     return run(args.config, args.overrides)
+
+
+def run(config_path: str, overrides: list[str] | None = None, console: TextIO | None = None) -> int:
+    """Load the config, train, tear down. The body of ``kha-train train`` and ``kha_train.train``."""
+    from kha_train.config import load_config
+    from kha_train.training import distributed as D
+    from kha_train.training.trainer import Trainer
+
+    cfg = load_config(config_path, overrides or [])
+    trainer = None
+    try:
+        trainer = Trainer(cfg, console=console)
+        return trainer.train()
+    finally:
+        if trainer is not None:
+            trainer.close()
+        D.teardown()

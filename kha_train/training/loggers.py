@@ -4,12 +4,7 @@
 Only rank 0 builds loggers. Records are flat dicts; a list value (e.g. one number per MoE layer)
 is kept as a list in JSONL and expanded to ``key/layer_i`` scalars for W&B and TensorBoard.
 
-W&B never stops training: every call is guarded, the first failure is reported once on the
-console and W&B is then switched off for the rest of the run (the JSONL log is unaffected).
-``auto`` mode goes online only when an API key is available (``WANDB_API_KEY`` or a
-``~/.netrc`` entry for api.wandb.ai) and offline otherwise; an online start that fails falls
-back to offline. Offline runs are written under ``<run_dir>/wandb/`` and can be uploaded later
-with ``wandb sync <run_dir>/wandb/offline-run-*``.
+W&B is in ``wandb_log.py``.
 """
 
 from __future__ import annotations
@@ -22,7 +17,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from kha_train.config import ConfigError, WandbMode
-from kha_train.training.metrics import format_duration
+from kha_train.training.metrics import flatten, format_duration
+from kha_train.training.wandb_log import WandbLogger, resolve_wandb_mode
 
 # ----------------------------------------------------------------------------------------------
 # Console
@@ -169,160 +165,6 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return out
-
-
-def flatten(record: dict[str, Any]) -> dict[str, float]:
-    """Scalar view of a record: numbers kept, lists expanded to ``key/layer_i``, rest dropped."""
-    out: dict[str, float] = {}
-    for k, v in record.items():
-        if isinstance(v, (bool, int, float)):
-            out[k] = float(v)
-        elif isinstance(v, list) and all(isinstance(x, (int, float)) for x in v):
-            for i, x in enumerate(v):
-                out[f"{k}/layer_{i}"] = float(x)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Weights & Biases
-# ----------------------------------------------------------------------------------------------
-
-
-def wandb_api_key_available() -> bool:
-    """Whether an API key is configured, without importing wandb or touching the network."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    try:
-        return "api.wandb.ai" in netrc.read_text()
-    except OSError:
-        return False
-
-
-def resolve_wandb_mode(mode: WandbMode) -> str:
-    if mode == WandbMode.auto:
-        return "online" if wandb_api_key_available() else "offline"
-    return mode.value
-
-
-SPIKE_COLUMNS = ["step", "metric", "value", "z", "ratio", "loss", "grad_norm", "sample_ids"]
-
-
-class WandbLogger:
-    """W&B run that never raises: the first failure is reported once, then W&B is switched off."""
-
-    def __init__(
-        self,
-        *,
-        mode: str,
-        project: str,
-        entity: str | None,
-        name: str,
-        run_dir: Path,
-        config: dict[str, Any],
-        console: ConsoleLogger,
-        resume: bool,
-    ) -> None:
-        self.console = console
-        self.mode = mode
-        self.run = None
-        self._failed = False
-        self._spike_rows: list[list[Any]] = []
-        id_file = run_dir / "wandb_run_id"
-        try:
-            import wandb
-
-            run_id = id_file.read_text().strip() if resume and id_file.exists() else None
-            run_id = run_id or _new_run_id()
-            kwargs = dict(
-                project=project, entity=entity, name=name, dir=str(run_dir), config=config,
-                id=run_id, resume="allow",
-            )  # fmt: skip
-            try:
-                self.run = wandb.init(mode=mode, **kwargs)
-            except Exception as e:
-                if mode != "online":
-                    raise
-                self.console.info(
-                    f"warning: W&B online start failed ({_short(e)}); logging offline to "
-                    f"{run_dir / 'wandb'} instead (upload later with `wandb sync`)"
-                )
-                self.mode = "offline"
-                self.run = wandb.init(mode="offline", **kwargs)
-            id_file.write_text(run_id + "\n")
-            self.console.info(f"W&B: {self.mode} run {run_id} ({project})")
-        except Exception as e:
-            self._fail("start", e)
-
-    def _fail(self, what: str, e: BaseException) -> None:
-        if not self._failed:
-            self.console.info(
-                f"warning: W&B failed during {what}: {_short(e)}. Training continues without "
-                "W&B; every metric is still written to metrics.jsonl."
-            )
-        self._failed = True
-        self.run = None
-
-    def log(self, step: int, record: dict[str, Any]) -> None:
-        if self.run is None:
-            return
-        try:
-            prefix = "val/" if record.get("type") == "val" else "train/"
-            self.run.log(
-                {prefix + k: v for k, v in flatten(record).items() if k != "step"}, step=step
-            )
-        except Exception as e:
-            self._fail("log", e)
-
-    def log_spikes(self, step: int, spikes: list[dict[str, Any]], total: int) -> None:
-        if self.run is None or not spikes:
-            return
-        try:
-            import wandb
-
-            for s in spikes:
-                self._spike_rows.append(
-                    [s[c] if c != "sample_ids" else str(s[c]) for c in SPIKE_COLUMNS]
-                )
-            # Tables are immutable once logged: log the whole list again under the same key.
-            self.run.log(
-                {"spikes/table": wandb.Table(columns=SPIKE_COLUMNS, data=self._spike_rows)},
-                step=step,
-            )
-            self.run.summary["spikes/total"] = total
-        except Exception as e:
-            self._fail("spike logging", e)
-
-    def summary(self, values: dict[str, Any]) -> None:
-        if self.run is None:
-            return
-        try:
-            for k, v in values.items():
-                self.run.summary[k] = v
-        except Exception as e:
-            self._fail("summary", e)
-
-    def finish(self, exit_code: int = 0) -> None:
-        if self.run is None:
-            return
-        try:
-            self.run.finish(exit_code=exit_code)
-        except Exception as e:
-            self._fail("finish", e)
-        self.run = None
-
-
-def _new_run_id() -> str:
-    """A W&B-style run id (8 characters of [a-z0-9])."""
-    import secrets
-    import string
-
-    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-
-
-def _short(e: BaseException) -> str:
-    text = f"{type(e).__name__}: {e}".strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import resource
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -131,3 +132,80 @@ def format_duration(seconds: float) -> str:
     if m:
         return f"{m}m{s:02d}s"
     return f"{s}s"
+
+
+@dataclass
+class LossWindow:
+    """Host sums of the finite steps' loss and grad norm since the last logging step."""
+
+    loss: float = 0.0
+    grad_norm: float = 0.0
+    steps: int = 0
+    skipped: int = 0
+
+    def add(self, loss: float, grad_norm: float) -> None:
+        self.loss += loss
+        self.grad_norm += grad_norm
+        self.steps += 1
+
+    def means(self) -> dict[str, float]:
+        if not self.steps:
+            return {}
+        return {"loss": self.loss / self.steps, "grad_norm": self.grad_norm / self.steps}
+
+
+def train_record(
+    *,
+    step: int,
+    total_steps: int,
+    lr: float,
+    tokens_per_step: int,
+    window: LossWindow,
+    elapsed_s: float,
+    data_wait_s: float,
+    timed_steps: int,
+    world_size: int,
+    flops_per_token: float | None,
+    peak_flops_per_device: float | None,
+    device: torch.device,
+) -> dict[str, Any]:
+    """The record of a logging step: loss, grad norm, lr, throughput, MFU, memory, data wait,
+    ETA. Counters and MoE statistics are added by the trainer."""
+    rec: dict[str, Any] = {"type": "train", "step": step, **window.means(), "lr": lr}
+    rec["tokens_seen"] = step * tokens_per_step
+    rec.update(
+        throughput(
+            elapsed_s=elapsed_s, steps=timed_steps, tokens_per_step=tokens_per_step,
+            world_size=world_size, flops_per_token=flops_per_token,
+            peak_flops_per_device=peak_flops_per_device,
+        )
+    )  # fmt: skip
+    rec.update(memory_stats(device))
+    if timed_steps:
+        rec["data_wait_s"] = data_wait_s / timed_steps
+        rec["data_wait_frac"] = data_wait_s / elapsed_s if elapsed_s > 0 else 0.0
+        rec["eta_s"] = (total_steps - step) * elapsed_s / timed_steps
+    return rec
+
+
+def moe_record(counts: torch.Tensor) -> dict[str, Any]:
+    """Per-layer expert load of one step's counts [n_moe_layers, E] (summed over ranks)."""
+    from kha_train.model import load_stats
+
+    stats = {k: v.tolist() for k, v in load_stats(counts).items()}
+    out: dict[str, Any] = {f"moe_{k}": v for k, v in stats.items()}
+    out["moe_max_violation_mean"] = sum(stats["max_violation"]) / len(stats["max_violation"])
+    out["moe_dead_experts_total"] = int(sum(stats["dead_experts"]))
+    return out
+
+
+def flatten(record: dict[str, Any]) -> dict[str, float]:
+    """Scalar view of a record: numbers kept, lists expanded to ``key/layer_i``, rest dropped."""
+    out: dict[str, float] = {}
+    for k, v in record.items():
+        if isinstance(v, (bool, int, float)):
+            out[k] = float(v)
+        elif isinstance(v, list) and all(isinstance(x, (int, float)) for x in v):
+            for i, x in enumerate(v):
+                out[f"{k}/layer_{i}"] = float(x)
+    return out

@@ -51,11 +51,18 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
-from kha_train.config import Config, ConfigError, to_dict, to_yaml, total_steps, validate
+from kha_train.config import Config, ConfigError, total_steps, validate
 from kha_train.training import distributed as D
 from kha_train.training.checkpoint import CheckpointManager, complete_checkpoints, resolve_resume
+from kha_train.training.history import StepHistory
 from kha_train.training.loggers import RunLoggers
-from kha_train.training.metrics import WindowTimer, memory_stats, peak_flops, throughput
+from kha_train.training.metrics import (
+    LossWindow,
+    WindowTimer,
+    moe_record,
+    peak_flops,
+    train_record,
+)
 from kha_train.training.optim import build_optimizer, is_fused, set_lr, summarize_groups
 from kha_train.training.parallel import build_mesh, init_weights_like_single_device, parallelize
 from kha_train.training.schedule import lr_at
@@ -78,7 +85,8 @@ class Trainer:
         t = cfg.train
         self.total_steps = total_steps(cfg)
         self.tokens_per_step = t.global_batch_tokens
-        self.run_dir = Path(cfg.logging.run_dir)
+        # A Config built in Python (not loaded through OmegaConf) keeps the literal default.
+        self.run_dir = Path(cfg.logging.run_dir.replace("${name}", cfg.name))
         self.ckpt_dir = (
             Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
         )
@@ -99,14 +107,14 @@ class Trainer:
         if resume_path is not None:
             self._load(resume_path)
         self._init_step_state()
-        self.config_yaml = to_yaml(cfg)
+        self.config_yaml, self.config_dict = config_snapshot(cfg)
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(self.config_yaml)
         self.log = RunLoggers(
             run_dir=self.run_dir, name=cfg.name, wandb_mode=cfg.logging.wandb,
             wandb_project=cfg.logging.wandb_project, wandb_entity=cfg.logging.wandb_entity,
-            tensorboard=cfg.logging.tensorboard, config=to_dict(cfg),
+            tensorboard=cfg.logging.tensorboard, config=self.config_dict,
             total_steps=self.total_steps, start_step=self.step,
             resumed=resume_path is not None, is_main=self.env.is_main, console_stream=console,
         )  # fmt: skip
@@ -169,16 +177,9 @@ class Trainer:
         self.has_moe = bool(moe_layers(model))
 
     def _init_step_state(self) -> None:
-        """Device-side per-step history and counters, read at drains."""
-        n = self.cfg.logging.log_every
-        self._hist = torch.zeros(n, 3, device=self.device)  # loss, grad norm, ok
-        self._hist_len = 0
-        self._hist_ids: list[torch.Tensor] = []  # this rank's sample ids of each step
-        self._in_row = torch.tensor(self.in_row, device=self.device)
-        self._max_in_row = torch.tensor(self.in_row, device=self.device)
+        self.history = StepHistory(self.cfg.logging.log_every, self.device, self.in_row)
         self._last_counts: torch.Tensor | None = None
-        # Host sums over the current logging window (drains may split a window).
-        self._win = {"loss": 0.0, "gnorm": 0.0, "n": 0, "skipped": 0}
+        self.window = LossWindow()  # host sums over the logging window (drains may split it)
         self._flops_per_token = self._model_flops()
         self._peak = peak_flops(self.device, self.cfg.logging.peak_tflops)
 
@@ -232,7 +233,8 @@ class Trainer:
         }
 
     def _load(self, path: Path) -> None:
-        state = self.ckpt.load(path, self.model, self.optimizer, to_dict(self.cfg)["model"])
+        model_cfg = config_snapshot(self.cfg)[1]["model"]
+        state = self.ckpt.load(path, self.model, self.optimizer, model_cfg)
         if state.get("version") != STATE_VERSION:
             raise ConfigError(
                 f"{path}: trainer state version {state.get('version')}, expected {STATE_VERSION}"
@@ -309,123 +311,75 @@ class Trainer:
             update_expert_bias(self.model, counts * ok)  # zero counts: bias unchanged
             self._last_counts = counts
 
-        # Per-step history for the next drain (device writes only). The loop drains at least
-        # every log_every steps; a caller stepping by hand gets a drain when the buffer is full.
-        if self._hist_len == len(self._hist):
+        # The loop drains at least every log_every steps; stepping by hand drains when full.
+        if self.history.full:
             self._drain()
-        self._hist[self._hist_len] = torch.stack([loss, grad_norm.float(), ok.float()])
-        self._hist_len += 1
-        self._hist_ids.append(torch.cat([b.sample_ids for b in micro_batches]))
-        self._in_row = (self._in_row + 1) * (~ok)
-        self._max_in_row = torch.maximum(self._max_in_row, self._in_row)
+        ids = torch.cat([b.sample_ids for b in micro_batches])
         self.step += 1
+        self.history.record(self.step, loss, grad_norm, ok, ids)
 
     # -- reading the device state (the host syncs) --------------------------------------------------
 
     def _drain(self) -> None:
         """Read the steps since the last drain: feed the spike detector, record skipped steps,
-        and add to the logging window. Identical on every rank (values are global)."""
-        k = self._hist_len
-        if k == 0:
+        and add to the logging window. Identical on every rank (the values are global)."""
+        if not len(self.history):
             return
-        hist = self._hist[:k].tolist()  # the sync
-        in_row, max_in_row = int(self._in_row.item()), int(self._max_in_row.item())
-        first = self.step - k + 1
-        spikes, bad_steps = [], []
-        for j, (loss, gnorm, ok) in enumerate(hist):
-            if ok:
-                spikes.extend(self.detector.observe(first + j, loss, gnorm))
-                self._win["loss"] += loss
-                self._win["gnorm"] += gnorm
-                self._win["n"] += 1
+        drained = self.history.drain()  # the host sync
+        spikes, bad = [], []
+        for v in drained.steps:
+            if v.ok:
+                spikes.extend(self.detector.observe(v.step, v.loss, v.grad_norm))
+                self.window.add(v.loss, v.grad_norm)
             else:
-                bad_steps.append(j)
-        if spikes or bad_steps:  # every rank takes this branch together (global values)
-            ids = self._gather_sample_ids()
+                bad.append(v)
+        if spikes or bad:  # every rank takes this branch together: the values are global
+            ids = self.history.gather_sample_ids(self.env.world_size, self.device)
             for s in spikes:
-                s.sample_ids = ids[s.step - first]
+                s.sample_ids = ids[s.step]
             self.log.log_spikes(self.step, [s.to_dict() for s in spikes], self.detector.num_spikes)
-            for j in bad_steps:
-                loss, gnorm, _ = hist[j]
+            for v in bad:
                 self.log.event(
-                    {"type": "nonfinite", "step": first + j, "loss": loss, "grad_norm": gnorm,
-                     "sample_ids": ids[j]},
-                    echo=f"step {first + j}: non-finite loss {loss} / grad norm {gnorm}: "
+                    {"type": "nonfinite", "step": v.step, "loss": v.loss,
+                     "grad_norm": v.grad_norm, "sample_ids": ids[v.step]},
+                    echo=f"step {v.step}: non-finite loss {v.loss} / grad norm {v.grad_norm}: "
                     "update skipped (weights and optimizer state unchanged)",
                 )  # fmt: skip
-        self.skipped_total += len(bad_steps)
-        self._win["skipped"] += len(bad_steps)
-        self.in_row = in_row
-        self._hist_len = 0
-        self._hist_ids = []
-        self._max_in_row.copy_(self._in_row)
+        self.skipped_total += len(bad)
+        self.window.skipped += len(bad)
+        self.in_row = drained.in_row
         limit = self.cfg.train.max_nonfinite_in_row
-        if max_in_row >= limit:
+        if drained.max_in_row >= limit:
             raise NonFiniteError(
-                f"{max_in_row} consecutive optimizer steps (up to step {self.step}) had a "
+                f"{drained.max_in_row} consecutive optimizer steps (up to step {self.step}) had a "
                 f"non-finite loss or gradient norm, train.max_nonfinite_in_row={limit}: stopping. "
                 "None of them was applied to the weights. Their sample ids are in "
                 f"{self.run_dir / 'metrics.jsonl'} (type nonfinite). Lower optim.lr, check the "
                 "data at those ids, or resume from the last checkpoint with checkpoint.resume=auto"
             )
 
-    def _gather_sample_ids(self) -> list[list[int]]:
-        """Global sample ids of every step in the history, all ranks' micro-batches in order."""
-        local = torch.stack(self._hist_ids)  # (k, n_local)
-        world = self.env.world_size
-        if world > 1:
-            local = local.to(self.device)
-            out = torch.empty((world, *local.shape), dtype=local.dtype, device=self.device)
-            dist.all_gather_into_tensor(out, local)
-            local = out.transpose(0, 1).reshape(local.shape[0], -1)  # (k, world * n_local)
-        return local.tolist()
-
     def _log_window(self, timer: WindowTimer) -> None:
         self._drain()
         elapsed, data_wait, steps = timer.read_and_reset()
-        w = self._win
-        rec: dict[str, Any] = {"type": "train", "step": self.step}
-        if w["n"]:
-            rec["loss"] = w["loss"] / w["n"]
-            rec["grad_norm"] = w["gnorm"] / w["n"]
-        rec["lr"] = lr_at(
-            max(0, self.step - 1),
-            peak_lr=self.cfg.optim.lr,
-            total_steps=self.total_steps,
-            cfg=self.cfg.schedule,
-        )
-        rec["tokens_seen"] = self.step * self.tokens_per_step
-        perf = throughput(
-            elapsed_s=elapsed, steps=steps, tokens_per_step=self.tokens_per_step,
+        sched = self.cfg.schedule
+        rec = train_record(
+            step=self.step, total_steps=self.total_steps, tokens_per_step=self.tokens_per_step,
+            lr=lr_at(max(0, self.step - 1), peak_lr=self.cfg.optim.lr,
+                     total_steps=self.total_steps, cfg=sched),
+            window=self.window, elapsed_s=elapsed, data_wait_s=data_wait, timed_steps=steps,
             world_size=self.env.world_size, flops_per_token=self._flops_per_token,
-            peak_flops_per_device=self._peak,
+            peak_flops_per_device=self._peak, device=self.device,
         )  # fmt: skip
-        rec.update(perf)
-        rec.update(memory_stats(self.device))
-        if steps:
-            rec["data_wait_s"] = data_wait / steps
-            rec["data_wait_frac"] = data_wait / elapsed if elapsed > 0 else 0.0
-            rec["eta_s"] = (self.total_steps - self.step) * elapsed / steps
         rec["nonfinite_skipped"] = self.skipped_total
-        rec["nonfinite_in_window"] = w["skipped"]
+        rec["nonfinite_in_window"] = self.window.skipped
         rec["spikes_total"] = self.detector.num_spikes
-        rec.update(self._moe_stats())
-        self._win = {"loss": 0.0, "gnorm": 0.0, "n": 0, "skipped": 0}
-        self.log.log(rec)
-
-    def _moe_stats(self) -> dict[str, Any]:
-        if self._last_counts is None:
-            return {}
-        from kha_train.model import load_stats
-
-        stats = {k: v.tolist() for k, v in load_stats(self._last_counts).items()}
-        out: dict[str, Any] = {f"moe_{k}": v for k, v in stats.items()}
-        out["moe_max_violation_mean"] = sum(stats["max_violation"]) / len(stats["max_violation"])
-        out["moe_dead_experts_total"] = int(sum(stats["dead_experts"]))
+        if self._last_counts is not None:
+            rec.update(moe_record(self._last_counts))
         aux = getattr(self.model, "last_aux_loss", None)
         if aux is not None:
-            out["aux_loss"] = float(aux)
-        return out
+            rec["aux_loss"] = float(aux)
+        self.window = LossWindow()
+        self.log.log(rec)
 
     # -- validation -------------------------------------------------------------------------------
 
@@ -475,7 +429,7 @@ class Trainer:
                     stopped = True
                     break
             if stopped:
-                if self._hist_len:
+                if len(self.history):
                     self._log_window(timer)
                 self.log.info(
                     f"stop requested ({self._stop_signal or 'signal on another rank'}) at step "
@@ -521,16 +475,26 @@ class Trainer:
             self.val_loader.close()
 
 
-def run(config_path: str, overrides: list[str] | None = None, console: TextIO | None = None) -> int:
-    """Load the config, train, tear down. The body of ``kha-train train`` and ``kha_train.train``."""
-    from kha_train.config import load_config
-
-    cfg = load_config(config_path, overrides or [])
-    trainer = None
+def config_snapshot(cfg: Config) -> tuple[str, dict[str, Any]]:
+    """The resolved config as YAML text and as a plain dict. Without omegaconf (a minimal GPU
+    image) the text is JSON, which is also valid YAML and loads with ``load_config``."""
     try:
-        trainer = Trainer(cfg, console=console)
-        return trainer.train()
-    finally:
-        if trainer is not None:
-            trainer.close()
-        D.teardown()
+        from kha_train.config import to_dict, to_yaml
+
+        return to_yaml(cfg), to_dict(cfg)
+    except ImportError:
+        import dataclasses
+        import enum
+        import json
+
+        def plain(x: Any) -> Any:
+            if isinstance(x, enum.Enum):
+                return x.value
+            if isinstance(x, dict):
+                return {k: plain(v) for k, v in x.items()}
+            if isinstance(x, (list, tuple)):
+                return [plain(v) for v in x]
+            return x
+
+        d = plain(dataclasses.asdict(cfg))
+        return json.dumps(d, indent=1) + "\n", d

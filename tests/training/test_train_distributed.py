@@ -171,7 +171,7 @@ def slow_publish(self, tmp, final):
     publish(self, tmp, final)
 
 C.CheckpointManager._publish = slow_publish
-from kha_train.training.trainer import run
+from kha_train.training.commands import run
 sys.exit(run(sys.argv[1]))
 """
 

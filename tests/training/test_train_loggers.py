@@ -11,15 +11,9 @@ from pathlib import Path
 import pytest
 
 from kha_train.config import WandbMode
-from kha_train.training.loggers import (
-    ConsoleLogger,
-    JsonlLogger,
-    WandbLogger,
-    format_record,
-    read_jsonl,
-    resolve_wandb_mode,
-)
+from kha_train.training.loggers import ConsoleLogger, JsonlLogger, format_record, read_jsonl
 from kha_train.training.plot import plot_loss
+from kha_train.training.wandb_log import WandbLogger, resolve_wandb_mode
 
 
 def test_jsonl_fresh_run_starts_over_and_resume_drops_replayed_steps(tmp_path: Path) -> None:
