@@ -2,9 +2,9 @@
 final norm, LM head (tied to the embeddings or not), and the chunked training loss.
 
     h_0     = Embed(tokens)
-    a_l     = h_{l-1} + Attention(RMSNorm(h_{l-1}))
-    h_l     = a_l + FFN_l(RMSNorm(a_l))          FFN_l: SwiGLU or MoE (config.is_moe_layer)
-    logits  = RMSNorm(h_L) W_head^T              W_head = W_embed when tied
+    a_l     = h_{l-1} + Attention(RMSNorm(h_{l-1}))   Attention: per model.attention
+    h_l     = a_l + FFN_l(RMSNorm(a_l))               FFN_l: SwiGLU or MoE (config.is_moe_layer)
+    logits  = RMSNorm(h_L) W_head^T                   W_head = W_embed when tied
 
 Parallelism, activation checkpointing and compilation are applied from outside (the trainer
 wraps each element of ``layers``); the model holds only modules.
@@ -136,11 +136,19 @@ class Transformer(nn.Module):
         kha_{q,k,v}.weight (linear T)                      I
         kha_v.w_up, kha_v.w_down (mlp)                     I
         kha_v.w_gate (mlp, gate)                           0  (2 sigmoid(0) = 1)
+        gta: kv_proj, k_rope_proj                          N(0, std), truncated at 3 std
+        mla: q_down, q_up, kv_down, kv_up                  N(0, std), truncated at 3 std
+        mla: q_latent_norm, kv_latent_norm                 1
+        mea: hlc_k, hlc_v                                  I (cached = KV heads), else one-hot
+                                                           replication (GQA grouping)
+        mea: head_norm.weight                              1
+        talking_heads: logit_mix, weight_mix               I
         rope.inv_freq (buffer)                             rope_theta^(-2j / head_dim)
         ================================================  =====================================
 
         KHA therefore starts as the exact identity: the model computes the same function as the
-        one without KHA with the same other weights.
+        one without KHA with the same other weights (in every attention variant); so do MEA's
+        HLC (with head norm off) and the talking-heads mixes, relative to GQA.
         """
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.num_layers)
