@@ -13,7 +13,7 @@ CUDA-event-timed forward + backward passes after --warmup. TFLOP/s counts 6 x pa
 the attention term of the variant (flops_per_token, no causal discount) + KHA's reuse, per
 token. Talking heads materialises the [B, H, T, T] map (math path): it runs at its own
 --talking-seq (default 1024) and its row says so. `--device cpu` runs the same code on tiny
-shapes as a smoke test; the numbers are only meaningful on CUDA.
+shapes (in fp32) as a smoke test; the numbers are only meaningful on CUDA.
 """
 
 from __future__ import annotations
@@ -77,11 +77,12 @@ def time_variant(cfg: ModelConfig, batch: int, seq: int, args, device) -> dict:
     torch.manual_seed(0)
     attn = build_attention(cfg).to(device)
     attn.reset_parameters(cfg.init_std, cfg.init_std / 6)
-    attn.to(torch.bfloat16)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # CPU: smoke test only
+    attn.to(dtype)
     rope_table = RotaryEmbedding(attn.rope_dim, cfg.rope_theta).to(device)
     rope_table.reset_parameters()
     rope = rope_table(seq)
-    x = torch.randn(batch, seq, cfg.hidden_size, device=device, dtype=torch.bfloat16)
+    x = torch.randn(batch, seq, cfg.hidden_size, device=device, dtype=dtype)
     x.requires_grad_(True)
     grad = torch.randn_like(x)
 
