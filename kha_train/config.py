@@ -156,9 +156,12 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # global grad-norm clip; 0 disables
     # Parameters whose name contains any of these substrings get no weight decay. Default:
-    # norms, biases, embeddings and the KHA head transforms (they start at identity and decay
-    # would pull them toward zero instead).
-    no_decay: list[str] = field(default_factory=lambda: ["norm", "bias", "embed", "kha"])
+    # norms, biases, embeddings, and the head-mixing matrices that start at the identity (KHA,
+    # MEA's hlc_k/hlc_v, talking heads' logit_mix/weight_mix): decay would pull them toward
+    # zero instead of toward their identity start.
+    no_decay: list[str] = field(
+        default_factory=lambda: ["norm", "bias", "embed", "kha", "hlc", "_mix"]
+    )
     implementation: str = "auto"  # auto (fused on CUDA, foreach on CPU) | fused | foreach
 
 
