@@ -405,6 +405,13 @@ class Trainer:
     def train(self) -> int:
         """Run to the end (or a stop signal). Returns the exit code (0)."""
         cfg = self.cfg
+        if self.step >= self.total_steps:
+            self.log.info(
+                f"nothing to do: the run is already at step {self.step} of {self.total_steps} "
+                "(raise train.max_steps or train.total_tokens to train on)"
+            )
+            self.log.close({"status": "completed", "step": self.step})
+            return 0
         self._stop_signal: str | None = None
         previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
         self._last_saved = self.step if self.step > 0 else -1

@@ -156,3 +156,19 @@ def test_loss_plot_marks_spikes(tmp_path: Path) -> None:
 @pytest.fixture(autouse=True)
 def _no_real_wandb_env(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
+
+
+def test_tensorboard_without_the_package_is_a_clear_error(tmp_path: Path) -> None:
+    from kha_train.config import ConfigError
+    from kha_train.training.loggers import TensorBoardLogger
+
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match=r"pip install 'kha-train\[tensorboard\]'"):
+            TensorBoardLogger(tmp_path / "tb")
+        return
+    tb = TensorBoardLogger(tmp_path / "tb")  # installed: it writes event files
+    tb.log(1, {"type": "train", "step": 1, "loss": 2.0})
+    tb.close()
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))

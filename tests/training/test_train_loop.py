@@ -83,6 +83,10 @@ def test_exact_resume_is_bitwise(tmp_path: Path, tiny_dataset: Path) -> None:
     a = json.loads((straight / "checkpoints/step_0000008/trainer_state.json").read_text())
     b = json.loads((split / "checkpoints/step_0000008/trainer_state.json").read_text())
     assert a == b  # data position, spike windows, counters
+    # Resuming a finished run does nothing (and logs nothing twice).
+    before = (split / "metrics.jsonl").read_text()
+    train(cfg)
+    assert (split / "metrics.jsonl").read_text() == before
 
 
 class NaNAt(Trainer):
