@@ -294,7 +294,9 @@ def _tokenized_batches(source: Any, opts: PrepareOptions, tok: LoadedTokenizer, 
             with_indices=True,
             fn_kwargs={**fn_kwargs, "row_offset": a},
             remove_columns=part.column_names,
-            num_proc=min(num_proc, b - a),
+            # None, not 1: datasets >= 5 starts a worker pool for any num_proc >= 1, and forking
+            # a process that holds threads (tqdm's monitor, torch's pools) can deadlock.
+            num_proc=min(num_proc, b - a) if num_proc > 1 else None,
             new_fingerprint=f"{source.fingerprint}-{tok.hash}-{a}-{b}",
             desc=f"tokenizing rows {a:,}-{b:,}",
         )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -108,13 +110,21 @@ def test_other_formats_give_the_same_tokens(
 
 
 def test_parallel_and_streaming_and_hub_paths_match(
-    tmp_path: Path, docs: list[str], prepare
+    tmp_path: Path, docs: list[str], prepare, tokenizer_path: Path
 ) -> None:
     src = write_jsonl(tmp_path / "a.jsonl", docs)
     kw = dict(val_fraction=0.2, shard_tokens=3000)
     ref = prepare(src, tmp_path / "serial", num_proc=1, **kw)
     expected = shard_bytes(tmp_path / "serial")
-    prepare(src, tmp_path / "parallel", num_proc=2, **kw)
+    # Worker processes through the real CLI in a fresh interpreter: forking this pytest
+    # process, which holds other threads (tqdm's monitor, torch's pools), can deadlock.
+    cli = [
+        sys.executable, "-m", "kha_train.cli", "data", "prepare", "--source", str(src),
+        "--tokenizer", str(tokenizer_path), "--out", str(tmp_path / "parallel"),
+        "--num-proc", "2", "--val-fraction", "0.2", "--shard-tokens", "3000", "--no-progress",
+    ]  # fmt: skip
+    r = subprocess.run(cli, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
     prepare(src, tmp_path / "stream", source_kw={"streaming": True}, **kw)
     # The Hub path: load_dataset(NAME, streaming=True, data_files=...) with a packaged builder
     # name and local files, the same datasets API a Hub dataset name goes through.

@@ -33,7 +33,10 @@ def prepare_tiny_dataset(root: Path) -> Path:
     src = root / "src.jsonl"
     src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     out = root / "data"
-    opts = PrepareOptions(out=str(out), tokenizer=str(tok), val_fraction=0.1, progress=False)
+    # One process: forking the (threaded) pytest process for workers can deadlock.
+    opts = PrepareOptions(
+        out=str(out), tokenizer=str(tok), val_fraction=0.1, progress=False, num_proc=1
+    )
     prepare_dataset(SourceSpec(spec=str(src)), opts)
     return out
 
