@@ -6,7 +6,7 @@
 
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-KHA    := $(VENV)/bin/kha-train
+KHA    := $(PY) -m kha_train.cli
 STAMP  := $(VENV)/.kha-installed
 CONFIG ?= configs/tiny/kha_moe.yaml
 DATA   ?= data/builtin
@@ -37,15 +37,15 @@ train: $(STAMP) $(DATA)/index.json
 	$(KHA) train $(CONFIG) $(ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 format: $(STAMP)
-	$(VENV)/bin/ruff check --fix .
-	$(VENV)/bin/ruff format .
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
 
 test: lint
-	$(VENV)/bin/pytest -q tests
+	$(PY) -m pytest -q tests
 
 clean-runs:
 	rm -rf runs

@@ -1,0 +1,232 @@
+"""Cross-field checks of a run config, run before anything is built (see kha_train/config.py).
+
+``validate`` collects every problem into one :class:`ConfigError`, each naming the keys involved
+and the fix.
+"""
+
+from __future__ import annotations
+
+from kha_train.config import (
+    ACMode,
+    AttentionKind,
+    AttnBackend,
+    Config,
+    ConfigError,
+    KHAVariant,
+    ModelConfig,
+    MoEConfig,
+)
+
+
+def is_moe_layer(moe: MoEConfig, layer_idx: int) -> bool:
+    """Whether layer ``layer_idx`` (0-based) uses the routed MoE FFN."""
+    if moe.num_experts == 0 or layer_idx < moe.first_k_dense:
+        return False
+    return (layer_idx + 1) % moe.moe_every_n == 0
+
+
+def validate_model(m: ModelConfig) -> list[str]:
+    errs = []
+    for name in (
+        "vocab_size",
+        "hidden_size",
+        "num_layers",
+        "num_heads",
+        "num_kv_heads",
+        "head_dim",
+    ):
+        if getattr(m, name) <= 0:
+            errs.append(f"model.{name} must be positive, got {getattr(m, name)}")
+    if errs:
+        return errs
+    if m.num_heads % m.num_kv_heads:
+        errs.append(
+            f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads} "
+            "(GQA groups whole query heads per KV head; use 1 for MQA or num_heads for MHA)"
+        )
+    if m.head_dim % 2:
+        errs.append(f"model.head_dim={m.head_dim} must be even for RoPE")
+    if m.num_heads * m.head_dim != m.hidden_size and m.head_dim * m.num_heads < 16:
+        errs.append("model.num_heads * model.head_dim is too small")
+    if m.init_std <= 0 or m.norm_eps <= 0 or m.rope_theta <= 0:
+        errs.append("model.init_std, model.norm_eps and model.rope_theta must be positive")
+    moe = m.moe
+    if moe.num_experts < 0:
+        errs.append(f"model.moe.num_experts must be >= 0, got {moe.num_experts}")
+    elif moe.num_experts > 0:
+        if not 1 <= moe.top_k <= moe.num_experts:
+            errs.append(
+                f"model.moe.top_k={moe.top_k} must be in [1, model.moe.num_experts={moe.num_experts}]"
+            )
+        if moe.expert_ffn_size <= 0:
+            errs.append("model.moe.expert_ffn_size must be positive for an MoE model")
+        if moe.moe_every_n < 1:
+            errs.append(f"model.moe.moe_every_n must be >= 1, got {moe.moe_every_n}")
+        elif not any(is_moe_layer(moe, i) for i in range(m.num_layers)):
+            errs.append(
+                "no layer is MoE: model.moe.first_k_dense / moe_every_n leave every one of the "
+                f"{m.num_layers} layers dense (set model.moe.num_experts=0 for a dense model)"
+            )
+        if moe.num_shared_experts < 0:
+            errs.append("model.moe.num_shared_experts must be >= 0")
+        if moe.bias_update_rate < 0 or moe.aux_loss_coef < 0:
+            errs.append("model.moe.bias_update_rate and aux_loss_coef must be >= 0")
+    dense_layers = (
+        m.num_layers
+        if moe.num_experts == 0
+        else sum(not is_moe_layer(moe, i) for i in range(m.num_layers))
+    )
+    if dense_layers and m.ffn_size <= 0:
+        errs.append(f"model.ffn_size must be positive: {dense_layers} layer(s) use the dense FFN")
+    kha = m.kha
+    if kha.variant != KHAVariant.none:
+        bad = [t for t in kha.targets if t not in ("q", "k", "v")]
+        if bad or not kha.targets:
+            errs.append(
+                f"model.kha.targets={list(kha.targets)} must be a non-empty subset of ['q', 'k', 'v']"
+            )
+        elif len(set(kha.targets)) != len(kha.targets):
+            errs.append(f"model.kha.targets={list(kha.targets)} lists a target twice")
+        if kha.variant == KHAVariant.gate and list(kha.targets) != ["v"]:
+            errs.append(
+                "model.kha.variant=gate is the paper's value-only ablation: set model.kha.targets=[v]"
+            )
+    return errs + _validate_attention_variant(m)
+
+
+def _validate_attention_variant(m: ModelConfig) -> list[str]:
+    """Checks of model.attention against the fields the variant reads (model.mla, model.mea)."""
+    errs = []
+    kind = AttentionKind(m.attention)
+    if kind == AttentionKind.mla:
+        mla = m.mla
+        if mla.kv_lora_rank < 1 or mla.q_lora_rank < 0:
+            errs.append(
+                f"model.mla.kv_lora_rank must be >= 1 and model.mla.q_lora_rank >= 0 (0: no query "
+                f"compression), got {mla.kv_lora_rank} and {mla.q_lora_rank}"
+            )
+        if mla.rope_head_dim < 2 or mla.rope_head_dim % 2:
+            errs.append(
+                f"model.mla.rope_head_dim={mla.rope_head_dim} must be even and >= 2 for RoPE"
+            )
+        if m.kha.variant not in (KHAVariant.none, KHAVariant.linear):
+            errs.append(
+                f"model.kha.variant={KHAVariant(m.kha.variant).value} with model.attention=mla: "
+                "MLA only works with KHA-Linear (the paper, section 4.2.3: MLA never materialises per-head "
+                "keys and values at inference, so only a linear transform can be folded into its "
+                "up-projections): set model.kha.variant=linear"
+            )
+        if m.qk_norm:
+            errs.append(
+                "model.qk_norm=true with model.attention=mla: MLA normalises its latents instead, "
+                "and a per-head norm on the up-projected keys would stop W^UK being folded into "
+                "the queries at inference: set model.qk_norm=false"
+            )
+    elif kind == AttentionKind.gta and m.head_dim % 4:
+        errs.append(
+            f"model.head_dim={m.head_dim} must be a multiple of 4 for model.attention=gta "
+            "(RoPE rotates pairs in the half of each key that is the shared RoPE head)"
+        )
+    elif kind == AttentionKind.talking_heads and m.attn_backend not in (
+        AttnBackend.auto,
+        AttnBackend.math,
+    ):
+        errs.append(
+            f"model.attn_backend={AttnBackend(m.attn_backend).value} with "
+            "model.attention=talking_heads: talking heads mixes the materialised attention map, which no fused kernel "
+            "provides: set model.attn_backend=math (or auto)"
+        )
+    cached = m.mea.cached_kv_heads
+    if kind == AttentionKind.mea and not 0 <= cached <= m.num_kv_heads:
+        errs.append(
+            f"model.mea.cached_kv_heads={cached} must be in [0, model.num_kv_heads="
+            f"{m.num_kv_heads}] (0: all of them; fewer: virtual heads expanded by HLC)"
+        )
+    elif kind != AttentionKind.mea and cached:
+        errs.append(
+            f"model.mea.cached_kv_heads={cached} is set but model.attention={kind.value}: set "
+            "model.attention=mea, or remove model.mea.cached_kv_heads"
+        )
+    return errs
+
+
+def validate(cfg: Config, world_size: int = 1) -> Config:
+    """Cross-field checks, run before anything is built. Raises one :class:`ConfigError` listing
+    every problem found."""
+    errs = validate_model(cfg.model)
+    d, t, o, s, p, c = cfg.data, cfg.train, cfg.optim, cfg.schedule, cfg.parallel, cfg.checkpoint
+    if d.seq_len <= 0:
+        errs.append(f"data.seq_len must be positive, got {d.seq_len}")
+    if t.micro_batch_size <= 0:
+        errs.append(f"train.micro_batch_size must be positive, got {t.micro_batch_size}")
+    if d.seq_len > 0 and t.micro_batch_size > 0:
+        per_micro = t.micro_batch_size * d.seq_len * world_size
+        if t.global_batch_tokens <= 0 or t.global_batch_tokens % per_micro:
+            errs.append(
+                f"train.global_batch_tokens={t.global_batch_tokens} must be a positive multiple of "
+                f"micro_batch_size x seq_len x ranks = {t.micro_batch_size} x {d.seq_len} x "
+                f"{world_size} = {per_micro}; e.g. train.global_batch_tokens="
+                f"{max(1, round(t.global_batch_tokens / per_micro)) * per_micro}"
+            )
+    if (t.max_steps is None) == (t.total_tokens is None):
+        errs.append(
+            "set exactly one of train.max_steps and train.total_tokens "
+            f"(got max_steps={t.max_steps}, total_tokens={t.total_tokens})"
+        )
+    elif t.max_steps is not None and t.max_steps <= 0:
+        errs.append(f"train.max_steps must be positive, got {t.max_steps}")
+    elif (
+        t.total_tokens is not None
+        and t.global_batch_tokens > 0
+        and t.total_tokens < t.global_batch_tokens
+    ):
+        errs.append("train.total_tokens is less than one global batch (train.global_batch_tokens)")
+    if t.device not in ("auto", "cuda", "cpu"):
+        errs.append(f"train.device must be auto, cuda or cpu, got {t.device!r}")
+    if o.lr <= 0 or o.weight_decay < 0 or o.grad_clip < 0:
+        errs.append("optim.lr must be > 0, optim.weight_decay and optim.grad_clip >= 0")
+    if not (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1):
+        errs.append(f"optim.beta1/beta2 must be in [0, 1), got {o.beta1}/{o.beta2}")
+    if o.implementation not in ("auto", "fused", "foreach"):
+        errs.append(
+            f"optim.implementation must be auto, fused or foreach, got {o.implementation!r}"
+        )
+    if (
+        not 0 <= s.warmup_fraction < 1
+        or not 0 <= s.min_lr_ratio <= 1
+        or not 0 <= s.decay_fraction <= 1
+    ):
+        errs.append(
+            "schedule.warmup_fraction must be in [0, 1), min_lr_ratio and decay_fraction in [0, 1]"
+        )
+    if p.dp_replicate < 1:
+        errs.append(f"parallel.dp_replicate must be >= 1, got {p.dp_replicate}")
+    elif p.dp_shard == -1:
+        if world_size % p.dp_replicate:
+            errs.append(
+                f"parallel.dp_replicate={p.dp_replicate} must divide the number of ranks {world_size}"
+            )
+    elif p.dp_replicate * p.dp_shard != world_size:
+        errs.append(
+            f"parallel.dp_replicate x dp_shard = {p.dp_replicate} x {p.dp_shard} must equal the "
+            f"number of ranks {world_size} (or set parallel.dp_shard=-1)"
+        )
+    if p.activation_checkpointing == ACMode.every_n and p.ac_every_n < 1:
+        errs.append("parallel.ac_every_n must be >= 1")
+    if c.keep_last < 1 or c.every_steps < 0:
+        errs.append("checkpoint.keep_last must be >= 1 and checkpoint.every_steps >= 0")
+    if cfg.logging.log_every < 1:
+        errs.append("logging.log_every must be >= 1")
+    if cfg.logging.spikes.window < 2 or cfg.logging.spikes.z_threshold <= 0:
+        errs.append("logging.spikes.window must be >= 2 and z_threshold > 0")
+    if errs:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(errs))
+    return cfg
+
+
+def total_steps(cfg: Config) -> int:
+    """Optimizer steps of the run (from max_steps or total_tokens)."""
+    if cfg.train.max_steps is not None:
+        return cfg.train.max_steps
+    assert cfg.train.total_tokens is not None
+    return cfg.train.total_tokens // cfg.train.global_batch_tokens
