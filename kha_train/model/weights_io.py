@@ -85,21 +85,32 @@ def _dcp_model_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     }
 
 
-def _check_shapes(
-    path: Path, saved: dict[str, tuple[int, ...]], ours: dict[str, tuple[int, ...]]
-) -> None:
+def shape_mismatches(
+    saved: dict[str, tuple[int, ...]],
+    ours: dict[str, tuple[int, ...]],
+    source: str,
+    limit: int = 12,
+) -> list[str]:
+    """One line per tensor whose shape differs between ``saved`` (read from ``source``) and
+    ``ours`` (this model), missing on either side included: at most ``limit`` lines plus a count
+    of the rest. Shared by weight files and trainer checkpoints."""
     problems = []
     for k in sorted(set(saved) | set(ours)):
         if k not in saved:
-            problems.append(f"{k}: missing from {path.name} (the model has {list(ours[k])})")
+            problems.append(f"{k}: missing from the {source} (this model: {list(ours[k])})")
         elif k not in ours:
-            problems.append(f"{k}: in {path.name} {list(saved[k])}, not in the model")
+            problems.append(f"{k}: in the {source} {list(saved[k])}, not in this model")
         elif saved[k] != ours[k]:
-            problems.append(f"{k}: {path.name} has {list(saved[k])}, the model {list(ours[k])}")
-    if problems:
-        shown = problems[:10] + (
-            [f"... and {len(problems) - 10} more"] if len(problems) > 10 else []
-        )
+            problems.append(f"{k}: {source} {list(saved[k])}, this model {list(ours[k])}")
+    extra = len(problems) - limit
+    return problems[:limit] + ([f"... and {extra} more"] if extra > 0 else [])
+
+
+def _check_shapes(
+    path: Path, saved: dict[str, tuple[int, ...]], ours: dict[str, tuple[int, ...]]
+) -> None:
+    shown = shape_mismatches(saved, ours, f"file {path.name}")
+    if shown:
         raise WeightsError(
             f"{path} holds weights of another model:\n  " + "\n  ".join(shown) + "\nFix: "
             "give the config the weights were trained with (--config, or the checkpoint's "

@@ -229,17 +229,11 @@ def check_model_matches(
         if k.startswith("model.") and isinstance(v, TensorStorageMetadata)
     }
     ours = {k: tuple(v.shape) for k, v in get_model_state_dict(model).items()}
-    problems = []
-    for k in sorted(set(saved) | set(ours)):
-        if k not in saved:
-            problems.append(f"{k}: missing from the checkpoint (this model: {list(ours[k])})")
-        elif k not in ours:
-            problems.append(f"{k}: in the checkpoint {list(saved[k])}, not in this model")
-        elif saved[k] != ours[k]:
-            problems.append(f"{k}: checkpoint {list(saved[k])}, this model {list(ours[k])}")
-    if not problems:
+    from kha_train.model.weights_io import shape_mismatches
+
+    shown = shape_mismatches(saved, ours, "checkpoint")
+    if not shown:
         return
-    shown = problems[:12] + ([f"... and {len(problems) - 12} more"] if len(problems) > 12 else [])
     diff = _model_config_diff(path, model_config) if model_config is not None else ""
     raise ConfigError(
         f"checkpoint {path} was written by a model of another shape:\n  "
