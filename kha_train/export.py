@@ -69,26 +69,14 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 def run_export(args: argparse.Namespace) -> int:
     import torch
 
-    from kha_train.config import ConfigError, load_config, validate_model
-    from kha_train.model.transformer import Transformer
-    from kha_train.model.weights_io import load_weights
+    from kha_train.model.weights_io import load_model, load_source_config
 
     source = Path(args.source)
-    config = Path(args.config) if args.config else source / "config.yaml"
-    if not args.config and not source.is_dir():
-        raise ConfigError(f"{source} is a weights file: give its run config with --config")
     out = Path(args.out)
     _check_out(out)
-    cfg = load_config(config)
-    errs = validate_model(cfg.model)
-    if errs:
-        raise ConfigError(f"{config}: invalid model config:\n  - " + "\n  - ".join(errs))
+    cfg = load_source_config(source, args.config)
     check_exportable(cfg.model)  # before reading any weights
-    with torch.device("meta"):
-        model = Transformer(cfg.model)
-    model.to_empty(device="cpu")
-    model.init_weights()  # the non-persistent buffers; every parameter is then loaded
-    load_weights(model, source)
+    model = load_model(cfg.model, source, "cpu")
     written = export_hf(
         model,
         out,

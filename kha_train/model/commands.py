@@ -88,39 +88,26 @@ def run_virtual_heads(args: argparse.Namespace) -> int:
     from kha_train.config import (
         AttnBackend,
         ConfigError,
-        load_config,
         save_config,
-        validate_model,
     )
     from kha_train.model.flops import kv_cache_elems_per_token_per_layer
-    from kha_train.model.transformer import Transformer
     from kha_train.model.virtual_heads import convert_to_virtual_heads
-    from kha_train.model.weights_io import load_weights, save_weights
+    from kha_train.model.weights_io import load_model, load_source_config, save_weights
 
     source = Path(args.source)
-    config = Path(args.config) if args.config else source / "config.yaml"
-    if not args.config and not source.is_dir():
-        raise ConfigError(f"{source} is a weights file: give its run config with --config")
     out = Path(args.out) if args.out else None
     if out is not None and (out.suffix != ".safetensors" or out.exists()):
         raise ConfigError(
             f"--out {out}: must be a new .safetensors path (it exists, or has another suffix)"
         )
-    cfg = load_config(config, args.overrides)
-    errs = validate_model(cfg.model)
-    if errs:
-        raise ConfigError(f"{config}: invalid model config:\n  - " + "\n  - ".join(errs))
+    cfg = load_source_config(source, args.config, args.overrides)
     device = torch.device(
         args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     )
     if device.type != "cuda" and cfg.model.attn_backend not in (AttnBackend.auto, "math"):
         print(f"note: model.attn_backend={cfg.model.attn_backend.value} needs CUDA; using auto")
         cfg.model.attn_backend = AttnBackend.auto
-    with torch.device("meta"):
-        model = Transformer(cfg.model)
-    model.to_empty(device=device)
-    model.init_weights()  # the non-persistent buffers; every parameter is then loaded
-    load_weights(model, source)
+    model = load_model(cfg.model, source, device)
     batches = _heldout_batches(cfg, args.batches, device)
     before = _heldout_loss(model, batches)
     new = convert_to_virtual_heads(model, args.kv_heads)

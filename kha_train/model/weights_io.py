@@ -1,5 +1,5 @@
 """Model weights in and out of files, for commands that work on a trained model outside the
-trainer (e.g. `kha-train virtual-heads`). Three sources load:
+trainer (`kha-train virtual-heads`, `kha-train export`). Three sources load:
 
 - a trainer checkpoint folder (``step_XXXXXXX/``, torch.distributed.checkpoint): only the
   ``model.*`` entries are read, on one process, whatever the number of ranks that wrote it;
@@ -14,13 +14,46 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+if TYPE_CHECKING:
+    from kha_train.config import Config, ModelConfig
+
 
 class WeightsError(ValueError):
     """Weights that do not fit the model or cannot be read; the message names file and fix."""
+
+
+def load_source_config(
+    source: Path, config: str | None, overrides: list[str] | None = None
+) -> Config:
+    """The run config of a weights ``source``: ``config`` if given, else the ``config.yaml``
+    beside a trainer checkpoint folder; its model section is checked."""
+    from kha_train.config import ConfigError, load_config, validate_model
+
+    path = Path(config) if config else source / "config.yaml"
+    if not config and not source.is_dir():
+        raise ConfigError(f"{source} is a weights file: give its run config with --config")
+    cfg = load_config(path, overrides)
+    errs = validate_model(cfg.model)
+    if errs:
+        raise ConfigError(f"{path}: invalid model config:\n  - " + "\n  - ".join(errs))
+    return cfg
+
+
+def load_model(model_cfg: ModelConfig, source: Path, device: torch.device | str) -> nn.Module:
+    """A :class:`Transformer` of ``model_cfg`` on ``device`` holding the weights at ``source``."""
+    from kha_train.model.transformer import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(model_cfg)
+    model.to_empty(device=device)
+    model.init_weights()  # the non-persistent buffers; every parameter is then loaded
+    load_weights(model, source)
+    return model
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
