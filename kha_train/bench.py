@@ -102,6 +102,7 @@ class BenchSettings:
     profile: bool = True
     sync_check: bool = True
     reshard: bool = True  # FSDP2 reshard_after_forward (False: keep bf16 params for backward)
+    defer_sync: bool = False  # parallel.defer_grad_sync: one gather and one reduce per step
     # fsdp: the trainer's FSDP2 mixed precision | autocast: fp32 weights + autocast
     mode: str = "fsdp"
 
@@ -132,8 +133,10 @@ class Workload:
                 ac_every_n=s.ac_every_n,
                 compile=s.compile,
                 reshard_after_forward=s.reshard,
+                defer_grad_sync=s.defer_sync,
             )
             self.model = parallelize(model, pcfg, Precision.bf16, device)
+            self.pcfg = pcfg
         self.model.to_empty(device=device)
         torch.manual_seed(0)
         self.model.init_weights()
@@ -155,9 +158,12 @@ class Workload:
 
     def step(self) -> torch.Tensor:
         from kha_train.model import collect_expert_counts, update_expert_bias
+        from kha_train.training.parallel import set_micro_batch_sync
 
         total = torch.zeros((), device=self.device)
-        for _ in range(self.s.accum):
+        for i in range(self.s.accum):
+            if not self.autocast:
+                set_micro_batch_sync(self.model, self.pcfg, last=i == self.s.accum - 1)
             ids, labels = self.batches[self._i % len(self.batches)]
             self._i += 1
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
@@ -373,7 +379,7 @@ def run(mcfg: ModelConfig, s: BenchSettings, variants: list[str]) -> list[dict[s
 def format_table(results: list[dict[str, Any]], s: BenchSettings) -> str:
     lines = [
         f"seq {s.seq_len} x micro-batch {s.micro_batch} x accum {s.accum}, compile={s.compile}, "
-        f"ac={s.ac.value}, mode={s.mode}, reshard={s.reshard}, peak {s.peak_tflops:.0f} TFLOP/s",
+        f"ac={s.ac.value}, mode={s.mode}, reshard={s.reshard}, defer_sync={s.defer_sync}, peak {s.peak_tflops:.0f} TFLOP/s",
         f"{'variant':8} {'params':>8} {'active':>7} {'step ms':>8} {'tok/s':>9} {'TFLOP/s':>8} "
         f"{'MFU':>6} {'mem GiB':>8}",
     ]
@@ -438,6 +444,12 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
         action="store_true",
         help="FSDP2 reshard_after_forward=False (one GPU: no second all-gather)",
     )
+    p.add_argument(
+        "--defer-sync",
+        action="store_true",
+        help="parallel.defer_grad_sync: gather parameters and reduce gradients once per step, "
+        "not once per micro-batch",
+    )
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--no-sync-check", action="store_true")
     p.add_argument("--json", help="append results as JSON lines to this file")
@@ -475,6 +487,7 @@ def main(args: argparse.Namespace) -> int:
         sync_check=not args.no_sync_check,
         mode=args.mode,
         reshard=not args.no_reshard,
+        defer_sync=args.defer_sync,
     )
     print(
         f"{torch.cuda.get_device_name()} | torch {torch.__version__} | {time.strftime('%Y-%m-%d')}"

@@ -213,6 +213,11 @@ class ParallelConfig:
     ac_every_n: int = 2  # for activation_checkpointing=every_n
     compile: bool = False  # torch.compile each transformer block
     reshard_after_forward: bool = True  # FSDP2: free gathered params after forward (ZeRO-3)
+    # With several micro-batches per step: keep parameters gathered and gradients unsharded
+    # (accumulated in fp32) until the last micro-batch, then reduce once. Saves one all-gather
+    # and one reduce-scatter per micro-batch; costs a full fp32 gradient copy per rank (on one
+    # GPU FSDP shards nothing, so there it is pure gain).
+    defer_grad_sync: bool = False
 
 
 @dataclass

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.overrides import TorchFunctionMode
 
 from kha_train.config import ACMode, ParallelConfig, Precision
@@ -115,6 +115,15 @@ def parallelize(
         apply_compile(model)
     apply_fsdp(model, mesh, precision, cfg.reshard_after_forward)
     return model
+
+
+def set_micro_batch_sync(model: nn.Module, cfg: ParallelConfig, last: bool) -> None:
+    """Before each micro-batch's forward: with ``cfg.defer_grad_sync``, gradients are reduced
+    and parameters resharded only after the ``last`` micro-batch of the step (FSDP2 keeps the
+    unsharded gradients in its reduce dtype, fp32, in between)."""
+    if cfg.defer_grad_sync and isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(last)
+        model.set_reshard_after_backward(last)
 
 
 # ----------------------------------------------------------------------------------------------

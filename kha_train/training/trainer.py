@@ -64,7 +64,12 @@ from kha_train.training.metrics import (
     train_record,
 )
 from kha_train.training.optim import build_optimizer, is_fused, set_lr, summarize_groups
-from kha_train.training.parallel import build_mesh, init_weights_like_single_device, parallelize
+from kha_train.training.parallel import (
+    build_mesh,
+    init_weights_like_single_device,
+    parallelize,
+    set_micro_batch_sync,
+)
 from kha_train.training.schedule import lr_at
 from kha_train.training.spikes import SpikeDetector
 
@@ -270,6 +275,7 @@ class Trainer:
         weights = n_tok * world / total  # (A,)
         loss_sum = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro_batches):
+            set_micro_batch_sync(self.model, self.cfg.parallel, last=i == len(micro_batches) - 1)
             loss = self.compute_loss(batch)
             (loss * weights[i]).backward()
             loss_sum += loss.detach().float() * weights[i]

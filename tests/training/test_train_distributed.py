@@ -79,6 +79,20 @@ def test_two_ranks_match_one_and_resume_on_one(tmp_path, tiny_dataset, reference
     assert_close(losses(one), ref, range(4, 7))
 
 
+def test_deferred_gradient_sync_on_two_ranks_matches_one_rank(
+    tmp_path, tiny_dataset, reference
+) -> None:
+    """parallel.defer_grad_sync: parameters stay gathered and gradients unsharded over each
+    rank's 2 micro-batches, reduced once per step; the same training as one rank."""
+    run = tmp_path / "deferred"
+    cfg = tiny_config(run, tiny_dataset, schedule=SCHEDULE, parallel={"defer_grad_sync": True})
+    proc = run_process(
+        torchrun_cmd(2, "-m", "kha_train.train", str(write_config(tmp_path / "d.yaml", cfg)))
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_close(losses(run), losses(reference), range(1, 7))
+
+
 def worker_pids(torchrun: subprocess.Popen) -> dict[int, int]:
     """rank -> pid of torchrun's worker processes."""
     out = {}

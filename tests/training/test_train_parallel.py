@@ -1,0 +1,76 @@
+"""parallelize() on one in-process rank: deferred gradient sync over micro-batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.distributed.tensor import DTensor
+
+from kha_train.config import (
+    AttnBackend,
+    KHAConfig,
+    KHAVariant,
+    ModelConfig,
+    MoEConfig,
+    ParallelConfig,
+    Precision,
+)
+from kha_train.model import Transformer
+from kha_train.training import distributed as D
+from kha_train.training.parallel import parallelize, set_micro_batch_sync
+
+CFG = ModelConfig(
+    vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+    ffn_size=64, attn_backend=AttnBackend.math,
+    moe=MoEConfig(num_experts=4, top_k=2, expert_ffn_size=16),
+    kha=KHAConfig(variant=KHAVariant.mlp, targets=["v"]),
+)  # fmt: skip
+
+
+def accumulated_grads(
+    defer: bool, batches: list[torch.Tensor], precision: Precision
+) -> dict[str, torch.Tensor]:
+    """Gradients after one step's micro-batches, read after each micro-batch as FSDP holds them."""
+    D.init_distributed("cpu")
+    cfg = ParallelConfig(defer_grad_sync=defer)
+    with torch.device("meta"):
+        model = Transformer(CFG)
+    parallelize(model, cfg, precision, torch.device("cpu"))
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    model.init_weights()
+    for i, ids in enumerate(batches):
+        last = i == len(batches) - 1
+        set_micro_batch_sync(model, cfg, last=last)
+        model(ids, ids).backward()
+        if not last:
+            # Deferred: parameters stay gathered (plain tensors; the unreduced gradients are
+            # held by FSDP); otherwise they are resharded (DTensors) with reduced gradients.
+            sharded = [isinstance(p, DTensor) for p in model.parameters()]
+            assert not any(sharded) if defer else all(sharded)
+            if not defer:
+                assert all(p.grad is not None for p in model.parameters())
+    grads = {n: p.grad.full_tensor().clone() for n, p in model.named_parameters()}
+    D.teardown()
+    return grads
+
+
+@pytest.mark.parametrize("precision", [Precision.fp32, Precision.bf16])
+def test_deferred_sync_reduces_once_and_gives_the_same_gradients(precision: Precision) -> None:
+    """bf16: FSDP2 accumulates the unsharded bf16 gradients in its fp32 reduce dtype, so the
+    result matches per-micro-batch fp32 reduction up to summation order."""
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, CFG.vocab_size, (2, 16), generator=g) for _ in range(3)]
+    every = accumulated_grads(False, batches, precision)
+    deferred = accumulated_grads(True, batches, precision)
+    assert every.keys() == deferred.keys()
+    for name in every:
+        assert deferred[name].dtype == torch.float32
+        torch.testing.assert_close(deferred[name], every[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_without_fsdp_or_the_option_nothing_changes() -> None:
+    model = torch.nn.Linear(2, 2)
+    set_micro_batch_sync(model, ParallelConfig(defer_grad_sync=True), last=False)  # no FSDP: no-op
+    model(torch.ones(1, 2)).sum().backward()
+    assert model.weight.grad is not None
