@@ -102,7 +102,7 @@ class BenchSettings:
     profile: bool = True
     sync_check: bool = True
     reshard: bool = True  # FSDP2 reshard_after_forward (False: keep bf16 params for backward)
-    defer_sync: bool = False  # parallel.defer_grad_sync: one gather and one reduce per step
+    defer_sync: bool = True  # parallel.defer_grad_sync: one gather and one reduce per step
     # fsdp: the trainer's FSDP2 mixed precision | autocast: fp32 weights + autocast
     mode: str = "fsdp"
 
@@ -445,10 +445,10 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
         help="FSDP2 reshard_after_forward=False (one GPU: no second all-gather)",
     )
     p.add_argument(
-        "--defer-sync",
+        "--no-defer-sync",
         action="store_true",
-        help="parallel.defer_grad_sync: gather parameters and reduce gradients once per step, "
-        "not once per micro-batch",
+        help="parallel.defer_grad_sync=false: gather parameters and reduce gradients for every "
+        "micro-batch (default on one GPU: once per step)",
     )
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--no-sync-check", action="store_true")
@@ -487,7 +487,7 @@ def main(args: argparse.Namespace) -> int:
         sync_check=not args.no_sync_check,
         mode=args.mode,
         reshard=not args.no_reshard,
-        defer_sync=args.defer_sync,
+        defer_sync=not args.no_defer_sync,
     )
     print(
         f"{torch.cuda.get_device_name()} | torch {torch.__version__} | {time.strftime('%Y-%m-%d')}"

@@ -117,11 +117,21 @@ def parallelize(
     return model
 
 
+def defers_grad_sync(cfg: ParallelConfig) -> bool:
+    """``parallel.defer_grad_sync``, with null resolved: on when each rank's shard group is
+    itself alone (nothing is sharded, so keeping everything gathered costs no memory)."""
+    if cfg.defer_grad_sync is not None:
+        return cfg.defer_grad_sync
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    shard = cfg.dp_shard if cfg.dp_shard != -1 else world // cfg.dp_replicate
+    return shard == 1
+
+
 def set_micro_batch_sync(model: nn.Module, cfg: ParallelConfig, last: bool) -> None:
-    """Before each micro-batch's forward: with ``cfg.defer_grad_sync``, gradients are reduced
+    """Before each micro-batch's forward: when :func:`defers_grad_sync`, gradients are reduced
     and parameters resharded only after the ``last`` micro-batch of the step (FSDP2 keeps the
     unsharded gradients in its reduce dtype, fp32, in between)."""
-    if cfg.defer_grad_sync and isinstance(model, FSDPModule):
+    if isinstance(model, FSDPModule) and defers_grad_sync(cfg):
         model.set_requires_gradient_sync(last)
         model.set_reshard_after_backward(last)
 

@@ -207,3 +207,26 @@ def test_shared_experts_add_a_dense_path() -> None:
     routed = make_layer()
     routed.load_state_dict({k: v for k, v in layer.state_dict().items() if "shared" not in k})
     torch.testing.assert_close(layer(x), routed(x) + layer.shared_experts(x))
+
+
+def test_bf16_router_logits_are_the_fp32_product_with_bf16_gradients() -> None:
+    """bf16 operands (FSDP mixed precision): fp32 logits equal to the fp32 product of the same
+    values; gradients as a bf16 matmul of the rounded upstream gradient would give."""
+    from kha_train.model.moe.router import mm_fp32_out, router_logits
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, D, generator=g).bfloat16().requires_grad_()
+    w = torch.randn(E, D, generator=g).bfloat16().requires_grad_()
+    logits = router_logits(x, w)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, x.float() @ w.float().T, rtol=1e-6, atol=1e-6)
+    up = torch.randn(64, E, generator=g)
+    logits.backward(up)
+    assert x.grad.dtype == w.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(x.grad, up.bfloat16() @ w.detach())
+    torch.testing.assert_close(w.grad, up.bfloat16().T @ x.detach())
+    # fp32 weights keep the plain fp32 path, also under autocast.
+    w32 = w.detach().float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert router_logits(x.detach().float(), w32).dtype == torch.float32
+    torch.library.opcheck(mm_fp32_out, (x.detach(), w.detach().T))

@@ -74,3 +74,12 @@ def test_without_fsdp_or_the_option_nothing_changes() -> None:
     set_micro_batch_sync(model, ParallelConfig(defer_grad_sync=True), last=False)  # no FSDP: no-op
     model(torch.ones(1, 2)).sum().backward()
     assert model.weight.grad is not None
+
+
+def test_deferred_sync_defaults_on_only_when_nothing_is_sharded() -> None:
+    from kha_train.training.parallel import defers_grad_sync
+
+    assert defers_grad_sync(ParallelConfig())  # one process: a shard group of one
+    assert not defers_grad_sync(ParallelConfig(dp_shard=2))
+    assert defers_grad_sync(ParallelConfig(dp_shard=2, defer_grad_sync=True))
+    assert not defers_grad_sync(ParallelConfig(defer_grad_sync=False))

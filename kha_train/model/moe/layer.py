@@ -70,7 +70,9 @@ class MoELayer(nn.Module):
         y_sorted = self.experts(x_sorted, counts)  # (N*K, D)
         # Combine: slot j takes sorted row inverse[j]; then a weighted sum over the K slots.
         y = combine_rows(y_sorted, order, inverse).view(B * T, K, D)
-        out = torch.bmm(gates.to(y.dtype).unsqueeze(1), y).squeeze(1)  # (N, D)
+        # An elementwise product and a sum over K (fused by torch.compile), not a batched
+        # matmul: cuBLAS runs (N,1,K)@(N,K,D) and its backward as slow batched GEMVs.
+        out = (y.float() * gates.unsqueeze(-1)).sum(dim=1).to(y.dtype)  # (N, D)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x_flat)
         return out.view(B, T, D).to(x.dtype)
