@@ -247,8 +247,9 @@ def hf_state_dict(
             sd[p + "mlp.gate.weight"] = ffn.router.weight  # (E, D)
             ex = ffn.experts
             for j in range(ffn.num_experts):
-                sd[p + f"mlp.experts.{j}.gate_proj.weight"] = ex.w_gate_EFD[j]  # (F, D)
-                sd[p + f"mlp.experts.{j}.up_proj.weight"] = ex.w_up_EFD[j]  # (F, D)
+                gate, up = ex.w_gate_up_E2FD[j].chunk(2, dim=0)  # (F, D) each
+                sd[p + f"mlp.experts.{j}.gate_proj.weight"] = gate
+                sd[p + f"mlp.experts.{j}.up_proj.weight"] = up
                 sd[p + f"mlp.experts.{j}.down_proj.weight"] = ex.w_down_EDF[j]  # (D, F)
         else:
             for name in ("gate_proj", "up_proj", "down_proj"):

@@ -127,7 +127,7 @@ class Transformer(nn.Module):
         lm_head.weight (untied)                            N(0, std), truncated at 3 std
         attn.{q,k,v}_proj, ffn.{gate,up}_proj              N(0, std), truncated at 3 std
         attn.o_proj, ffn.down_proj                         N(0, out_std), truncated at 3 std
-        experts.w_gate_EFD, w_up_EFD                       N(0, std), truncated at 3 std
+        experts.w_gate_up_E2FD                             N(0, std), truncated at 3 std
         experts.w_down_EDF                                 N(0, out_std), truncated at 3 std
         shared_experts (gate/up, down)                     as the dense FFN
         router.weight                                      N(0, std), truncated at 3 std

@@ -36,7 +36,8 @@ def naive_moe(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
             g = g / g.sum()
         y = torch.zeros(D)
         for e, w in zip(chosen.tolist(), g):
-            h = F.silu(ex.w_gate_EFD[e] @ tok) * (ex.w_up_EFD[e] @ tok)
+            gate, up = (ex.w_gate_up_E2FD[e] @ tok).chunk(2)
+            h = F.silu(gate) * up
             y = y + w * (ex.w_down_EDF[e] @ h)
         out.append(y)
     return torch.stack(out).view_as(x)

@@ -2,7 +2,10 @@
 
 Weights carry their shape in their names (E experts, D model dim, F expert FFN size), in the
 [out, in] layout of nn.Linear per expert, so expert e is ``down(silu(x gate^T) * x up^T)`` with
-``gate = w_gate_EFD[e]``, ``up = w_up_EFD[e]``, ``down = w_down_EDF[e]``.
+``gate = w_gate_up_E2FD[e, :F]``, ``up = w_gate_up_E2FD[e, F:]``, ``down = w_down_EDF[e]``.
+Gate and up are stacked in one tensor so they run as one grouped GEMM of width 2F: 8% less
+time for the expert SwiGLU's forward + backward than two GEMMs of width F (H100, reference
+shapes, docs/performance.md).
 
 The input rows are already sorted by expert; ``counts[e]`` rows belong to expert e. The fast path
 is one ``torch._grouped_mm`` per projection with int32 end offsets ``cumsum(counts)`` and no
@@ -26,22 +29,21 @@ class GroupedExperts(nn.Module):
     def __init__(self, dim: int, ffn_size: int, num_experts: int) -> None:
         super().__init__()
         self.num_experts = num_experts
-        self.w_gate_EFD = nn.Parameter(torch.empty(num_experts, ffn_size, dim))
-        self.w_up_EFD = nn.Parameter(torch.empty(num_experts, ffn_size, dim))
+        self.ffn_size = ffn_size
+        self.w_gate_up_E2FD = nn.Parameter(torch.empty(num_experts, 2 * ffn_size, dim))
         self.w_down_EDF = nn.Parameter(torch.empty(num_experts, dim, ffn_size))
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [M, D] sorted by expert, counts [E] (int32) -> [M, D]."""
         dtype = _compute_dtype(x)
-        if not _grouped_mm_ok(x.device, dtype, self.w_gate_EFD.shape):
+        if not _grouped_mm_ok(x.device, dtype, self.w_gate_up_E2FD.shape):
             return self.forward_loop(x, counts)
         offs = torch.cumsum(counts, dim=0, dtype=torch.int32)  # (E,) end row of each expert
         x = x.to(dtype)
-        w_gate = self.w_gate_EFD.to(dtype).transpose(-2, -1)  # (E, D, F)
-        w_up = self.w_up_EFD.to(dtype).transpose(-2, -1)  # (E, D, F)
+        w_gate_up = self.w_gate_up_E2FD.to(dtype).transpose(-2, -1)  # (E, D, 2F)
         w_down = self.w_down_EDF.to(dtype).transpose(-2, -1)  # (E, F, D)
-        h = F.silu(torch._grouped_mm(x, w_gate, offs=offs)) * torch._grouped_mm(x, w_up, offs=offs)
-        return torch._grouped_mm(h, w_down, offs=offs)  # (M, D)
+        gate, up = torch._grouped_mm(x, w_gate_up, offs=offs).chunk(2, dim=-1)  # (M, F) each
+        return torch._grouped_mm(F.silu(gate) * up, w_down, offs=offs)  # (M, D)
 
     def forward_loop(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Reference: one small SwiGLU per expert over its slice of rows (syncs to read counts)."""
@@ -49,15 +51,13 @@ class GroupedExperts(nn.Module):
         x = x.to(dtype)
         outs = []
         for e, rows in enumerate(torch.split(x, counts.tolist(), dim=0)):  # rows: (M_e, D)
-            h = F.silu(rows @ self.w_gate_EFD[e].to(dtype).T) * (
-                rows @ self.w_up_EFD[e].to(dtype).T
-            )
+            gate, up = (rows @ self.w_gate_up_E2FD[e].to(dtype).T).chunk(2, dim=-1)
+            h = F.silu(gate) * up  # (M_e, F)
             outs.append(h @ self.w_down_EDF[e].to(dtype).T)  # (M_e, D)
         return torch.cat(outs, dim=0)
 
     def reset_parameters(self, std: float, out_std: float) -> None:
-        trunc_normal_(self.w_gate_EFD, std)
-        trunc_normal_(self.w_up_EFD, std)
+        trunc_normal_(self.w_gate_up_E2FD, std)
         trunc_normal_(self.w_down_EDF, out_std)
 
 
