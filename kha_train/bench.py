@@ -158,6 +158,7 @@ class Workload:
 
     def step(self) -> torch.Tensor:
         from kha_train.model import collect_expert_counts, update_expert_bias
+        from kha_train.training.optim import clip_gradients
         from kha_train.training.parallel import set_micro_batch_sync
 
         total = torch.zeros((), device=self.device)
@@ -170,7 +171,11 @@ class Workload:
                 loss = self.model(ids, labels) / self.s.accum
             loss.backward()
             total += loss.detach()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0, foreach=True)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        clip_gradients(self.opt, params, grad_norm, 1.0)  # as the trainer clips
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         update_expert_bias(self.model, collect_expert_counts(self.model))

@@ -41,7 +41,9 @@ _SDPA_BACKENDS = {
     AttnBackend.math: SDPBackend.MATH,
 }
 # Kernels that need one head size for q, k and v (MLA's values are narrower: padded for them).
-_SAME_HEAD_DIM = (AttnBackend.cudnn, AttnBackend.flash, AttnBackend.flash_attn)
+# cuDNN takes a narrower v as it is (MLA on H100: 6.4 ms unpadded vs 8.1 ms padded per layer,
+# docs/performance.md); the memory-efficient kernel backs it up where cuDNN declines.
+_SAME_HEAD_DIM = (AttnBackend.flash, AttnBackend.flash_attn)
 
 
 def checked_backend(cfg: ModelConfig) -> AttnBackend:
@@ -76,11 +78,10 @@ def causal_attention(
             groups = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
             gqa = False
-        ctx = (
-            contextlib.nullcontext()
-            if backend == AttnBackend.auto
-            else sdpa_kernel(_SDPA_BACKENDS[backend])
-        )
+        kernels = [_SDPA_BACKENDS[backend]] if backend != AttnBackend.auto else []
+        if backend == AttnBackend.cudnn and d_v != q.shape[-1]:
+            kernels.append(SDPBackend.EFFICIENT_ATTENTION)
+        ctx = sdpa_kernel(kernels) if kernels else contextlib.nullcontext()
         with ctx:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         o = o.transpose(1, 2)  # (B, T, H, d)

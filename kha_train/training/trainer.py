@@ -49,7 +49,7 @@ from typing import Any, TextIO
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
-from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+from torch.nn.utils import get_total_norm
 
 from kha_train.config import Config, ConfigError, total_steps, validate
 from kha_train.training import distributed as D
@@ -63,7 +63,13 @@ from kha_train.training.metrics import (
     peak_flops,
     train_record,
 )
-from kha_train.training.optim import build_optimizer, is_fused, set_lr, summarize_groups
+from kha_train.training.optim import (
+    build_optimizer,
+    clip_gradients,
+    is_fused,
+    set_lr,
+    summarize_groups,
+)
 from kha_train.training.parallel import (
     build_mesh,
     init_weights_like_single_device,
@@ -288,8 +294,7 @@ class Trainer:
         )
         if isinstance(grad_norm, DTensor):
             grad_norm = grad_norm.full_tensor()  # sum of the shards' squares over ranks
-        if self.cfg.optim.grad_clip > 0:
-            clip_grads_with_norm_(self.params, self.cfg.optim.grad_clip, grad_norm, foreach=True)
+        clip_gradients(self.optimizer, self.params, grad_norm, self.cfg.optim.grad_clip)
         ok = torch.isfinite(loss) & torch.isfinite(grad_norm)
 
         set_lr(

@@ -223,3 +223,28 @@ def test_bf16_mixed_precision_and_a_dense_model_train(tmp_path, tiny_dataset) ->
     )
     train(cfg)
     assert len(losses(dense)) == 2 and "moe_max_violation" not in records(dense)[-1]
+
+
+def test_fused_clipping_inside_the_update_matches_explicit_clipping(tmp_path, tiny_dataset) -> None:
+    """The fused optimizer clips through its grad_scale input; foreach clips the gradients
+    first. A small grad_clip makes every step clip."""
+    states = {}
+    for impl in ("fused", "foreach"):
+        cfg = tiny_config(
+            tmp_path / impl, tiny_dataset, optim={"implementation": impl, "grad_clip": 0.05}
+        )
+        t = Trainer(build(cfg), console=io.StringIO())
+        try:
+            for _ in range(3):
+                t._step(t.loader.next_step())
+            t._drain()
+            states[impl] = state_snapshot(t)
+            assert t.window.steps == 3 and t.window.grad_norm / 3 > 0.05  # clipping was active
+        finally:
+            t.close()
+            D.teardown()
+    assert states["fused"].keys() == states["foreach"].keys()
+    for k in states["fused"]:
+        torch.testing.assert_close(
+            states["fused"][k], states["foreach"][k], rtol=1e-5, atol=1e-6, msg=k
+        )
