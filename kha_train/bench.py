@@ -103,6 +103,7 @@ class BenchSettings:
     sync_check: bool = True
     reshard: bool = True  # FSDP2 reshard_after_forward (False: keep bf16 params for backward)
     defer_sync: bool = True  # parallel.defer_grad_sync: one gather and one reduce per step
+    loss_chunk: int | None = None  # tokens per LM-head + loss chunk (None: the model's default)
     # fsdp: the trainer's FSDP2 mixed precision | autocast: fp32 weights + autocast
     mode: str = "fsdp"
 
@@ -137,6 +138,8 @@ class Workload:
             )
             self.model = parallelize(model, pcfg, Precision.bf16, device)
             self.pcfg = pcfg
+        if s.loss_chunk:
+            model.loss_chunk_tokens = s.loss_chunk
         self.model.to_empty(device=device)
         torch.manual_seed(0)
         self.model.init_weights()
@@ -455,6 +458,7 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
         help="parallel.defer_grad_sync=false: gather parameters and reduce gradients for every "
         "micro-batch (default on one GPU: once per step)",
     )
+    p.add_argument("--loss-chunk", type=int, help="tokens per LM-head + loss chunk (default 2048)")
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--no-sync-check", action="store_true")
     p.add_argument("--json", help="append results as JSON lines to this file")
@@ -493,6 +497,7 @@ def main(args: argparse.Namespace) -> int:
         mode=args.mode,
         reshard=not args.no_reshard,
         defer_sync=not args.no_defer_sync,
+        loss_chunk=args.loss_chunk,
     )
     print(
         f"{torch.cuda.get_device_name()} | torch {torch.__version__} | {time.strftime('%Y-%m-%d')}"
