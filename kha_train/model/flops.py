@@ -23,6 +23,7 @@ import dataclasses
 import torch
 
 from kha_train.config import AttnBackend, KHAVariant, ModelConfig, is_moe_layer
+from kha_train.model.loss import DEFAULT_CHUNK_TOKENS
 
 
 def _meta_model(cfg: ModelConfig):
@@ -134,7 +135,7 @@ def train_memory_estimate(
     seq_len: int,
     n_ranks: int = 1,
     activation_checkpointing: bool = False,
-    loss_chunk_tokens: int = 2048,
+    loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
 ) -> dict[str, float]:
     """A rough per-rank training memory estimate in bytes (expect +-30%), FSDP over n_ranks:
     fp32 weights, fp32 grads and AdamW moments sharded; bf16 copies of two gathered blocks

@@ -25,7 +25,7 @@ from kha_train.model.attn_mla import LatentAttention
 from kha_train.model.attn_talking import TalkingHeadsAttention
 from kha_train.model.ffn import SwiGLU
 from kha_train.model.init import trunc_normal_
-from kha_train.model.loss import IGNORE_INDEX, chunked_cross_entropy
+from kha_train.model.loss import DEFAULT_CHUNK_TOKENS, IGNORE_INDEX, chunked_cross_entropy
 from kha_train.model.moe.layer import MoELayer
 from kha_train.model.norms import RMSNorm
 from kha_train.model.rope import RotaryEmbedding
@@ -93,7 +93,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         # Tokens per chunk of the LM head + loss (see loss.py): bounds the logits held at once.
-        self.loss_chunk_tokens = 2048
+        self.loss_chunk_tokens = DEFAULT_CHUNK_TOKENS
         layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         # The attention variant decides how many features of a head RoPE rotates: all of them,

@@ -87,7 +87,10 @@ class StepHistory:
         local = torch.stack(self._drained_ids)  # (k, samples per rank per step)
         if world_size > 1:
             local = local.to(device)
-            out = torch.empty((world_size, *local.shape), dtype=local.dtype, device=device)
+            k = local.shape[0]
+            # Ranks' blocks concatenated along dim 0 (gloo accepts only that output layout).
+            out = torch.empty((world_size * k, *local.shape[1:]), dtype=local.dtype, device=device)
             dist.all_gather_into_tensor(out, local)
-            local = out.transpose(0, 1).reshape(local.shape[0], -1)  # (k, world * per rank)
+            out = out.view(world_size, k, -1)  # (world, k, per rank)
+            local = out.transpose(0, 1).reshape(k, -1)  # (k, world * per rank)
         return {self._drained_first + j: ids for j, ids in enumerate(local.tolist())}
