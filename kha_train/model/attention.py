@@ -30,7 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kha_train.config import AttnBackend, ModelConfig
 from kha_train.model.init import trunc_normal_
-from kha_train.model.kha import KHALinear, build_kha
+from kha_train.model.kha import KHAMLP, KHALinear, build_kha
 from kha_train.model.norms import RMSNorm
 from kha_train.model.rope import apply_rope
 
@@ -117,13 +117,16 @@ class Attention(nn.Module):
         self.kha_v = build_kha(cfg.kha.variant, cfg.head_dim) if "v" in targets else None
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        # KHA-MLP on V: its last matrix W_down is applied after attention, inside o_proj (see
+        # _out_weight). Subclasses whose heads' outputs pass a nonlinearity first turn it off.
+        self.v_down_in_output = isinstance(self.kha_v, KHAMLP)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         q, k, v = self.project(x)
         q, k, v = self.knock(q, k, v)
         q, k = self.norm_and_rotate(q, k, rope)
-        o = self._attend(q, k, v)  # (B, T, H, d)
-        return self.o_proj(self.merge_heads(o))
+        o = self.merge_heads(self._attend(q, k, v))  # (B, T, H * d)
+        return F.linear(o, self._out_weight()) if self.v_down_in_output else self.o_proj(o)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v heads, with KHA-Linear already applied (folded into the weights)."""
@@ -153,14 +156,24 @@ class Attention(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The knocking-heads transforms that act on activations: KHA-MLP and gate (KHA-Linear
-        is folded into the projection weights in :meth:`project`). Identity at init."""
+        is folded into the projection weights in :meth:`project`; KHA-MLP's W_down on V, when
+        ``v_down_in_output``, into the output projection). Identity at init."""
         if self.kha_q is not None and not isinstance(self.kha_q, KHALinear):
             q = self.kha_q(q)
         if self.kha_k is not None and not isinstance(self.kha_k, KHALinear):
             k = self.kha_k(k)
         if self.kha_v is not None and not isinstance(self.kha_v, KHALinear):
-            v = self.kha_v(v)
+            v = self.kha_v.gated(v) if self.v_down_in_output else self.kha_v(v)
         return q, k, v
+
+    def _out_weight(self) -> torch.Tensor:
+        """o_proj's weight [D, H * d] with KHA-MLP's W_down on V folded in. Attention is linear in V and W_down acts on each head's features
+        alone, so softmax(.) (h W_down) = (softmax(.) h) W_down, and o_h W_down W_O,h^T is
+        o_h (W_O,h W_down^T)^T: the same function and gradients, without a [tokens * kv_heads,
+        d] x [d, d] GEMM (forward and backward) per layer; the fold costs D * H * d^2."""
+        w = self.o_proj.weight
+        down = self.kha_v.w_down.to(w.dtype)
+        return (w.view(w.shape[0], -1, self.head_dim) @ down.T).view_as(w)  # (D, H * d)
 
     def norm_and_rotate(
         self, q: torch.Tensor, k: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]

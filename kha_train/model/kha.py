@@ -48,12 +48,17 @@ class KHAMLP(nn.Module):
         self.w_down = nn.Parameter(torch.empty(head_dim, head_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, heads, d_head)
+        return self.gated(x) @ self.w_down.to(x.dtype)
+
+    def gated(self, x: torch.Tensor) -> torch.Tensor:
+        """2 * (x W_up) * sigmoid(x W_gate): the MLP before W_down (which attention, being
+        linear in V, lets ``Attention`` fold into its output projection)."""
         # x W_up and x W_gate as one matmul against [W_up | W_gate] (d, 2d): one GEMM instead of
         # two, forward and backward (these GEMMs are small: a launch saved is time saved).
         w_up_gate = torch.cat([self.w_up, self.w_gate], dim=1).to(x.dtype)  # (d, 2d)
         up, gate = (x @ w_up_gate).chunk(2, dim=-1)  # (B, T, heads, d) each
         # The factor 2 makes 2 * sigmoid(0) = 1: the identity at init.
-        return (2 * (up * torch.sigmoid(gate))) @ self.w_down.to(x.dtype)
+        return 2 * (up * torch.sigmoid(gate))
 
     def reset_parameters(self) -> None:
         fill_identity_(self.w_up)

@@ -3,9 +3,11 @@ function and the same gradients as transforming the activations (paper eqs. 5-8)
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from kha_train.config import KHAConfig, KHAVariant, ModelConfig
+from kha_train.config import KHAConfig, KHAVariant, MEAConfig, ModelConfig
+from kha_train.model import Transformer
 from kha_train.model.attention import Attention
 
 
@@ -40,3 +42,42 @@ def test_folded_kha_linear_equals_activation_order() -> None:
             assert a is None or torch.count_nonzero(a) == 0, name
         else:
             torch.testing.assert_close(a, b, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("attention", "mea_head_norm", "folds"),
+    [
+        ("gqa", True, True),
+        ("talking_heads", True, True),
+        ("mea", False, True),
+        ("mea", True, False),
+    ],
+)
+def test_kha_mlp_down_folded_into_output_equals_applying_it_to_v(
+    attention: str, mea_head_norm: bool, folds: bool
+) -> None:
+    """KHA-MLP on V with W_down inside o_proj: the same output and gradients as applying the
+    whole MLP to V (attention is linear in V); MEA's head norm in between keeps it on V."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=64, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8,
+        attention=attention, attn_backend="math", mea=MEAConfig(head_norm=mea_head_norm),
+        kha=KHAConfig(variant=KHAVariant.mlp, targets=["v"]),
+    )  # fmt: skip
+    model = Transformer(cfg).double()
+    model.init_weights()
+    attn = model.layers[0].attn
+    assert attn.v_down_in_output == folds
+    for w in (attn.kha_v.w_up, attn.kha_v.w_gate, attn.kha_v.w_down):
+        w.data += 0.3 * torch.randn_like(w)  # learnt, non-identity matrices
+    x, rope = torch.randn(2, 7, 32, dtype=torch.float64), model.rope(7)
+    rope = tuple(r.double() for r in rope)
+    params = [p for _, p in attn.named_parameters()]
+    out = attn(x, rope)
+    grads = torch.autograd.grad(out.square().sum(), params)
+    attn.v_down_in_output = False  # the reference: the whole MLP on V, then o_proj
+    ref = attn(x, rope)
+    grads_ref = torch.autograd.grad(ref.square().sum(), params)
+    torch.testing.assert_close(out, ref)
+    for (name, _), a, b in zip(attn.named_parameters(), grads, grads_ref):
+        torch.testing.assert_close(a, b, msg=name)
