@@ -136,7 +136,14 @@ def shape_mismatches(
         elif saved[k] != ours[k]:
             problems.append(f"{k}: {source} {list(saved[k])}, this model {list(ours[k])}")
     extra = len(problems) - limit
-    return problems[:limit] + ([f"... and {extra} more"] if extra > 0 else [])
+    shown = problems[:limit] + ([f"... and {extra} more"] if extra > 0 else [])
+    if any(k.endswith("experts.w_gate_EFD") for k in saved):
+        shown.append(
+            f"(the {source} is from before kha-train stacked each expert's gate and up weights "
+            "into experts.w_gate_up_E2FD [E, 2F, D], gate rows first: concatenate w_gate_EFD "
+            "and w_up_EFD along dim 1 to load it)"
+        )
+    return shown
 
 
 def _check_shapes(

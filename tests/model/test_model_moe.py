@@ -231,3 +231,17 @@ def test_bf16_router_logits_are_the_fp32_product_with_bf16_gradients() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert router_logits(x.detach().float(), w32).dtype == torch.float32
     torch.library.opcheck(mm_fp32_out, (x.detach(), w.detach().T))
+
+
+def test_weights_of_the_old_expert_layout_get_a_conversion_hint() -> None:
+    from kha_train.model.weights_io import shape_mismatches
+
+    ours = {"layers.1.ffn.experts.w_gate_up_E2FD": (E, 2 * FF, D)}
+    old = {
+        "layers.1.ffn.experts.w_gate_EFD": (E, FF, D),
+        "layers.1.ffn.experts.w_up_EFD": (E, FF, D),
+    }
+    lines = shape_mismatches(old, ours, "checkpoint")
+    assert any("w_gate_up_E2FD: missing from the checkpoint" in line for line in lines)
+    assert "concatenate w_gate_EFD and w_up_EFD along dim 1" in lines[-1]
+    assert not any("concatenate" in line for line in shape_mismatches(ours, ours, "checkpoint"))

@@ -68,12 +68,14 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _grouped_mm_ok(device: torch.device, dtype: torch.dtype, shape_EFD: torch.Size) -> bool:
+def _grouped_mm_ok(device: torch.device, dtype: torch.dtype, shape_E2FD: torch.Size) -> bool:
     if device.type == "cuda":
-        # The CUDA kernel takes bf16 operands whose row strides are 16-byte aligned.
-        ok = dtype == torch.bfloat16 and shape_EFD[1] % 8 == 0 and shape_EFD[2] % 8 == 0
+        # The CUDA kernel takes bf16 operands whose rows start 16-byte aligned: D and F (the
+        # up half of the gate|up output starts F values into each row) multiples of 8.
+        ffn, dim = shape_E2FD[1] // 2, shape_E2FD[2]
+        ok = dtype == torch.bfloat16 and ffn % 8 == 0 and dim % 8 == 0
         if not ok:
-            _warn_fallback(f"dtype {dtype}, expert shape {tuple(shape_EFD)}")
+            _warn_fallback(f"dtype {dtype}, expert FFN {ffn}, dim {dim}")
         return ok
     return _cpu_grouped_mm_works(device.type, dtype)
 
