@@ -102,7 +102,8 @@ class BenchSettings:
     peak_tflops: float = 989.0
     profile: bool = True
     sync_check: bool = True
-    reshard: bool = True  # FSDP2 reshard_after_forward (False: keep bf16 params for backward)
+    # FSDP2 reshard_after_forward; None: the trainer's default (off on one GPU)
+    reshard: bool | None = None
     defer_sync: bool = True  # parallel.defer_grad_sync: one gather and one reduce per step
     loss_chunk: int | None = None  # tokens per LM-head + loss chunk (None: the model's default)
     # fsdp: the trainer's FSDP2 mixed precision | autocast: fp32 weights + autocast
@@ -454,8 +455,17 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     )
     p.add_argument(
         "--no-reshard",
+        dest="reshard",
+        action="store_false",
+        default=None,
+        help="parallel.reshard_after_forward=false: keep gathered parameters for the backward "
+        "(the default on one GPU)",
+    )
+    p.add_argument(
+        "--reshard",
+        dest="reshard",
         action="store_true",
-        help="FSDP2 reshard_after_forward=False (one GPU: no second all-gather)",
+        help="parallel.reshard_after_forward=true: free them after the forward (ZeRO-3)",
     )
     p.add_argument(
         "--no-defer-sync",
@@ -500,7 +510,7 @@ def main(args: argparse.Namespace) -> int:
         profile=not args.no_profile,
         sync_check=not args.no_sync_check,
         mode=args.mode,
-        reshard=not args.no_reshard,
+        reshard=args.reshard,
         defer_sync=not args.no_defer_sync,
         loss_chunk=args.loss_chunk,
     )

@@ -113,8 +113,15 @@ def parallelize(
     apply_activation_checkpointing(model, cfg)
     if cfg.compile:
         apply_compile(model)
-    apply_fsdp(model, mesh, precision, cfg.reshard_after_forward)
+    apply_fsdp(model, mesh, precision, reshards_after_forward(cfg))
     return model
+
+
+def _shards_parameters(cfg: ParallelConfig) -> bool:
+    """Whether each rank holds only a part of the parameters (shard groups of 2+ ranks)."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    shard = cfg.dp_shard if cfg.dp_shard != -1 else world // cfg.dp_replicate
+    return shard > 1
 
 
 def defers_grad_sync(cfg: ParallelConfig) -> bool:
@@ -122,9 +129,14 @@ def defers_grad_sync(cfg: ParallelConfig) -> bool:
     itself alone (nothing is sharded, so keeping everything gathered costs no memory)."""
     if cfg.defer_grad_sync is not None:
         return cfg.defer_grad_sync
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    shard = cfg.dp_shard if cfg.dp_shard != -1 else world // cfg.dp_replicate
-    return shard == 1
+    return not _shards_parameters(cfg)
+
+
+def reshards_after_forward(cfg: ParallelConfig) -> bool:
+    """``parallel.reshard_after_forward``, with null resolved: on when parameters are sharded."""
+    if cfg.reshard_after_forward is not None:
+        return cfg.reshard_after_forward
+    return _shards_parameters(cfg)
 
 
 def set_micro_batch_sync(model: nn.Module, cfg: ParallelConfig, last: bool) -> None:

@@ -76,10 +76,14 @@ def test_without_fsdp_or_the_option_nothing_changes() -> None:
     assert model.weight.grad is not None
 
 
-def test_deferred_sync_defaults_on_only_when_nothing_is_sharded() -> None:
-    from kha_train.training.parallel import defers_grad_sync
+def test_deferred_sync_and_keeping_params_default_on_only_when_nothing_is_sharded() -> None:
+    from kha_train.training.parallel import defers_grad_sync, reshards_after_forward
 
     assert defers_grad_sync(ParallelConfig())  # one process: a shard group of one
     assert not defers_grad_sync(ParallelConfig(dp_shard=2))
     assert defers_grad_sync(ParallelConfig(dp_shard=2, defer_grad_sync=True))
     assert not defers_grad_sync(ParallelConfig(defer_grad_sync=False))
+    assert not reshards_after_forward(ParallelConfig())
+    assert reshards_after_forward(ParallelConfig(dp_shard=2))
+    assert reshards_after_forward(ParallelConfig(reshard_after_forward=True))
+    assert not reshards_after_forward(ParallelConfig(dp_shard=2, reshard_after_forward=False))
