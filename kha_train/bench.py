@@ -393,7 +393,8 @@ def run(mcfg: ModelConfig, s: BenchSettings, variants: list[str]) -> list[dict[s
 def format_table(results: list[dict[str, Any]], s: BenchSettings) -> str:
     lines = [
         f"seq {s.seq_len} x micro-batch {s.micro_batch} x accum {s.accum}, compile={s.compile}, "
-        f"ac={s.ac.value}, mode={s.mode}, reshard={s.reshard}, defer_sync={s.defer_sync}, peak {s.peak_tflops:.0f} TFLOP/s",
+        f"ac={s.ac.value}, mode={s.mode}, reshard={s.reshard}, defer_sync={s.defer_sync}, "
+        f"peak {s.peak_tflops:.0f} TFLOP/s",
         f"{'variant':8} {'params':>8} {'active':>7} {'step ms':>8} {'tok/s':>9} {'TFLOP/s':>8} "
         f"{'MFU':>6} {'mem GiB':>8}",
     ]

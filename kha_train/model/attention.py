@@ -41,7 +41,7 @@ _SDPA_BACKENDS = {
     AttnBackend.math: SDPBackend.MATH,
 }
 # Kernels that need one head size for q, k and v (MLA's values are narrower: padded for them).
-# cuDNN takes a narrower v as it is (MLA on H100: 6.4 ms unpadded vs 8.1 ms padded per layer,
+# cuDNN takes a narrower v as it is (MLA on H100: 6.6 ms unpadded vs 8.1 ms padded per layer,
 # docs/performance.md); the memory-efficient kernel backs it up where cuDNN declines.
 _SAME_HEAD_DIM = (AttnBackend.flash, AttnBackend.flash_attn)
 
@@ -167,10 +167,11 @@ class Attention(nn.Module):
         return q, k, v
 
     def _out_weight(self) -> torch.Tensor:
-        """o_proj's weight [D, H * d] with KHA-MLP's W_down on V folded in. Attention is linear in V and W_down acts on each head's features
-        alone, so softmax(.) (h W_down) = (softmax(.) h) W_down, and o_h W_down W_O,h^T is
-        o_h (W_O,h W_down^T)^T: the same function and gradients, without a [tokens * kv_heads,
-        d] x [d, d] GEMM (forward and backward) per layer; the fold costs D * H * d^2."""
+        """o_proj's weight [D, H * d] with KHA-MLP's W_down on V folded in. Attention is linear
+        in V and W_down acts on each head's features alone, so softmax(.) (h W_down) =
+        (softmax(.) h) W_down, and o_h W_down W_O,h^T is o_h (W_O,h W_down^T)^T: the same
+        function and gradients, without a [tokens * kv_heads, d] x [d, d] GEMM (forward and
+        backward) per layer; the fold costs D * H * d^2."""
         w = self.o_proj.weight
         down = self.kha_v.w_down.to(w.dtype)
         return (w.view(w.shape[0], -1, self.head_dim) @ down.T).view_as(w)  # (D, H * d)

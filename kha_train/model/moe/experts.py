@@ -29,7 +29,6 @@ class GroupedExperts(nn.Module):
     def __init__(self, dim: int, ffn_size: int, num_experts: int) -> None:
         super().__init__()
         self.num_experts = num_experts
-        self.ffn_size = ffn_size
         self.w_gate_up_E2FD = nn.Parameter(torch.empty(num_experts, 2 * ffn_size, dim))
         self.w_down_EDF = nn.Parameter(torch.empty(num_experts, dim, ffn_size))
 
