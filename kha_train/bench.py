@@ -120,6 +120,14 @@ class Workload:
         with torch.device("meta"):
             model = Transformer(mcfg)
         self.autocast = s.mode == "autocast"
+        # The trainer's parallel settings (in autocast mode there is no FSDP for them to act on).
+        self.pcfg = ParallelConfig(
+            activation_checkpointing=s.ac,
+            ac_every_n=s.ac_every_n,
+            compile=s.compile,
+            reshard_after_forward=s.reshard,
+            defer_grad_sync=s.defer_sync,
+        )
         if self.autocast:
             # fp32 weights on the device, bf16 compute through autocast (single GPU).
             if s.compile:
@@ -131,15 +139,7 @@ class Workload:
             # weights and gradient reduction), AC and compile applied by parallelize().
             from kha_train.training.parallel import parallelize
 
-            pcfg = ParallelConfig(
-                activation_checkpointing=s.ac,
-                ac_every_n=s.ac_every_n,
-                compile=s.compile,
-                reshard_after_forward=s.reshard,
-                defer_grad_sync=s.defer_sync,
-            )
-            self.model = parallelize(model, pcfg, Precision.bf16, device)
-            self.pcfg = pcfg
+            self.model = parallelize(model, self.pcfg, Precision.bf16, device)
         if s.loss_chunk:
             model.loss_chunk_tokens = s.loss_chunk
         self.model.to_empty(device=device)
@@ -163,13 +163,12 @@ class Workload:
 
     def step(self) -> torch.Tensor:
         from kha_train.model import collect_expert_counts, update_expert_bias
-        from kha_train.training.optim import clip_gradients
+        from kha_train.training.optim import clip_gradients, global_grad_norm
         from kha_train.training.parallel import set_micro_batch_sync
 
         total = torch.zeros((), device=self.device)
         for i in range(self.s.accum):
-            if not self.autocast:
-                set_micro_batch_sync(self.model, self.pcfg, last=i == self.s.accum - 1)
+            set_micro_batch_sync(self.model, self.pcfg, last=i == self.s.accum - 1)
             ids, labels = self.batches[self._i % len(self.batches)]
             self._i += 1
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
@@ -177,10 +176,7 @@ class Workload:
             loss.backward()
             total += loss.detach()
         params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
-        clip_gradients(self.opt, params, grad_norm, 1.0)  # as the trainer clips
+        clip_gradients(self.opt, params, global_grad_norm(params), 1.0)  # as the trainer clips
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         update_expert_bias(self.model, collect_expert_counts(self.model))

@@ -30,7 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kha_train.config import AttnBackend, ModelConfig
 from kha_train.model.init import trunc_normal_
-from kha_train.model.kha import KHAMLP, KHALinear, build_kha
+from kha_train.model.kha import KHAMLP, KHALinear, build_kha_targets
 from kha_train.model.norms import RMSNorm
 from kha_train.model.rope import apply_rope
 
@@ -111,10 +111,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=False)
         self.o_proj = nn.Linear(q_dim, cfg.hidden_size, bias=False)
-        targets = set(cfg.kha.targets)
-        self.kha_q = build_kha(cfg.kha.variant, cfg.head_dim) if "q" in targets else None
-        self.kha_k = build_kha(cfg.kha.variant, cfg.head_dim) if "k" in targets else None
-        self.kha_v = build_kha(cfg.kha.variant, cfg.head_dim) if "v" in targets else None
+        self.kha_q, self.kha_k, self.kha_v = build_kha_targets(
+            cfg.kha.variant, cfg.kha.targets, cfg.head_dim
+        )
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         # KHA-MLP on V: its last matrix W_down is applied after attention, inside o_proj (see

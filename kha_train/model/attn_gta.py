@@ -32,7 +32,7 @@ from kha_train.model.attention import (
     checked_backend,
 )
 from kha_train.model.init import trunc_normal_
-from kha_train.model.kha import build_kha
+from kha_train.model.kha import build_kha_targets, knock
 from kha_train.model.norms import RMSNorm
 from kha_train.model.rope import apply_rope
 
@@ -53,10 +53,9 @@ class GroupedTiedAttention(nn.Module):
         self.kv_proj = nn.Linear(D, cfg.num_kv_heads * cfg.head_dim, bias=False)
         self.k_rope_proj = nn.Linear(D, self.rope_dim, bias=False)
         self.o_proj = nn.Linear(q_dim, D, bias=False)
-        targets = set(cfg.kha.targets)
-        self.kha_q = build_kha(cfg.kha.variant, cfg.head_dim) if "q" in targets else None
-        self.kha_k = build_kha(cfg.kha.variant, cfg.head_dim) if "k" in targets else None
-        self.kha_v = build_kha(cfg.kha.variant, cfg.head_dim) if "v" in targets else None
+        self.kha_q, self.kha_k, self.kha_v = build_kha_targets(
+            cfg.kha.variant, cfg.kha.targets, cfg.head_dim
+        )
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
@@ -67,13 +66,7 @@ class GroupedTiedAttention(nn.Module):
         kv = self.kv_proj(x).view(B, T, Hkv, d)  # (B, T, Hkv, d)
         k_r = self.k_rope_proj(x).view(B, T, 1, r).expand(B, T, Hkv, r)  # (B, T, Hkv, d/2)
         k = torch.cat((kv[..., : d - r], k_r), dim=-1)  # (B, T, Hkv, d)
-        v = kv
-        if self.kha_q is not None:
-            q = self.kha_q(q)
-        if self.kha_k is not None:
-            k = self.kha_k(k)
-        if self.kha_v is not None:
-            v = self.kha_v(v)
+        q, k, v = knock(self.kha_q, q), knock(self.kha_k, k), knock(self.kha_v, kv)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = _rotate_last(q, r, rope), _rotate_last(k, r, rope)

@@ -35,7 +35,7 @@ from kha_train.model.attention import (
     checked_backend,
 )
 from kha_train.model.init import trunc_normal_
-from kha_train.model.kha import build_kha
+from kha_train.model.kha import build_kha_targets, knock
 from kha_train.model.norms import RMSNorm
 from kha_train.model.rope import apply_rope
 
@@ -65,10 +65,7 @@ class LatentAttention(nn.Module):
         self.kv_latent_norm = RMSNorm(mla.kv_lora_rank, cfg.norm_eps)
         self.kv_up = nn.Linear(mla.kv_lora_rank, cfg.num_kv_heads * 2 * n, bias=False)
         self.o_proj = nn.Linear(H * n, D, bias=False)
-        targets = set(cfg.kha.targets)
-        self.kha_q = build_kha(cfg.kha.variant, n) if "q" in targets else None
-        self.kha_k = build_kha(cfg.kha.variant, n) if "k" in targets else None
-        self.kha_v = build_kha(cfg.kha.variant, n) if "v" in targets else None
+        self.kha_q, self.kha_k, self.kha_v = build_kha_targets(cfg.kha.variant, cfg.kha.targets, n)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         B, T, _ = x.shape
@@ -78,12 +75,7 @@ class LatentAttention(nn.Module):
         c_kv, k_r = self.kv_down(x).split((self.kv_lora_rank, r), dim=-1)  # (B, T, c), (B, T, r)
         kv = self.kv_up(self.kv_latent_norm(c_kv)).view(B, T, Hkv, 2 * n)  # (B, T, Hkv, 2n)
         k_n, v = kv.split((n, n), dim=-1)  # (B, T, Hkv, n) each
-        if self.kha_q is not None:
-            q_n = self.kha_q(q_n)
-        if self.kha_k is not None:
-            k_n = self.kha_k(k_n)
-        if self.kha_v is not None:
-            v = self.kha_v(v)
+        q_n, k_n, v = knock(self.kha_q, q_n), knock(self.kha_k, k_n), knock(self.kha_v, v)
         cos, sin = rope  # (T, r / 2) each
         q_r = apply_rope(q_r, cos, sin)
         k_r = apply_rope(k_r.view(B, T, 1, r), cos, sin).expand(B, T, Hkv, r)

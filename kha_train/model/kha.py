@@ -80,6 +80,23 @@ class KHAGate(nn.Module):
         nn.init.zeros_(self.w_gate)
 
 
+def build_kha_targets(
+    variant: KHAVariant, targets: list[str], head_dim: int
+) -> tuple[nn.Module | None, nn.Module | None, nn.Module | None]:
+    """The KHA modules of q, k and v (None for a target not in ``targets``), as every attention
+    module stores them: ``self.kha_q, self.kha_k, self.kha_v = build_kha_targets(...)``."""
+
+    def one(target: str) -> nn.Module | None:
+        return build_kha(variant, head_dim) if target in targets else None
+
+    return one("q"), one("k"), one("v")
+
+
+def knock(kha: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+    """x through its target's KHA module, or unchanged without one."""
+    return x if kha is None else kha(x)
+
+
 def build_kha(variant: KHAVariant, head_dim: int) -> nn.Module | None:
     """The KHA module of one target (q, k or v), or None for variant none."""
     match variant:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from kha_train.config import OptimConfig
 
@@ -90,6 +91,16 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
 def is_fused(optimizer: torch.optim.Optimizer) -> bool:
     """Whether the optimizer runs the fused kernel (which honours ``found_inf``)."""
     return bool(optimizer.defaults.get("fused"))
+
+
+def global_grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of all parameters' gradients over every rank, a device scalar (no sync)."""
+    norm = torch.nn.utils.get_total_norm(
+        [p.grad for p in params if p.grad is not None], foreach=True
+    )
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()  # the sum of the shards' squares over ranks
+    return norm
 
 
 def clip_gradients(

@@ -48,8 +48,6 @@ from typing import Any, TextIO
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
-from torch.nn.utils import get_total_norm
 
 from kha_train.config import Config, ConfigError, total_steps, validate
 from kha_train.training import distributed as D
@@ -66,6 +64,7 @@ from kha_train.training.metrics import (
 from kha_train.training.optim import (
     build_optimizer,
     clip_gradients,
+    global_grad_norm,
     is_fused,
     set_lr,
     summarize_groups,
@@ -289,11 +288,7 @@ class Trainer:
             dist.all_reduce(loss_sum)
         loss = loss_sum / world  # the global batch's mean loss
 
-        grad_norm = get_total_norm(
-            [p.grad for p in self.params if p.grad is not None], foreach=True
-        )
-        if isinstance(grad_norm, DTensor):
-            grad_norm = grad_norm.full_tensor()  # sum of the shards' squares over ranks
+        grad_norm = global_grad_norm(self.params)
         clip_gradients(self.optimizer, self.params, grad_norm, self.cfg.optim.grad_clip)
         ok = torch.isfinite(loss) & torch.isfinite(grad_norm)
 
