@@ -7,20 +7,20 @@ and imports its heavy modules only inside the handler, so ``kha-train --help`` i
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
-from kha_train import __version__
+from kha_train import __version__, bench
 from kha_train.config import ConfigError
+from kha_train.data import commands as data_commands
+from kha_train.tools import commands as tool_commands
+from kha_train.training import commands as training_commands
 
 # The packages whose commands make up the CLI, in --help order.
 COMMAND_MODULES = (
-    "kha_train.training.commands",  # train
-    "kha_train.data.commands",  # tokenizer train, data prepare
-    "kha_train.model.commands",  # info
-    "kha_train.export",  # export
-    "kha_train.evaluate",  # eval
-    "kha_train.bench",  # bench
+    training_commands,  # train
+    data_commands,  # tokenizer train, data prepare
+    tool_commands,  # info, virtual-heads, export
+    bench,  # bench
 )
 
 
@@ -35,15 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"kha-train {__version__}")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            # Only a command whose own module is absent is skipped; a missing dependency
-            # inside it is a real error.
-            if e.name is None or not name.startswith(e.name):
-                raise
-            continue
+    for module in COMMAND_MODULES:
         module.add_commands(subparsers)
     return parser
 

@@ -82,6 +82,12 @@ class MoEConfig:
     bias_update_rate: float = 1e-3  # u in the loss-free rules, applied once per optimizer step
     aux_loss_coef: float = 1e-2  # weight of the Switch aux loss when balancing=aux_loss
 
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Whether layer ``layer_idx`` (0-based) uses the routed MoE FFN."""
+        if self.num_experts == 0 or layer_idx < self.first_k_dense:
+            return False
+        return (layer_idx + 1) % self.moe_every_n == 0
+
 
 @dataclass
 class KHAConfig:
@@ -433,16 +439,3 @@ def save_config(cfg: Config, path: str | os.PathLike[str]) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(to_yaml(cfg))
     tmp.replace(path)
-
-
-# The cross-field checks live in kha_train/config_checks.py (which imports this schema); they are
-# reachable from here too, resolved on first use (PEP 562) so the two modules import no cycle.
-_CHECKS = ("is_moe_layer", "total_steps", "validate", "validate_model")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _CHECKS:
-        from kha_train import config_checks
-
-        return getattr(config_checks, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,15 +14,7 @@ from kha_train.config import (
     ConfigError,
     KHAVariant,
     ModelConfig,
-    MoEConfig,
 )
-
-
-def is_moe_layer(moe: MoEConfig, layer_idx: int) -> bool:
-    """Whether layer ``layer_idx`` (0-based) uses the routed MoE FFN."""
-    if moe.num_experts == 0 or layer_idx < moe.first_k_dense:
-        return False
-    return (layer_idx + 1) % moe.moe_every_n == 0
 
 
 def validate_model(m: ModelConfig) -> list[str]:
@@ -62,7 +54,7 @@ def validate_model(m: ModelConfig) -> list[str]:
             errs.append("model.moe.expert_ffn_size must be positive for an MoE model")
         if moe.moe_every_n < 1:
             errs.append(f"model.moe.moe_every_n must be >= 1, got {moe.moe_every_n}")
-        elif not any(is_moe_layer(moe, i) for i in range(m.num_layers)):
+        elif not any(moe.is_moe_layer(i) for i in range(m.num_layers)):
             errs.append(
                 "no layer is MoE: model.moe.first_k_dense / moe_every_n leave every one of the "
                 f"{m.num_layers} layers dense (set model.moe.num_experts=0 for a dense model)"
@@ -74,7 +66,7 @@ def validate_model(m: ModelConfig) -> list[str]:
     dense_layers = (
         m.num_layers
         if moe.num_experts == 0
-        else sum(not is_moe_layer(moe, i) for i in range(m.num_layers))
+        else sum(not moe.is_moe_layer(i) for i in range(m.num_layers))
     )
     if dense_layers and m.ffn_size <= 0:
         errs.append(f"model.ffn_size must be positive: {dense_layers} layer(s) use the dense FFN")

@@ -12,9 +12,8 @@ from kha_train.config import (
     KHAVariant,
     load_config,
     save_config,
-    total_steps,
-    validate,
 )
+from kha_train.config_checks import total_steps, validate
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "kha_moe.yaml"
 

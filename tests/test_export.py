@@ -11,9 +11,9 @@ import torch
 
 from kha_train.cli import main as cli_main
 from kha_train.config import KHAConfig, ModelConfig, MoEConfig
-from kha_train.export import ExportError, export_hf
 from kha_train.model.transformer import Transformer
-from kha_train.model.weights_io import save_weights
+from kha_train.tools.export import ExportError, export_hf
+from kha_train.tools.weights_io import save_weights
 
 transformers = pytest.importorskip("transformers")
 

@@ -22,7 +22,7 @@ import dataclasses
 
 import torch
 
-from kha_train.config import AttnBackend, KHAVariant, ModelConfig, is_moe_layer
+from kha_train.config import AttnBackend, KHAVariant, ModelConfig
 from kha_train.model.loss import DEFAULT_CHUNK_TOKENS
 
 
@@ -120,7 +120,7 @@ def _activation_bytes_per_token(cfg: ModelConfig, layer_idx: int, attn_bytes: in
     attn = attn_bytes
     kha = {"none": 0, "linear": 2, "mlp": 8, "gate": 4}[KHAVariant(cfg.kha.variant).value]
     attn += kha * sum({"q": q, "k": kv, "v": kv}[t] for t in cfg.kha.targets) if kha else 0
-    if is_moe_layer(cfg.moe, layer_idx):
+    if cfg.moe.is_moe_layer(layer_idx):
         K, F, E = cfg.moe.top_k, cfg.moe.expert_ffn_size, cfg.moe.num_experts
         ffn = 4 * D + 8 * E + 2 * (3 * K * D + 5 * K * F)  # router fp32, gathered rows, SwiGLU
         ffn += 2 * (D + 5 * cfg.moe.num_shared_experts * F)

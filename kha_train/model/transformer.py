@@ -3,7 +3,7 @@ final norm, LM head (tied to the embeddings or not), and the chunked training lo
 
     h_0     = Embed(tokens)
     a_l     = h_{l-1} + Attention(RMSNorm(h_{l-1}))   Attention: per model.attention
-    h_l     = a_l + FFN_l(RMSNorm(a_l))               FFN_l: SwiGLU or MoE (config.is_moe_layer)
+    h_l     = a_l + FFN_l(RMSNorm(a_l))               FFN_l: SwiGLU or MoE (MoEConfig.is_moe_layer)
     logits  = RMSNorm(h_L) W_head^T                   W_head = W_embed when tied
 
 Parallelism, activation checkpointing and compilation are applied from outside (the trainer
@@ -17,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-from kha_train.config import AttentionKind, Balancing, ModelConfig, is_moe_layer
+from kha_train.config import AttentionKind, Balancing, ModelConfig
 from kha_train.model.attention import Attention
 from kha_train.model.attn_gta import GroupedTiedAttention
 from kha_train.model.attn_mea import ExplicitAttention
@@ -62,7 +62,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.attn = build_attention(cfg)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.is_moe = is_moe_layer(cfg.moe, layer_idx)
+        self.is_moe = cfg.moe.is_moe_layer(layer_idx)
         self.ffn: SwiGLU | MoELayer = (
             MoELayer(cfg.hidden_size, cfg.moe)
             if self.is_moe

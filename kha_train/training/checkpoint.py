@@ -214,23 +214,56 @@ class CheckpointManager:
         return json.loads((path / TRAINER_STATE).read_text())
 
 
+def checkpoint_model_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """The global shape of every ``model.*`` tensor of the checkpoint at ``path`` (prefix
+    removed), read from its DCP metadata."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return {
+        k.removeprefix("model."): tuple(v.size)
+        for k, v in meta.items()
+        if k.startswith("model.") and isinstance(v, TensorStorageMetadata)
+    }
+
+
+def shape_mismatches(
+    saved: dict[str, tuple[int, ...]],
+    ours: dict[str, tuple[int, ...]],
+    source: str,
+    limit: int = 12,
+) -> list[str]:
+    """One line per tensor whose shape differs between ``saved`` (read from ``source``) and
+    ``ours`` (this model), missing on either side included: at most ``limit`` lines plus a count
+    of the rest. Shared by weight files and trainer checkpoints."""
+    problems = []
+    for k in sorted(set(saved) | set(ours)):
+        if k not in saved:
+            problems.append(f"{k}: missing from the {source} (this model: {list(ours[k])})")
+        elif k not in ours:
+            problems.append(f"{k}: in the {source} {list(saved[k])}, not in this model")
+        elif saved[k] != ours[k]:
+            problems.append(f"{k}: {source} {list(saved[k])}, this model {list(ours[k])}")
+    extra = len(problems) - limit
+    shown = problems[:limit] + ([f"... and {extra} more"] if extra > 0 else [])
+    if any(k.endswith("experts.w_gate_EFD") for k in saved):
+        shown.append(
+            f"(the {source} is from before kha-train stacked each expert's gate and up weights "
+            "into experts.w_gate_up_E2FD [E, 2F, D], gate rows first: concatenate w_gate_EFD "
+            "and w_up_EFD along dim 1 to load it)"
+        )
+    return shown
+
+
 def check_model_matches(
     path: Path, model: nn.Module, model_config: dict[str, Any] | None = None
 ) -> None:
     """Raise a ConfigError naming every model key whose presence or shape differs between the
     checkpoint at ``path`` and ``model`` (global shapes: the sharding does not matter)."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    saved = {
-        k.removeprefix("model."): tuple(v.size)
-        for k, v in meta.items()
-        if k.startswith("model.") and isinstance(v, TensorStorageMetadata)
-    }
+    saved = checkpoint_model_shapes(path)
     ours = {k: tuple(v.shape) for k, v in get_model_state_dict(model).items()}
-    from kha_train.model.weights_io import shape_mismatches
-
     shown = shape_mismatches(saved, ours, "checkpoint")
     if not shown:
         return

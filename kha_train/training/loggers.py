@@ -234,7 +234,7 @@ class RunLoggers:
         if mode != "disabled":
             self.wandb = WandbLogger(
                 mode=mode, project=wandb_project, entity=wandb_entity, name=name,
-                run_dir=run_dir, config=config, console=self.console, resume=resumed,
+                run_dir=run_dir, config=config, info=self.console.info, resume=resumed,
             )  # fmt: skip
 
     def info(self, message: str) -> None:

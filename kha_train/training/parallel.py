@@ -42,7 +42,7 @@ def build_mesh(cfg: ParallelConfig, device: torch.device) -> DeviceMesh:
     if replicate * shard != world:
         raise ValueError(
             f"parallel.dp_replicate x dp_shard = {replicate} x {shard} != {world} ranks "
-            "(kha_train.config.validate should have caught this)"
+            "(kha_train.config_checks.validate should have caught this)"
         )
     if replicate > 1:
         return init_device_mesh(

@@ -49,7 +49,8 @@ from typing import Any, TextIO
 import torch
 import torch.distributed as dist
 
-from kha_train.config import Config, ConfigError, total_steps, validate
+from kha_train.config import Config, ConfigError
+from kha_train.config_checks import total_steps, validate
 from kha_train.training import distributed as D
 from kha_train.training.checkpoint import CheckpointManager, complete_checkpoints, resolve_resume
 from kha_train.training.history import StepHistory

@@ -11,14 +11,12 @@ A resumed run continues the same W&B run (its id is kept in ``<run_dir>/wandb_ru
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from kha_train.config import WandbMode
 from kha_train.training.metrics import flatten
-
-if TYPE_CHECKING:
-    from kha_train.training.loggers import ConsoleLogger
 
 
 def wandb_api_key_available() -> bool:
@@ -53,10 +51,10 @@ class WandbLogger:
         name: str,
         run_dir: Path,
         config: dict[str, Any],
-        console: ConsoleLogger,
+        info: Callable[[str], None],  # prints one console line (the run's console logger)
         resume: bool,
     ) -> None:
-        self.console = console
+        self.info = info
         self.mode = mode
         self.run = None
         self._failed = False
@@ -76,20 +74,20 @@ class WandbLogger:
             except Exception as e:
                 if mode != "online":
                     raise
-                self.console.info(
+                self.info(
                     f"warning: W&B online start failed ({_short(e)}); logging offline to "
                     f"{run_dir / 'wandb'} instead (upload later with `wandb sync`)"
                 )
                 self.mode = "offline"
                 self.run = wandb.init(mode="offline", **kwargs)
             id_file.write_text(run_id + "\n")
-            self.console.info(f"W&B: {self.mode} run {run_id} ({project})")
+            self.info(f"W&B: {self.mode} run {run_id} ({project})")
         except Exception as e:
             self._fail("start", e)
 
     def _fail(self, what: str, e: BaseException) -> None:
         if not self._failed:
-            self.console.info(
+            self.info(
                 f"warning: W&B failed during {what}: {_short(e)}. Training continues without "
                 "W&B; every metric is still written to metrics.jsonl."
             )

@@ -9,10 +9,12 @@ from typing import Any
 import pytest
 import torch
 
-from kha_train.config import KHAConfig, MEAConfig, MLAConfig, ModelConfig, validate_model
-from kha_train.model import Transformer, absorb_kha
+from kha_train.config import KHAConfig, MEAConfig, MLAConfig, ModelConfig
+from kha_train.config_checks import validate_model
+from kha_train.model import Transformer
 from kha_train.model.kha import KHALinear
 from kha_train.model.rope import RotaryEmbedding, apply_rope
+from kha_train.tools.absorb import absorb_kha
 
 MLA_TINY = MLAConfig(kv_lora_rank=12, q_lora_rank=10, rope_head_dim=4)
 

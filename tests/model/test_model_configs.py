@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from kha_train.config import KHAVariant, load_config, validate
+from kha_train.config import KHAVariant, load_config
+from kha_train.config_checks import validate
 from kha_train.model.flops import param_counts
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kha_train.model import absorb_kha
 from kha_train.model.kha import KHAMLP, KHAGate, KHALinear
+from kha_train.tools.absorb import absorb_kha
 
 VARIANTS = [
     ("linear", ("v",)),

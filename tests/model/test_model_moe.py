@@ -234,7 +234,7 @@ def test_bf16_router_logits_are_the_fp32_product_with_bf16_gradients() -> None:
 
 
 def test_weights_of_the_old_expert_layout_get_a_conversion_hint() -> None:
-    from kha_train.model.weights_io import shape_mismatches
+    from kha_train.training.checkpoint import shape_mismatches
 
     ours = {"layers.1.ffn.experts.w_gate_up_E2FD": (E, 2 * FF, D)}
     old = {

@@ -7,7 +7,7 @@ import torch
 
 from kha_train.config import MEAConfig
 from kha_train.model.flops import kv_cache_elems_per_token_per_layer
-from kha_train.model.virtual_heads import (
+from kha_train.tools.virtual_heads import (
     VirtualHeadsError,
     convert_to_virtual_heads,
     head_spectrum,

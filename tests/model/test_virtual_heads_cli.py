@@ -13,7 +13,7 @@ import torch
 from kha_train.cli import main as cli_main
 from kha_train.config import load_config
 from kha_train.model import Transformer
-from kha_train.model.weights_io import load_weights, save_weights
+from kha_train.tools.weights_io import load_weights, save_weights
 
 MODEL_YAML = """
 name: vh-test

@@ -92,7 +92,7 @@ def make_logger(tmp_path: Path, mode: str = "offline") -> tuple[WandbLogger, io.
     console = ConsoleLogger(1, 0, stream=out, bar=False)
     logger = WandbLogger(
         mode=mode, project="p", entity=None, name="n", run_dir=tmp_path, config={},
-        console=console, resume=False,
+        info=console.info, resume=False,
     )  # fmt: skip
     return logger, out
 

@@ -16,7 +16,9 @@ KHA included, are copied unchanged.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+from pathlib import Path
 
 import torch
 
@@ -97,3 +99,83 @@ def convert_to_virtual_heads(model: Transformer, n_cached: int) -> Transformer:
 def _is_kv_weight(key: str) -> bool:
     """The keys the conversion replaces: K/V projections and HLC matrices of every layer."""
     return key.endswith(("attn.k_proj.weight", "attn.v_proj.weight", "attn.hlc_k", "attn.hlc_v"))
+
+
+# -- the command -----------------------------------------------------------------------------
+
+
+def run_virtual_heads(args: argparse.Namespace) -> int:
+    from kha_train.config import (
+        AttnBackend,
+        ConfigError,
+        save_config,
+    )
+    from kha_train.model.flops import kv_cache_elems_per_token_per_layer
+    from kha_train.tools.weights_io import load_model, load_source_config, save_weights
+
+    source = Path(args.source)
+    out = Path(args.out) if args.out else None
+    if out is not None and (out.suffix != ".safetensors" or out.exists()):
+        raise ConfigError(
+            f"--out {out}: must be a new .safetensors path (it exists, or has another suffix)"
+        )
+    cfg = load_source_config(source, args.config, args.overrides)
+    device = torch.device(
+        args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    )
+    if device.type != "cuda" and cfg.model.attn_backend not in (AttnBackend.auto, "math"):
+        print(f"note: model.attn_backend={cfg.model.attn_backend.value} needs CUDA; using auto")
+        cfg.model.attn_backend = AttnBackend.auto
+    model = load_model(cfg.model, source, device)
+    batches = _heldout_batches(cfg, args.batches, device)
+    before = _heldout_loss(model, batches)
+    new = convert_to_virtual_heads(model, args.kv_heads)
+    after = _heldout_loss(new, batches)
+    cache, new_cache = (kv_cache_elems_per_token_per_layer(c) for c in (cfg.model, new.cfg))
+    tokens = sum(b.labels.numel() for b in batches)
+    print(
+        f"virtual heads: {cfg.model.num_kv_heads} -> {args.kv_heads} cached KV heads per layer "
+        f"(KV cache {cache} -> {new_cache} values per token per layer)\n"
+        f"held-out loss ({len(batches)} batches, {tokens:,} tokens of {cfg.data.dataset} val): "
+        f"before {before:.4f}, after {after:.4f} ({after - before:+.4f})"
+    )
+    if out is not None:
+        save_weights(new, out)
+        save_config(dataclasses.replace(cfg, model=new.cfg), out.with_suffix(".yaml"))
+        print(f"wrote {out} and {out.with_suffix('.yaml')}")
+    return 0
+
+
+def _heldout_batches(cfg, n: int, device):
+    from kha_train.data.loader import PackedLoader
+
+    mb = cfg.train.micro_batch_size
+    loader = PackedLoader(
+        cfg.data.dataset,
+        "val",
+        seq_len=cfg.data.seq_len,
+        micro_batch_size=mb,
+        global_batch_size=mb,
+        prefetch=0,
+        device=device,
+        expected_vocab_size=cfg.model.vocab_size,
+    )
+    with loader:
+        return list(loader.eval_batches(n))
+
+
+def _heldout_loss(model, batches) -> float:
+    """Mean next-token loss over every labelled position of ``batches`` (bf16 on CUDA)."""
+    model.eval()
+    total, count = 0.0, 0
+    cuda = next(model.parameters()).is_cuda
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=cuda):
+        for b in batches:
+            n = int((b.labels != -100).sum())
+            model.last_aux_loss = None
+            loss = model(b.input_ids, b.labels)
+            if model.last_aux_loss is not None:  # balancing=aux_loss: report the LM loss only
+                loss = loss - model.last_aux_loss
+            total += loss.item() * n
+            count += n
+    return total / max(count, 1)

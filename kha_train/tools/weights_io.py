@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from kha_train.training.checkpoint import checkpoint_model_shapes, shape_mismatches
+
 if TYPE_CHECKING:
     from kha_train.config import Config, ModelConfig
 
@@ -32,7 +34,8 @@ def load_source_config(
 ) -> Config:
     """The run config of a weights ``source``: ``config`` if given, else the ``config.yaml``
     beside a trainer checkpoint folder; its model section is checked."""
-    from kha_train.config import ConfigError, load_config, validate_model
+    from kha_train.config import ConfigError, load_config
+    from kha_train.config_checks import validate_model
 
     path = Path(config) if config else source / "config.yaml"
     if not config and not source.is_dir():
@@ -66,7 +69,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
                 f"{path} is a folder without .metadata, not a trainer checkpoint: point at a "
                 "step_XXXXXXX folder inside checkpoint.dir, or at a .safetensors / .pt file"
             )
-        _check_shapes(path, _dcp_model_shapes(path), ours)
+        _check_shapes(path, checkpoint_model_shapes(path), ours)
         import torch.distributed.checkpoint as dcp
 
         state = {"model": model.state_dict()}
@@ -104,46 +107,6 @@ def save_weights(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
     tmp.replace(path)
     return path
-
-
-def _dcp_model_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    meta = FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    return {
-        k.removeprefix("model."): tuple(v.size)
-        for k, v in meta.items()
-        if k.startswith("model.") and isinstance(v, TensorStorageMetadata)
-    }
-
-
-def shape_mismatches(
-    saved: dict[str, tuple[int, ...]],
-    ours: dict[str, tuple[int, ...]],
-    source: str,
-    limit: int = 12,
-) -> list[str]:
-    """One line per tensor whose shape differs between ``saved`` (read from ``source``) and
-    ``ours`` (this model), missing on either side included: at most ``limit`` lines plus a count
-    of the rest. Shared by weight files and trainer checkpoints."""
-    problems = []
-    for k in sorted(set(saved) | set(ours)):
-        if k not in saved:
-            problems.append(f"{k}: missing from the {source} (this model: {list(ours[k])})")
-        elif k not in ours:
-            problems.append(f"{k}: in the {source} {list(saved[k])}, not in this model")
-        elif saved[k] != ours[k]:
-            problems.append(f"{k}: {source} {list(saved[k])}, this model {list(ours[k])}")
-    extra = len(problems) - limit
-    shown = problems[:limit] + ([f"... and {extra} more"] if extra > 0 else [])
-    if any(k.endswith("experts.w_gate_EFD") for k in saved):
-        shown.append(
-            f"(the {source} is from before kha-train stacked each expert's gate and up weights "
-            "into experts.w_gate_up_E2FD [E, 2F, D], gate rows first: concatenate w_gate_EFD "
-            "and w_up_EFD along dim 1 to load it)"
-        )
-    return shown
 
 
 def _check_shapes(

@@ -35,41 +35,10 @@ class ExportError(ValueError):
     """A model Qwen3 / Qwen3-MoE cannot represent, or a bad output folder; names the fix."""
 
 
-def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "export",
-        help="export a trained model to Hugging Face transformers (Qwen3-MoE / Qwen3)",
-        description=(
-            "Write a trained model as a Hugging Face transformers checkpoint: Qwen3-MoE for MoE "
-            "models, Qwen3 for dense ones (config.json, model.safetensors, and the dataset's "
-            "tokenizer.json when the config names one that exists). KHA-Linear is folded into "
-            "the attention projections (exact). KHA-MLP / gate, attention other than gqa, "
-            "shared experts and sigmoid router scores have no Qwen3 equivalent and are refused."
-        ),
-    )
-    p.add_argument(
-        "source",
-        help="a trainer checkpoint folder (checkpoints/step_XXXXXXX, config read from its "
-        "config.yaml), or a .safetensors / .pt state-dict file (then give --config)",
-    )
-    p.add_argument("--out", required=True, help="the folder to write (new or empty)")
-    p.add_argument("--config", help="run config YAML of the weights (required for files)")
-    p.add_argument(
-        "--drop-router-bias",
-        action="store_true",
-        help="export even though the router's loss-free selection bias is non-zero (Qwen3-MoE "
-        "has none): the exported model then routes tokens differently than in training",
-    )
-    p.add_argument(
-        "--dtype", choices=sorted(DTYPES), default="bf16", help="weights dtype (default bf16)"
-    )
-    p.set_defaults(func=run_export)
-
-
 def run_export(args: argparse.Namespace) -> int:
     import torch
 
-    from kha_train.model.weights_io import load_model, load_source_config
+    from kha_train.tools.weights_io import load_model, load_source_config
 
     source = Path(args.source)
     out = Path(args.out)
@@ -134,13 +103,12 @@ def sparse_layout(m: ModelConfig) -> tuple[int, list[int]]:
 
     Qwen3-MoE: layer i is MoE iff i not in mlp_only_layers and (i + 1) % step == 0; ours: iff
     i >= first_k_dense and (i + 1) % moe_every_n == 0. Checked layer by layer all the same."""
-    from kha_train.config import is_moe_layer
 
     step = m.moe.moe_every_n
     only = [i for i in range(min(m.moe.first_k_dense, m.num_layers)) if (i + 1) % step == 0]
     for i in range(m.num_layers):
         theirs = i not in only and (i + 1) % step == 0
-        if theirs != is_moe_layer(m.moe, i):
+        if theirs != m.moe.is_moe_layer(i):
             raise ExportError(
                 f"layer {i}: the MoE layer pattern (model.moe.first_k_dense="
                 f"{m.moe.first_k_dense}, moe_every_n={step}) cannot be expressed by Qwen3-MoE's "
@@ -210,8 +178,8 @@ def hf_state_dict(
     """``model``'s weights under Hub key names (KHA-Linear folded in; ``model`` is changed)."""
     import torch
 
-    from kha_train.model.absorb import absorb_kha
     from kha_train.model.moe.layer import MoELayer
+    from kha_train.tools.absorb import absorb_kha
 
     check_exportable(model.cfg)
     biased = [
