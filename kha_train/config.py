@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import enum
 import os
+import sys
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -201,7 +202,7 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda if available) | cuda | cpu
     precision: Precision = Precision.bf16
     val_every: int = 0  # validation every N steps (0: only at the end, if a val split exists)
-    val_batches: int = 8  # micro-batches per validation pass
+    val_batches: int = 8  # micro-batches per validation pass (0 with val_every=0: no validation)
     max_nonfinite_in_row: int = 5  # abort after this many consecutive non-finite steps
 
 
@@ -311,7 +312,37 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if base_name is None:
         return raw
     base = _read_yaml(path.parent / str(base_name), (*seen, path))
-    return _deep_merge(base, raw)
+    return _deep_merge(base, _replace_exclusive(base, raw, str(path), []))
+
+
+# Keys of which a config sets exactly one (the run's length). A layer (a file that extends
+# another, or the command line) that sets one of them replaces the other: `train.max_steps=20`
+# on a config with train.total_tokens just works.
+EXCLUSIVE_KEYS = (("train", "max_steps", "total_tokens"),)
+
+
+def _replace_exclusive(
+    base: dict[str, Any], over: dict[str, Any], source: str, notes: list[str]
+) -> dict[str, Any]:
+    """``over`` with the other key of each exclusive pair set to null where ``over`` sets one
+    key of it and ``base`` the other; ``notes`` gets one line per replacement."""
+    out = dict(over)
+    for section, *keys in EXCLUSIVE_KEYS:
+        mine, theirs = over.get(section), base.get(section)
+        if not isinstance(mine, dict) or not isinstance(theirs, dict):
+            continue
+        for key in keys:
+            others = [k for k in keys if k != key]
+            if mine.get(key) is None or any(k in mine for k in others):
+                continue
+            for other in others:
+                if theirs.get(other) is not None:
+                    notes.append(
+                        f"{section}.{key}={mine[key]} ({source}) replaces "
+                        f"{section}.{other}={theirs[other]}"
+                    )
+                    out[section] = {**out[section], other: None}
+    return out
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -412,11 +443,28 @@ def _missing_keys(node: Any, prefix: str = "") -> list[str]:
     return out
 
 
-def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (following ``extends``), apply ``key=value`` overrides, check types."""
+def load_config(
+    path: str | os.PathLike[str],
+    overrides: list[str] | None = None,
+    notes: list[str] | None = None,
+) -> Config:
+    """Load a YAML config (following ``extends``), apply ``key=value`` overrides, check types.
+
+    An override of one of a pair of exclusive keys (:data:`EXCLUSIVE_KEYS`) replaces the other;
+    each such replacement is appended to ``notes`` (or, without a list, printed to stderr by
+    rank 0 as a ``note:`` line)."""
     layers = [(str(path), _read_yaml(Path(path)))]
+    replaced: list[str] = []
     if overrides:
-        layers.append(("command line", _overrides_to_dict(list(overrides))))
+        cli = _overrides_to_dict(list(overrides))
+        layers.append(
+            ("command line", _replace_exclusive(layers[0][1], cli, "command line", replaced))
+        )
+    if notes is not None:
+        notes.extend(replaced)
+    elif replaced and os.environ.get("RANK", "0") == "0":
+        for line in replaced:
+            print(f"note: {line}", file=sys.stderr)
     return build_config(layers)
 
 

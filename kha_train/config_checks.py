@@ -6,6 +6,8 @@ and the fix.
 
 from __future__ import annotations
 
+import math
+
 from kha_train.config import (
     ACMode,
     AttentionKind,
@@ -14,7 +16,12 @@ from kha_train.config import (
     ConfigError,
     KHAVariant,
     ModelConfig,
+    OptimConfig,
 )
+
+# The largest optim.lr accepted: AdamW's step is about lr per weight, so anything near 1 already
+# wrecks a model; far above it (1e38) the update overflows inside the optimizer kernel.
+MAX_LR = 1.0
 
 
 def validate_model(m: ModelConfig) -> list[str]:
@@ -40,8 +47,11 @@ def validate_model(m: ModelConfig) -> list[str]:
         errs.append(f"model.head_dim={m.head_dim} must be even for RoPE")
     if m.num_heads * m.head_dim != m.hidden_size and m.head_dim * m.num_heads < 16:
         errs.append("model.num_heads * model.head_dim is too small")
-    if m.init_std <= 0 or m.norm_eps <= 0 or m.rope_theta <= 0:
-        errs.append("model.init_std, model.norm_eps and model.rope_theta must be positive")
+    for name in ("init_std", "norm_eps", "rope_theta"):
+        if not _positive_finite(getattr(m, name)):
+            errs.append(f"model.{name} must be a positive finite number, got {getattr(m, name)}")
+    if not 0 < m.norm_eps < 1:
+        errs.append(f"model.norm_eps={m.norm_eps} must be in (0, 1) (typical: 1e-6)")
     moe = m.moe
     if moe.num_experts < 0:
         errs.append(f"model.moe.num_experts must be >= 0, got {moe.num_experts}")
@@ -61,8 +71,9 @@ def validate_model(m: ModelConfig) -> list[str]:
             )
         if moe.num_shared_experts < 0:
             errs.append("model.moe.num_shared_experts must be >= 0")
-        if moe.bias_update_rate < 0 or moe.aux_loss_coef < 0:
-            errs.append("model.moe.bias_update_rate and aux_loss_coef must be >= 0")
+        for name in ("bias_update_rate", "aux_loss_coef"):
+            if not _nonnegative_finite(getattr(moe, name)):
+                errs.append(f"model.moe.{name} must be >= 0 and finite, got {getattr(moe, name)}")
     dense_layers = (
         m.num_layers
         if moe.num_experts == 0
@@ -175,10 +186,7 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
         errs.append("train.total_tokens is less than one global batch (train.global_batch_tokens)")
     if t.device not in ("auto", "cuda", "cpu"):
         errs.append(f"train.device must be auto, cuda or cpu, got {t.device!r}")
-    if o.lr <= 0 or o.weight_decay < 0 or o.grad_clip < 0:
-        errs.append("optim.lr must be > 0, optim.weight_decay and optim.grad_clip >= 0")
-    if not (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1):
-        errs.append(f"optim.beta1/beta2 must be in [0, 1), got {o.beta1}/{o.beta2}")
+    errs += _optim_errors(o)
     if o.implementation not in ("auto", "fused", "foreach"):
         errs.append(
             f"optim.implementation must be auto, fused or foreach, got {o.implementation!r}"
@@ -209,11 +217,73 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
         errs.append("checkpoint.keep_last must be >= 1 and checkpoint.every_steps >= 0")
     if cfg.logging.log_every < 1:
         errs.append("logging.log_every must be >= 1")
-    if cfg.logging.spikes.window < 2 or cfg.logging.spikes.z_threshold <= 0:
+    if cfg.logging.spikes.window < 2 or not _positive_finite(cfg.logging.spikes.z_threshold):
         errs.append("logging.spikes.window must be >= 2 and z_threshold > 0")
+    if cfg.logging.spikes.warmup < 0:
+        errs.append(f"logging.spikes.warmup must be >= 0, got {cfg.logging.spikes.warmup}")
+    peak = cfg.logging.peak_tflops
+    if peak is not None and not _positive_finite(peak):
+        errs.append(f"logging.peak_tflops must be a positive number of TFLOP/s, got {peak}")
+    errs += _train_loop_errors(cfg)
     if errs:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errs))
     return cfg
+
+
+def _positive_finite(x: float) -> bool:
+    return math.isfinite(x) and x > 0
+
+
+def _nonnegative_finite(x: float) -> bool:
+    return math.isfinite(x) and x >= 0
+
+
+def _optim_errors(o: OptimConfig) -> list[str]:
+    """optim.*: every value where AdamW is defined and cannot overflow."""
+    errs = []
+    if not (_positive_finite(o.lr) and o.lr <= MAX_LR):
+        errs.append(
+            f"optim.lr={o.lr} must be in (0, {MAX_LR}]: AdamW moves every weight by about lr "
+            "per step, so a larger value only destroys the model (typical peak: 1e-4 to 3e-3)"
+        )
+    if not _nonnegative_finite(o.weight_decay) or not _nonnegative_finite(o.grad_clip):
+        errs.append(
+            f"optim.weight_decay and optim.grad_clip must be >= 0 and finite, got "
+            f"{o.weight_decay} and {o.grad_clip} (grad_clip=0 turns clipping off)"
+        )
+    if not (0 <= o.beta1 < 1 and 0 < o.beta2 < 1):
+        errs.append(
+            f"optim.beta1 must be in [0, 1) and optim.beta2 in (0, 1), got {o.beta1}/{o.beta2}"
+        )
+    if not (_positive_finite(o.eps) and o.eps < 1):
+        errs.append(f"optim.eps={o.eps} must be in (0, 1) (typical: 1e-8)")
+    return errs
+
+
+def _train_loop_errors(cfg: Config) -> list[str]:
+    """train.* / data.* counters of the loop."""
+    errs = []
+    t, d = cfg.train, cfg.data
+    if t.val_every < 0:
+        errs.append(
+            f"train.val_every must be >= 0 (0: validate at the end only), got {t.val_every}"
+        )
+    if t.val_batches < 0 or (t.val_batches == 0 and t.val_every > 0):
+        errs.append(
+            f"train.val_batches={t.val_batches} with train.val_every={t.val_every}: validation "
+            "needs at least one micro-batch (set train.val_batches >= 1, or train.val_batches=0 "
+            "with train.val_every=0 to turn validation off)"
+        )
+    if t.max_nonfinite_in_row < 1:
+        errs.append(f"train.max_nonfinite_in_row must be >= 1, got {t.max_nonfinite_in_row}")
+    if t.seed < 0 or d.seed < 0:
+        errs.append(f"train.seed and data.seed must be >= 0, got {t.seed} and {d.seed}")
+    if d.prefetch < 0:
+        errs.append(f"data.prefetch must be >= 0 (0: synchronous), got {d.prefetch}")
+    ws = cfg.schedule.warmup_steps
+    if ws is not None and ws < 0:
+        errs.append(f"schedule.warmup_steps must be >= 0, got {ws}")
+    return errs
 
 
 def total_steps(cfg: Config) -> int:

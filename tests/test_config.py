@@ -94,7 +94,24 @@ def test_extends_loop_and_missing_file(tmp_path: Path) -> None:
         ([], 3, "x 3 ="),  # 8192 tokens do not split over 3 ranks of 16 x 256
         (["model.kha.variant=gate", "model.kha.targets=[q]"], 1, "value-only ablation"),
         (["model.kha.targets=[x]"], 1, "subset of ['q', 'k', 'v']"),
-        (["train.total_tokens=100000"], 1, "exactly one of train.max_steps"),
+        (["train.total_tokens=100000", "train.max_steps=3"], 1, "exactly one of train.max_steps"),
+        (["optim.lr=1e38"], 1, "optim.lr=1e+38 must be in (0, 1.0]"),
+        (["optim.lr=nan"], 1, "optim.lr=nan must be in"),
+        (["optim.lr=-1e-3"], 1, "optim.lr=-0.001 must be in"),
+        (["optim.eps=0"], 1, "optim.eps=0.0 must be in (0, 1)"),
+        (["optim.eps=inf"], 1, "optim.eps=inf must be in (0, 1)"),
+        (["optim.beta1=1.0"], 1, "optim.beta1 must be in [0, 1)"),
+        (["optim.beta2=0"], 1, "optim.beta2 in (0, 1)"),
+        (["optim.grad_clip=inf"], 1, "optim.grad_clip must be >= 0 and finite"),
+        (["train.val_batches=0", "train.val_every=10"], 1, "validation needs at least one"),
+        (["train.val_batches=-1"], 1, "train.val_batches=-1"),
+        (["train.max_nonfinite_in_row=0"], 1, "train.max_nonfinite_in_row must be >= 1"),
+        (["data.prefetch=-1"], 1, "data.prefetch must be >= 0"),
+        (["model.norm_eps=2.0"], 1, "model.norm_eps=2.0 must be in (0, 1)"),
+        (["model.rope_theta=inf"], 1, "model.rope_theta must be a positive finite"),
+        (["model.moe.bias_update_rate=nan"], 1, "model.moe.bias_update_rate must be >= 0"),
+        (["logging.peak_tflops=0"], 1, "logging.peak_tflops must be a positive"),
+        (["schedule.warmup_steps=-2"], 1, "schedule.warmup_steps must be >= 0"),
         (["model.moe.first_k_dense=4"], 1, "no layer is MoE"),
         (["parallel.dp_replicate=2", "parallel.dp_shard=2"], 2, "must equal the number of ranks 2"),
     ],
@@ -120,6 +137,40 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
     assert again == cfg
     assert again.model.moe.balancing == Balancing.loss_free_sign
     assert total_steps(again) == 11
+
+
+def test_validation_off_is_accepted() -> None:
+    validate(load_config(TINY, ["train.val_batches=0", "train.val_every=0"]))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "max_steps", "total_tokens"),
+    [
+        (["train.total_tokens=81920"], None, 81920),  # the tiny config sets max_steps
+        (["train.max_steps=7"], 7, None),
+        (["train.max_steps=null", "train.total_tokens=81920"], None, 81920),
+    ],
+)
+def test_overriding_one_exclusive_key_replaces_the_other(
+    overrides: list[str], max_steps: int | None, total_tokens: int | None
+) -> None:
+    notes: list[str] = []
+    cfg = load_config(TINY, overrides, notes=notes)
+    validate(cfg)
+    assert (cfg.train.max_steps, cfg.train.total_tokens) == (max_steps, total_tokens)
+    if overrides == ["train.total_tokens=81920"]:
+        assert notes == ["train.total_tokens=81920 (command line) replaces train.max_steps=150"]
+    else:
+        assert notes == []
+
+
+def test_exclusive_key_of_a_paper_config_is_replaced_with_a_note(capsys) -> None:
+    paper = TINY.parents[1] / "paper" / "table5" / "moe_a0.44b_kha_mlp.yaml"
+    cfg = load_config(paper, ["train.max_steps=20"])
+    assert (cfg.train.max_steps, cfg.train.total_tokens) == (20, None)
+    assert "note: train.max_steps=20 (command line) replaces train.total_tokens=" in (
+        capsys.readouterr().err
+    )
 
 
 def test_total_steps_from_tokens() -> None:
