@@ -12,6 +12,7 @@ import sys
 from kha_train import __version__, bench
 from kha_train.config import ConfigError
 from kha_train.data import commands as data_commands
+from kha_train.fs import describe
 from kha_train.tools import commands as tool_commands
 from kha_train.training import commands as training_commands
 
@@ -50,9 +51,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except Exception as e:
         # Errors kha-train raises on purpose (bad config, bad data, bad checkpoint) carry a
-        # message that names the problem and the fix: print it without a traceback.
+        # message that names the problem and the fix: print it without a traceback. So does a
+        # filesystem fault on a named path (disk full, read-only, permissions).
         if isinstance(e, ConfigError) or type(e).__module__.startswith("kha_train"):
             print(f"error: {e}", file=sys.stderr)
+            return 2
+        if isinstance(e, OSError) and e.filename:
+            print(f"error: {describe(e, 'use')}", file=sys.stderr)
             return 2
         raise
     except KeyboardInterrupt:

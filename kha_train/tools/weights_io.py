@@ -12,6 +12,7 @@ Every key and shape is checked against the model first, with an error naming the
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,7 +20,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from kha_train.training.checkpoint import checkpoint_model_shapes, shape_mismatches
+from kha_train.training.checkpoint_checks import (
+    MARKER,
+    checkpoint_model_shapes,
+    shape_mismatches,
+    verify_checkpoint,
+)
 
 if TYPE_CHECKING:
     from kha_train.config import Config, ModelConfig
@@ -69,6 +75,9 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
                 f"{path} is a folder without .metadata, not a trainer checkpoint: point at a "
                 "step_XXXXXXX folder inside checkpoint.dir, or at a .safetensors / .pt file"
             )
+        if (path / MARKER).is_file():  # a trainer checkpoint: check it before DCP unpickles
+            for note in verify_checkpoint(path):
+                print(f"warning: {note}", file=sys.stderr)
         _check_shapes(path, checkpoint_model_shapes(path), ours)
         import torch.distributed.checkpoint as dcp
 

@@ -8,13 +8,25 @@ Layout of ``<checkpoint.dir>/step_0000100/``::
                               non-finite counters (identical on every rank; written by rank 0)
     rng/rank_00000.pt         each rank's torch RNG states (CPU and CUDA)
     config.yaml               the resolved run config
+    MANIFEST.json             every file above with its size (and a SHA-256 of the small ones,
+                              .metadata included), written at publish time
     COMPLETE                  written last: the checkpoint is whole
 
 Publishing: every file is written under ``step_XXXXXXX.tmp/``; once all ranks are done, rank 0
 writes ``COMPLETE`` and renames the folder to ``step_XXXXXXX/`` (one atomic rename). A crash or
 ``kill -9`` mid-save therefore leaves only a ``.tmp`` folder, which nothing ever loads and the
 next start deletes; the previous checkpoint is untouched. Older checkpoints beyond
-``keep_last`` are deleted only after the new one is published.
+``keep_last`` are deleted only after the new one is published, and un-published first (renamed
+to ``step_XXXXXXX.deleting``, which nothing loads), so a crash mid-delete never leaves a folder
+that looks complete but is not. A failed save (disk full, permissions) removes its ``.tmp``
+folder and raises one error naming the path, the cause and the fix; published checkpoints are
+never touched by it.
+
+Loading runs no code from the checkpoint: RNG states are plain tensors read with
+``weights_only=True``, the trainer state is JSON, and before DCP reads ``.metadata`` (a pickle)
+the folder is checked against its manifest, so a file swapped or damaged after the save is
+refused. ``resume=auto`` falls back to the newest checkpoint that passes these checks and loads,
+naming each one it skipped and why.
 
 Async saves (``checkpoint.async_save``): the state is copied to host memory, then written by a
 background thread over a gloo group of its own while training continues; rank 0 publishes when
@@ -29,10 +41,10 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import time
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +55,24 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from kha_train.config import ConfigError
+from kha_train.fs import describe, find_os_error
+from kha_train.training.checkpoint_checks import (
+    CONFIG_FILE,
+    DELETING_SUFFIX,
+    MARKER,
+    OLD_SUFFIX,
+    STEP_DIR,
+    TMP_SUFFIX,
+    CheckpointError,
+    check_model_matches,
+    verify_checkpoint,
+    write_manifest,
+    write_text_durably,
+)
 from kha_train.training.distributed import DistEnv, gloo_group
 
-MARKER = "COMPLETE"
 TRAINER_STATE = "trainer_state.json"
-CONFIG_FILE = "config.yaml"
 RNG_DIR = "rng"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 def step_dir_name(step: int) -> str:
@@ -63,7 +86,7 @@ def complete_checkpoints(directory: str | os.PathLike[str]) -> list[tuple[int, P
         return []
     out = []
     for p in directory.iterdir():
-        m = _STEP_DIR.match(p.name)
+        m = STEP_DIR.match(p.name)
         if m and (p / MARKER).is_file():
             out.append((int(m.group(1)), p))
     return sorted(out)
@@ -106,9 +129,11 @@ class CheckpointManager:
         self.group = gloo_group("checkpoint")  # DCP's collectives, also from the writer thread
         self._pending: tuple[int, Path, Path, Future] | None = None
         if env.is_main:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            for stale in self.directory.glob("step_*.tmp"):  # left by a crash mid-save
-                shutil.rmtree(stale, ignore_errors=True)
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise CheckpointError(describe(e, "create the checkpoint folder")) from e
+            _clean_unpublished(self.directory)
         dist.barrier(group=self.group)
 
     # -- save ------------------------------------------------------------------------------------
@@ -126,14 +151,40 @@ class CheckpointManager:
         """Write checkpoint ``step``; returns its final path (published at once unless async)."""
         self.wait()  # one save in flight at a time
         final = self.directory / step_dir_name(step)
-        tmp = final.with_name(final.name + ".tmp")
+        tmp = final.with_name(final.name + TMP_SUFFIX)
+        try:
+            self._write(step, tmp, final, model, optimizer, trainer_state, config_yaml, blocking)
+        except Exception as e:
+            raise self._failed_save(tmp, e) from e
+        return final
+
+    def _write(
+        self,
+        step: int,
+        tmp: Path,
+        final: Path,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        trainer_state: dict[str, Any],
+        config_yaml: str,
+        blocking: bool,
+    ) -> None:
+        local_error: OSError | None = None
         if self.env.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            (tmp / RNG_DIR).mkdir(parents=True)
-            _write_text(tmp / TRAINER_STATE, json.dumps(trainer_state, indent=1))
-            _write_text(tmp / CONFIG_FILE, config_yaml)
-        dist.barrier(group=self.group)  # the folder exists before anyone writes into it
-        torch.save(_rng_state(self.env.device), tmp / RNG_DIR / f"rank_{self.env.rank:05d}.pt")
+            try:
+                shutil.rmtree(tmp, ignore_errors=True)
+                (tmp / RNG_DIR).mkdir(parents=True)
+                write_text_durably(tmp / TRAINER_STATE, json.dumps(trainer_state, indent=1))
+                write_text_durably(tmp / CONFIG_FILE, config_yaml)
+            except OSError as e:
+                local_error = e
+        self._all_ok(local_error)  # the folder exists before anyone writes into it
+        try:
+            rng = tmp / RNG_DIR / f"rank_{self.env.rank:05d}.pt"
+            torch.save(_rng_state(self.env.device), rng)
+        except OSError as e:
+            local_error = e
+        self._all_ok(local_error)  # no rank enters DCP's collectives after a local failure
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         if self.async_save and not blocking:
@@ -150,7 +201,30 @@ class CheckpointManager:
             # gather), and the RNG files were written before that: rank 0 can publish.
             if self.env.is_main:
                 self._publish(tmp, final)
-        return final
+
+    def _all_ok(self, error: OSError | None) -> None:
+        """Raise on every rank if any rank's local write failed (this rank's error, if any)."""
+        failed = torch.tensor([error is not None], dtype=torch.int32)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=self.group)
+        if error is not None:
+            raise error
+        if failed.item():
+            raise CheckpointError("another rank could not write its part of the checkpoint")
+
+    def _failed_save(self, tmp: Path, e: BaseException) -> CheckpointError:
+        """Remove the unpublished ``tmp`` folder (rank 0; if that fails too, its .tmp name keeps
+        it unpublished and the next start deletes it) and say what happened."""
+        if self.env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        os_error = find_os_error(e)
+        cause = describe(os_error, "write checkpoint", tmp) if os_error else (
+            f"could not write checkpoint {tmp}: {type(e).__name__}: {e}"
+        )  # fmt: skip
+        previous = latest_checkpoint(self.directory)
+        kept = (
+            f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint"
+        )
+        return CheckpointError(f"{cause} ({kept}; the partial save was removed)")
 
     def poll(self) -> None:
         """Publish a finished async save (non-blocking; call once per step)."""
@@ -163,18 +237,23 @@ class CheckpointManager:
             return
         _, tmp, final, future = self._pending
         self._pending = None
-        future.result()  # re-raises a writer error here, on the training thread
-        if self.env.is_main:
-            self._publish(tmp, final)
+        try:
+            future.result()  # re-raises a writer error here, on the training thread
+            if self.env.is_main:
+                self._publish(tmp, final)
+        except Exception as e:
+            raise self._failed_save(tmp, e) from e
 
     def _publish(self, tmp: Path, final: Path) -> None:
-        """Rank 0: mark ``tmp`` complete, rename it to ``final``, then rotate old checkpoints."""
-        _write_text(tmp / MARKER, f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+        """Rank 0: write the manifest, mark ``tmp`` complete, rename it to ``final``, then rotate
+        old checkpoints."""
+        write_manifest(tmp)
+        write_text_durably(tmp / MARKER, f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
         _fsync_dir(tmp)
         if final.exists():
             # Same step saved by an earlier run this one resumed before: replace it, keeping a
             # complete checkpoint under one of the two names at every moment.
-            old = final.with_name(final.name + ".old")
+            old = final.with_name(final.name + OLD_SUFFIX)
             shutil.rmtree(old, ignore_errors=True)
             final.rename(old)
             tmp.rename(final)
@@ -187,9 +266,50 @@ class CheckpointManager:
     def _rotate(self) -> None:
         ckpts = complete_checkpoints(self.directory)
         for _, path in ckpts[: max(0, len(ckpts) - self.keep_last)]:
-            shutil.rmtree(path, ignore_errors=True)
+            _unpublish_and_delete(path)
 
     # -- load ------------------------------------------------------------------------------------
+
+    def restore(
+        self,
+        resume: str,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        model_config: dict[str, Any] | None = None,
+    ) -> Restored | None:
+        """Load the checkpoint ``checkpoint.resume`` names: none -> None; a folder -> that one
+        (any problem is an error); auto -> the newest in the directory that passes
+        :func:`verify_checkpoint` and loads, older ones tried in turn (each skip is in
+        ``Restored.notes``), None if there is none. A checkpoint of another model shape is always
+        an error (a config problem, not a damaged file). Every rank takes the same decision."""
+        if resume == "none":
+            return None
+        if resume == "auto":
+            candidates = [p for _, p in reversed(complete_checkpoints(self.directory))]
+        else:
+            candidates = [p for p in [resolve_resume(resume, self.directory)] if p is not None]
+        notes: list[str] = []
+        for path in candidates:
+            error: CheckpointError | None = None
+            try:
+                warnings = verify_checkpoint(path)
+                state = self.load(path, model, optimizer, model_config)
+            except CheckpointError as e:
+                error = e
+            failed = torch.tensor([error is not None], dtype=torch.int32)
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=self.group)
+            if not failed.item():
+                return Restored(path, state, notes + warnings)
+            if resume != "auto":
+                raise error or CheckpointError(f"checkpoint {path} failed to load on another rank")
+            notes.append(f"skipped checkpoint {path.name}: {error or 'failed on another rank'}")
+        if candidates:
+            raise CheckpointError(
+                f"no checkpoint in {self.directory} loads:\n  " + "\n  ".join(notes) + "\nFix: "
+                "restore one from a copy, or start a fresh run (checkpoint.resume=none with "
+                "another logging.run_dir or checkpoint.dir)"
+            )
+        return None
 
     def load(
         self,
@@ -200,112 +320,75 @@ class CheckpointManager:
     ) -> dict[str, Any]:
         """Load model + optimizer (resharding as needed) and this rank's RNG state from ``path``;
         return the trainer state. ``model_config`` (this run's ``model`` section as a dict) makes
-        a shape-mismatch error also name the differing settings."""
+        a shape-mismatch error also name the differing settings. Call :func:`verify_checkpoint`
+        first: DCP unpickles ``.metadata``."""
         check_model_matches(path, model, model_config)
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(path), process_group=self.group)
+        try:
+            dcp.load(state, checkpoint_id=str(path), process_group=self.group)
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {path}: its shards do not load ({_short(e)})") from e
         set_state_dict(
             model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
         )
         rng_file = path / RNG_DIR / f"rank_{self.env.rank:05d}.pt"
         if rng_file.is_file():  # absent when resuming on more ranks than saved
-            _set_rng_state(torch.load(rng_file, weights_only=False), self.env.device)
-        return json.loads((path / TRAINER_STATE).read_text())
+            try:  # plain tensors only: no code runs from a checkpoint file
+                rng = torch.load(rng_file, weights_only=True)
+            except Exception as e:
+                raise CheckpointError(
+                    f"{rng_file} is not a plain tensor file and was not loaded ({_short(e)})"
+                ) from e
+            _set_rng_state(rng, self.env.device)
+        try:
+            return json.loads((path / TRAINER_STATE).read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path / TRAINER_STATE} does not read ({_short(e)})") from e
 
 
-def checkpoint_model_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """The global shape of every ``model.*`` tensor of the checkpoint at ``path`` (prefix
-    removed), read from its DCP metadata."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+@dataclass
+class Restored:
+    """What :meth:`CheckpointManager.restore` loaded."""
 
-    meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    return {
-        k.removeprefix("model."): tuple(v.size)
-        for k, v in meta.items()
-        if k.startswith("model.") and isinstance(v, TensorStorageMetadata)
-    }
-
-
-def shape_mismatches(
-    saved: dict[str, tuple[int, ...]],
-    ours: dict[str, tuple[int, ...]],
-    source: str,
-    limit: int = 12,
-) -> list[str]:
-    """One line per tensor whose shape differs between ``saved`` (read from ``source``) and
-    ``ours`` (this model), missing on either side included: at most ``limit`` lines plus a count
-    of the rest. Shared by weight files and trainer checkpoints."""
-    problems = []
-    for k in sorted(set(saved) | set(ours)):
-        if k not in saved:
-            problems.append(f"{k}: missing from the {source} (this model: {list(ours[k])})")
-        elif k not in ours:
-            problems.append(f"{k}: in the {source} {list(saved[k])}, not in this model")
-        elif saved[k] != ours[k]:
-            problems.append(f"{k}: {source} {list(saved[k])}, this model {list(ours[k])}")
-    extra = len(problems) - limit
-    shown = problems[:limit] + ([f"... and {extra} more"] if extra > 0 else [])
-    if any(k.endswith("experts.w_gate_EFD") for k in saved):
-        shown.append(
-            f"(the {source} is from before kha-train stacked each expert's gate and up weights "
-            "into experts.w_gate_up_E2FD [E, 2F, D], gate rows first: concatenate w_gate_EFD "
-            "and w_up_EFD along dim 1 to load it)"
-        )
-    return shown
-
-
-def check_model_matches(
-    path: Path, model: nn.Module, model_config: dict[str, Any] | None = None
-) -> None:
-    """Raise a ConfigError naming every model key whose presence or shape differs between the
-    checkpoint at ``path`` and ``model`` (global shapes: the sharding does not matter)."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-    saved = checkpoint_model_shapes(path)
-    ours = {k: tuple(v.shape) for k, v in get_model_state_dict(model).items()}
-    shown = shape_mismatches(saved, ours, "checkpoint")
-    if not shown:
-        return
-    diff = _model_config_diff(path, model_config) if model_config is not None else ""
-    raise ConfigError(
-        f"checkpoint {path} was written by a model of another shape:\n  "
-        + "\n  ".join(shown)
-        + (f"\nmodel settings that differ (checkpoint vs this run): {diff}" if diff else "")
-        + f"\nFix: resume with the model settings of {path / CONFIG_FILE}, or start a fresh run "
-        "(checkpoint.resume=none and another logging.run_dir or checkpoint.dir)."
-    )
-
-
-def _model_config_diff(path: Path, current: dict[str, Any]) -> str:
-    """'model.hidden_size: 64 vs 128, ...' between the checkpoint's config and this run's."""
-    try:
-        import yaml  # comes with omegaconf
-
-        saved = yaml.safe_load((path / CONFIG_FILE).read_text()).get("model", {})
-    except Exception:  # no yaml module, or no readable config: the key list says enough
-        return ""
-    diffs = []
-
-    def walk(a: Any, b: Any, prefix: str) -> None:
-        if isinstance(a, dict) and isinstance(b, dict):
-            for k in sorted(set(a) | set(b)):
-                walk(a.get(k), b.get(k), f"{prefix}.{k}")
-        elif a != b:
-            diffs.append(f"{prefix}: {a} vs {b}")
-
-    walk(saved, current, "model")
-    return ", ".join(diffs)
+    path: Path
+    state: dict[str, Any]  # the trainer state saved with it
+    notes: list[str] = field(default_factory=list)  # skipped checkpoints and warnings, to log
 
 
 # -- helpers ----------------------------------------------------------------------------------
 
 
-def _write_text(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+def _clean_unpublished(directory: Path) -> None:
+    """Rank 0 at start: delete what a crash left behind. A ``.old`` folder is the only copy of
+    its step if the crash came between the two renames of a same-step replace: restore it."""
+    for p in directory.glob(f"step_*{OLD_SUFFIX}"):
+        final = p.with_name(p.name.removesuffix(OLD_SUFFIX))
+        if not final.exists() and (p / MARKER).is_file():
+            p.rename(final)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+    for pattern in (f"step_*{TMP_SUFFIX}", f"step_*{DELETING_SUFFIX}"):
+        for p in directory.glob(pattern):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _unpublish_and_delete(path: Path) -> None:
+    """Rename ``path`` out of the checkpoint namespace (durably), then delete it: a crash in
+    between leaves a ``.deleting`` folder that nothing loads, never a half-deleted checkpoint."""
+    doomed = path.with_name(path.name + DELETING_SUFFIX)
+    try:
+        path.rename(doomed)
+    except OSError:
+        return  # cannot rename: leave it whole (still a valid checkpoint)
+    _fsync_dir(path.parent)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _short(e: BaseException) -> str:
+    """The first line of an exception's message, with its type."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
 
 
 def _fsync_dir(path: Path) -> None:

@@ -72,7 +72,8 @@ def test_publish_rotation_and_exact_load(tmp_path: Path) -> None:
         assert (path / MARKER).is_file() and not path.with_name(path.name + ".tmp").exists()
     assert [s for s, _ in complete_checkpoints(tmp_path)] == [3, 4]  # keep_last=2
     assert sorted(p.name for p in (tmp_path / "step_0000004").iterdir()) == [
-        ".metadata", "COMPLETE", "__0_0.distcp", "config.yaml", "rng", "trainer_state.json"
+        ".metadata", "COMPLETE", "MANIFEST.json", "__0_0.distcp", "config.yaml", "rng",
+        "trainer_state.json",
     ]  # fmt: skip
     rng_after_save = torch.get_rng_state()
     torch.rand(10)  # move the RNG on; loading restores it
