@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -66,3 +67,21 @@ def test_config_error_is_one_clean_line() -> None:
 def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([]) == 2
     assert "commands" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("path", _commands(), ids=lambda p: " ".join(p))
+def test_help_names_only_files_that_exist(
+    path: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        main([*path, "--help"])
+    named = re.findall(r"configs/[\w./-]+\.yaml", capsys.readouterr().out.replace("\n", " "))
+    assert all((ROOT / f).is_file() for f in named), f"help names missing files: {named}"
+
+
+def test_export_of_a_missing_path_says_it_is_missing(tmp_path, capsys) -> None:
+    missing = tmp_path / "no_such_step"
+    assert main(["export", str(missing), "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no such checkpoint folder or weights file" in err
+

@@ -36,7 +36,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
             "memory estimate. Nothing is allocated: the model is built on the meta device."
         ),
     )
-    p.add_argument("config", help="run config YAML (e.g. configs/paper/main_kha.yaml)")
+    p.add_argument("config", help="run config YAML (e.g. configs/paper/main/kha.yaml)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.num_layers=24")
     p.add_argument(
         "--ranks",

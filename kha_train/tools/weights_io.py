@@ -44,6 +44,11 @@ def load_source_config(
     from kha_train.config_checks import validate_model
 
     path = Path(config) if config else source / "config.yaml"
+    if not source.exists():
+        raise ConfigError(
+            f"{source}: no such checkpoint folder or weights file (give a step_XXXXXXX folder "
+            "inside checkpoint.dir, or a .safetensors / .pt file with --config)"
+        )
     if not config and not source.is_dir():
         raise ConfigError(f"{source} is a weights file: give its run config with --config")
     cfg = load_config(path, overrides)
