@@ -7,6 +7,11 @@ from __future__ import annotations
 
 import argparse
 
+NO_PROGRESS_HELP = (
+    "print only results and warnings (progress bars are drawn on a terminal only; a log file "
+    "or pipe gets a plain progress line every 30 s instead)"
+)
+
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     tok = subparsers.add_parser(
@@ -20,14 +25,23 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="train a byte-level BPE on a text source and write tokenizer.json",
         description=(
             "Train a byte-level BPE tokenizer (tokenizers library) on a text source and write "
-            "tokenizer.json (plus tokenizer_config.json naming the EOS/pad tokens). If OUT "
-            "already exists it is kept unless --overwrite is given."
+            "tokenizer.json (plus tokenizer_config.json naming the EOS/pad tokens and recording "
+            "the vocabulary size requested and reached). If OUT already exists it is kept "
+            "unless --overwrite is given."
         ),
     )
     _add_source_args(train)
-    train.add_argument("--out", required=True, help="the tokenizer.json to write")
     train.add_argument(
-        "--vocab-size", type=int, default=8192, help="vocabulary size, special tokens included"
+        "--out", required=True, help="the tokenizer.json to write (or a folder to write it in)"
+    )
+    train.add_argument(
+        "--vocab-size",
+        type=int,
+        default=8192,
+        help=(
+            "vocabulary size, special tokens included; a small text may support fewer tokens "
+            "(a warning then says how many were reached)"
+        ),
     )
     train.add_argument(
         "--special-tokens",
@@ -47,7 +61,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "--max-docs", type=int, default=None, help="train on the first N documents only"
     )
     train.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
-    train.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    train.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     train.set_defaults(func=_tokenizer_train)
 
     data = subparsers.add_parser(
@@ -95,7 +109,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     prep.add_argument(
         "--dtype", choices=("uint16", "uint32"), default=None, help="default: uint16 if it fits"
     )
-    prep.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    prep.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     prep.set_defaults(func=_data_prepare)
 
 
@@ -106,8 +120,8 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
         required=True,
         help=(
             "builtin (the embedded corpus) | local files: a path, directory or glob of "
-            ".jsonl/.json/.parquet/.txt, several separated by commas | hub:NAME (a Hugging Face "
-            "Hub dataset, streamed)"
+            ".jsonl/.json/.parquet/.txt (formats may be mixed), several separated by commas | "
+            "hub:NAME (a Hugging Face Hub dataset, streamed)"
         ),
     )
     g.add_argument("--text-field", default="text", help="column holding the text (default: text)")

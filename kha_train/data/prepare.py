@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from kha_train.data.errors import DataError
+from kha_train.data.errors import DataError, ensure_writable_dir, write_error
 from kha_train.data.shards import (
     FORMAT,
     FORMAT_VERSION,
@@ -43,8 +43,20 @@ from kha_train.data.shards import (
     write_json_atomic,
     write_shard,
 )
-from kha_train.data.sources import SourceSpec, open_source, source_key
-from kha_train.data.tokenizer import TOKENIZER_FILE, LoadedTokenizer, load_tokenizer, save_tokenizer
+from kha_train.data.sources import (
+    ProgressLog,
+    SourceSpec,
+    open_source,
+    progress_bars,
+    source_key,
+)
+from kha_train.data.tokenizer import (
+    TOKENIZER_FILE,
+    LoadedTokenizer,
+    load_tokenizer,
+    save_tokenizer,
+    training_info,
+)
 
 PROGRESS_FILE = "prepare.json"  # the settings of an unfinished run (index.json once finished)
 CHUNK_ROWS = 200_000  # rows tokenized per datasets.map call: bounds the work a crash can lose
@@ -64,7 +76,7 @@ class PrepareOptions:
     num_proc: int | None = None  # tokenizing processes; None: all cores for large sources
     max_docs: int | None = None  # read only the first N source rows (quick experiments)
     dtype: str | None = None  # uint16 | uint32; None: uint16 when the vocab fits
-    progress: bool = True  # show progress bars
+    progress: bool = True  # bars on a terminal, plain lines in a log; False: results only
 
 
 def prepare_dataset(source: SourceSpec, opts: PrepareOptions) -> DatasetIndex:
@@ -87,7 +99,33 @@ def prepare_dataset(source: SourceSpec, opts: PrepareOptions) -> DatasetIndex:
         "shard_tokens": opts.shard_tokens,
         "max_docs": opts.max_docs,
     }
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_writable_dir(out, "--out")
+    try:
+        return _prepare_into(out, source, opts, tok, dtype, fingerprint, settings)
+    except OSError as e:
+        # A full disk, lost permission, ... while writing: one line naming the file and the fix.
+        if e.filename and _is_inside(e.filename, out):
+            raise write_error(e, "--out") from e
+        raise
+
+
+def _is_inside(path: str | os.PathLike[str], folder: Path) -> bool:
+    try:
+        Path(path).resolve().relative_to(folder.resolve())
+    except (ValueError, OSError):
+        return False
+    return True
+
+
+def _prepare_into(
+    out: Path,
+    source: SourceSpec,
+    opts: PrepareOptions,
+    tok: LoadedTokenizer,
+    dtype: np.dtype,
+    fingerprint: str,
+    settings: dict[str, Any],
+) -> DatasetIndex:
     done = _finished_index(out, settings)
     if done is not None:
         _log(
@@ -382,13 +420,10 @@ def _tokenize_rest(
     fingerprint: str,
     records: list[dict[str, Any]],
 ) -> None:
-    import datasets
     from tqdm.auto import tqdm
 
-    if opts.progress:
-        datasets.enable_progress_bars()
-    else:
-        datasets.disable_progress_bars()
+    bars = progress_bars(opts.progress)  # on a terminal only: a log gets plain lines instead
+    log = ProgressLog("prepare", opts.progress and not bars)
     opened = open_source(source, out, fingerprint)
     writer = _ShardWriter(out, opts, tok, dtype, records)
     total = opened.num_rows
@@ -404,7 +439,7 @@ def _tokenize_rest(
         initial=writer.row,
         unit="doc",
         desc="prepare",
-        disable=not opts.progress,
+        disable=not bars,
         file=sys.stderr,
         dynamic_ncols=True,
     )
@@ -415,6 +450,10 @@ def _tokenize_rest(
             bar.update(len(flags))
             done = sum(r["train"]["tokens"] for r in records) + writer.tokens["train"]
             bar.set_postfix(train_tokens=f"{done:,}", refresh=False)
+            if log.due():
+                of = f" of {total:,}" if total else ""
+                pct = f" ({100 * writer.row / total:.0f}%)" if total else ""
+                log.log(f"{writer.row:,}{of} rows{pct}, {done:,} train tokens")
     finally:
         bar.close()
     writer.commit(final=True)
@@ -477,12 +516,13 @@ def _copy_tokenizer(tok: LoadedTokenizer, out: Path, opts: PrepareOptions) -> No
             dest,
             eos_token=tok.eos_token,
             pad_token=tok.tokenizer.id_to_token(tok.pad_id) if tok.pad_id is not None else None,
+            training=training_info(tok.path),
         )
     elif load_tokenizer(dest).hash != tok.hash:
-        _log(
-            opts,
+        print(
             f"warning: {dest} is not the tokenizer this dataset was prepared with "
             f"({tok.path}); the index records the right hash ({tok.hash})",
+            file=sys.stderr,
         )
 
 

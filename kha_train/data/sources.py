@@ -6,20 +6,27 @@ A source spec (``--source``) is one of:
 - local files: a path, a directory (every supported file under it), a glob (``data/*.jsonl``,
   ``**`` allowed), or several of those separated by commas. Formats by extension: ``.jsonl`` /
   ``.json`` (one object per line or a JSON array), ``.parquet``, ``.txt`` (optionally ``.gz``).
-  All files of one source must share a format.
+  One source may mix formats: each format's files are read by their own reader, and the parts
+  are joined in the order their first file appears (see :func:`open_source`).
 - ``hub:NAME``: a Hugging Face Hub dataset, always streamed (``datasets.load_dataset(NAME,
   config, split=..., streaming=True)``), for machines with a network.
 
 Every source yields documents from a text column (``text_field``, default ``text``; ``.txt``
 files always use ``text``).
+
+Progress: bars (tqdm, the ``datasets`` bars) only on a terminal; when stderr is a log file or a
+pipe, :class:`ProgressLog` prints a plain line now and then instead (:func:`progress_bars`).
 """
 
 from __future__ import annotations
 
 import glob
 import hashlib
+import logging
 import os
 import re
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +40,8 @@ HUB_PREFIX = "hub:"
 FULL_HASH_BYTES = 256 << 20  # files up to this size are hashed whole; larger ones are sampled
 SAMPLE_BYTES = 4 << 20
 OWN_FILES = re.compile(r"^(index|prepare|tokenizer|tokenizer_config|shard_\d+)\.json$")
+TEXT_DTYPES = ("string", "large_string")
+PROGRESS_EVERY_S = 30.0  # seconds between plain progress lines when stderr is not a terminal
 
 
 @dataclass
@@ -101,13 +110,56 @@ def resolve_local_files(spec: str) -> list[Path]:
             )
         if f.stat().st_size == 0:
             raise DataError(f"{f} is empty (0 bytes): remove it from --source or fill it")
-    formats = sorted({_format_of(f) for f in files})  # type: ignore[type-var]
-    if len(formats) > 1:
-        raise DataError(
-            f"--source {spec!r} mixes file formats {formats}: prepare each format separately "
-            "or convert them to one"
-        )
     return files
+
+
+def progress_bars(progress: bool) -> bool:
+    """Whether to draw progress bars: only with ``progress`` on and stderr a terminal (a log file
+    or pipe would get their carriage returns and escape codes). Switches the ``datasets`` bars
+    (Arrow conversion, ``map``) to match."""
+    import datasets
+
+    bars = progress and _is_terminal(sys.stderr)
+    if bars:
+        datasets.enable_progress_bars()
+    else:
+        datasets.disable_progress_bars()
+    return bars
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+class ProgressLog:
+    """Plain progress lines for a long step when no bar is drawn (``--no-progress`` off but
+    stderr not a terminal): ``LABEL: MESSAGE (ELAPSED)``, at most one per ``every`` seconds."""
+
+    def __init__(self, label: str, enabled: bool, every: float | None = None) -> None:
+        self.label, self.enabled = label, enabled
+        self.every = PROGRESS_EVERY_S if every is None else every
+        self.start = self.last = time.monotonic()
+        self.lines = 0  # lines printed so far
+
+    def due(self) -> bool:
+        """Whether a line is due now (build the message only then)."""
+        return self.enabled and time.monotonic() - self.last >= self.every
+
+    def log(self, message: str) -> None:
+        if not self.enabled:
+            return
+        self.last = now = time.monotonic()
+        self.lines += 1
+        line = f"{self.label}: {message} ({_duration(now - self.start)})"
+        print(line, file=sys.stderr, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    h, m, s = int(seconds) // 3600, int(seconds) // 60 % 60, int(seconds) % 60
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
 def _is_data_file(path: Path, root: Path) -> bool:
@@ -170,7 +222,12 @@ def open_source(
 ) -> OpenedSource:
     """Open ``spec`` as a ``datasets`` dataset. ``work_dir`` holds the materialised builtin corpus
     (``builtin_source/``) and the Arrow cache of local files (``.hf_cache/``). ``fingerprint``:
-    a :func:`source_key` already computed for ``spec``."""
+    a :func:`source_key` already computed for ``spec``.
+
+    Local files of one format are read by one ``load_dataset`` call, with all their columns. A
+    source that mixes formats is read per format (files of a format together, formats in the
+    order their first file appears), each part cut to its text column (``text`` for ``.txt``)
+    renamed ``spec.text_field``, and the parts concatenated."""
     import datasets
 
     work_dir = Path(work_dir)
@@ -201,36 +258,31 @@ def open_source(
             files = [write_builtin_corpus(work_dir / "builtin_source")]
         else:
             files = resolve_local_files(spec.spec)
-        fmt = _format_of(files[0])
-        kwargs: dict[str, Any] = {}
+        groups: dict[str, list[Path]] = {}  # format -> its files, formats in order of appearance
+        for f in files:
+            groups.setdefault(_format_of(f), []).append(f)  # type: ignore[arg-type]
         text_field = spec.text_field
-        if fmt == "text":
-            if spec.txt_sample_by not in ("document", "paragraph", "line"):
-                raise DataError(
-                    f"--txt-sample-by must be document, paragraph or line, got {spec.txt_sample_by!r}"
-                )
-            kwargs["sample_by"] = spec.txt_sample_by
-            text_field = "text"  # the datasets text builder's only column
-        try:
-            ds = datasets.load_dataset(
-                fmt,
-                data_files=[str(f) for f in files],
-                split="train",
-                streaming=spec.streaming,
-                cache_dir=cache_dir,
-                **kwargs,
-            )
-        except Exception as e:
+        if "text" in groups and spec.txt_sample_by not in ("document", "paragraph", "line"):
             raise DataError(
-                f"could not read {', '.join(map(str, files[:3]))}{' ...' if len(files) > 3 else ''}"
-                f" as {fmt}: {str(e).splitlines()[0] if str(e) else type(e).__name__}. Check that "
-                "the files are valid and share one schema"
-            ) from e
+                f"--txt-sample-by must be document, paragraph or line, got {spec.txt_sample_by!r}"
+            )
+        if len(groups) == 1:
+            ((fmt, group),) = groups.items()
+            ds = _load_files(fmt, group, spec, cache_dir)
+            if fmt == "text":
+                text_field = "text"  # the datasets text builder's only column
+        else:
+            # Each format read by its own reader, cut to its text column under one name, joined.
+            parts = [
+                _text_part(_load_files(fmt, group, spec, cache_dir), fmt, group, text_field)
+                for fmt, group in groups.items()
+            ]
+            ds = datasets.concatenate_datasets(parts)
         if fingerprint is None:
             fingerprint = (
                 corpus_key() if spec.spec == "builtin" else source_fingerprint(spec, files)
             )
-    description = spec.spec if files is None else ", ".join(map(str, files[:3]))
+    description = spec.spec if files is None else _describe_files(files)
     columns = ds.column_names  # None for some streaming datasets until the first row is read
     if columns is not None and text_field not in columns:
         raise DataError(
@@ -241,6 +293,108 @@ def open_source(
         fingerprint = source_fingerprint(spec, None)
     num_rows = None if isinstance(ds, datasets.IterableDataset) else len(ds)
     return OpenedSource(ds, fingerprint, description, num_rows, text_field)
+
+
+def _describe_files(files: list[Path]) -> str:
+    return f"{', '.join(map(str, files[:3]))}{' ...' if len(files) > 3 else ''}"
+
+
+def _load_files(fmt: str, files: list[Path], spec: SourceSpec, cache_dir: str) -> Any:
+    """``datasets.load_dataset`` of local files of one format. The log lines ``datasets`` writes
+    while a file fails to parse are folded into the one error raised here."""
+    import datasets
+
+    kwargs: dict[str, Any] = {"sample_by": spec.txt_sample_by} if fmt == "text" else {}
+    with _CapturedLogs("datasets") as logs:
+        try:
+            ds = datasets.load_dataset(
+                fmt,
+                data_files=[str(f) for f in files],
+                split="train",
+                streaming=spec.streaming,
+                cache_dir=cache_dir,
+                **kwargs,
+            )
+        except Exception as e:
+            logs.drop()
+            bad = next((str(f) for f in files for m in logs.messages if str(f) in m), None)
+            shape = " (one object per line, or one JSON array)" if fmt == "json" else ""
+            raise DataError(
+                f"could not read {bad or _describe_files(files)} as {fmt}: {_root_cause(e)}. "
+                f"Check that the files are valid {fmt}{shape} and that all files of one format "
+                "share one schema"
+            ) from e
+    return ds
+
+
+def _root_cause(e: BaseException) -> str:
+    """The first line of the innermost explicit cause of ``e`` (``datasets`` wraps the parser
+    error that says what is wrong in a generic one). Implicit contexts are not followed: they
+    are earlier attempts (e.g. another JSON reader) whose errors say less."""
+    seen = set()
+    while e.__cause__ is not None and id(e) not in seen:
+        seen.add(id(e))
+        e = e.__cause__
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+class _CapturedLogs:
+    """Holds back the records of a logger (and its children) while a block runs; they are
+    re-emitted afterwards unless :meth:`drop` was called."""
+
+    def __init__(self, name: str) -> None:
+        self.logger = logging.getLogger(name)
+        self.records: list[logging.LogRecord] = []
+        self.keep = True
+
+    @property
+    def messages(self) -> list[str]:
+        return [r.getMessage() for r in self.records]
+
+    def drop(self) -> None:
+        self.keep = False
+
+    def __enter__(self) -> _CapturedLogs:
+        self.saved = (self.logger.handlers[:], self.logger.propagate)
+        handler = logging.Handler()
+        handler.emit = self.records.append  # type: ignore[method-assign]
+        self.logger.handlers = [handler]
+        self.logger.propagate = False
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.handlers, self.logger.propagate = self.saved
+        if self.keep:
+            for record in self.records:
+                self.logger.handle(record)
+
+
+def _text_part(ds: Any, fmt: str, files: list[Path], text_field: str) -> Any:
+    """One format's part of a mixed source: its text column alone, named ``text_field``."""
+    import datasets
+
+    column = "text" if fmt == "text" else text_field
+    columns = ds.column_names
+    if columns is not None and column not in columns:
+        raise DataError(
+            f"{_describe_files(files)} has no column {column!r} (its columns: {columns}): pass "
+            "--text-field with the column that holds the text (in every file of the source)"
+        )
+    ds = ds.select_columns([column])
+    if column != text_field:
+        ds = ds.rename_column(column, text_field)
+    feature = (ds.features or {}).get(text_field)
+    if feature is not None:
+        is_text = isinstance(feature, datasets.Value) and feature.dtype in TEXT_DTYPES
+        if not is_text:
+            raise DataError(
+                f"{_describe_files(files)}: column {text_field!r} holds {feature} values, not "
+                "text: pass --text-field with a text column"
+            )
+        if feature.dtype != "string":
+            ds = ds.cast_column(text_field, datasets.Value("string"))  # one type across parts
+    return ds
 
 
 def iter_texts(source: OpenedSource, max_docs: int | None = None) -> Iterator[str]:

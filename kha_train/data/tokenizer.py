@@ -20,17 +20,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tokenizers import Tokenizer
 
 from kha_train.data.errors import DataError
 
 if TYPE_CHECKING:
-    from kha_train.data.sources import SourceSpec
+    from kha_train.data.sources import ProgressLog, SourceSpec
 
 DEFAULT_SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>")  # the first one is the EOS by default
 # Names other tokenizers give their end-of-document token, tried in order when a tokenizer file
@@ -39,6 +39,12 @@ EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eos|>"
 PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]")
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
+TRAINING_KEY = "kha_train"  # the tokenizer_config.json entry that records how it was trained
+# A folder without tokenizer.json that transformers may still convert (sentencepiece, GPT-2).
+SLOW_TOKENIZER_FILES = (CONFIG_FILE, "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
+# The BPE trainer allocates ~70 bytes per requested token up front (1e9 asks for 70 GB and
+# aborts the process); 16M is 64x the largest vocabularies in use.
+MAX_VOCAB_SIZE = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -97,14 +103,7 @@ def train_tokenizer(
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
     special_tokens = list(special_tokens)
-    if len(set(special_tokens)) != len(special_tokens):
-        raise DataError(f"special tokens {special_tokens} list a token twice")
-    floor = 256 + len(special_tokens) + 1
-    if vocab_size < floor:
-        raise DataError(
-            f"vocab size {vocab_size} is too small: a byte-level BPE needs 256 byte symbols + "
-            f"{len(special_tokens)} special tokens + merges; use --vocab-size >= {floor}"
-        )
+    floor = check_vocab_options(vocab_size, special_tokens, min_frequency)
     tok = Tokenizer(models.BPE())
     # Digits one by one (as Llama/Qwen do) keep numbers from eating vocabulary entries.
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -123,16 +122,48 @@ def train_tokenizer(
     )
     tok.train_from_iterator(texts, trainer=trainer, length=length)
     if tok.get_vocab_size(with_added_tokens=True) <= floor - 1:
-        raise DataError("the tokenizer learned no merges: the training text is empty or too small")
+        raise DataError(
+            "the tokenizer learned no merges: the training text is empty or too small (no pair "
+            f"of symbols occurs --min-frequency {min_frequency} times); point --source at more "
+            "text, or check --text-field"
+        )
     return tok
 
 
+def check_vocab_options(vocab_size: int, special_tokens: Sequence[str], min_frequency: int) -> int:
+    """Check the training options that need no text; returns the smallest useful vocab size
+    (256 byte symbols + the special tokens + one merge)."""
+    if len(set(special_tokens)) != len(special_tokens):
+        raise DataError(f"special tokens {list(special_tokens)} list a token twice")
+    floor = 256 + len(special_tokens) + 1
+    if vocab_size < floor:
+        raise DataError(
+            f"vocab size {vocab_size} is too small: a byte-level BPE needs 256 byte symbols + "
+            f"{len(special_tokens)} special tokens + merges; use --vocab-size >= {floor}"
+        )
+    if vocab_size > MAX_VOCAB_SIZE:
+        raise DataError(
+            f"vocab size {vocab_size:,} is too large: the trainer reserves memory for every "
+            f"requested token up front; use --vocab-size <= {MAX_VOCAB_SIZE:,} (typical sizes "
+            "are 8192 to 262144)"
+        )
+    if min_frequency < 0:
+        raise DataError(f"--min-frequency must be >= 0, got {min_frequency}")
+    return floor
+
+
 def save_tokenizer(
-    tok: Tokenizer, path: str | os.PathLike[str], *, eos_token: str, pad_token: str | None
+    tok: Tokenizer,
+    path: str | os.PathLike[str],
+    *,
+    eos_token: str,
+    pad_token: str | None,
+    training: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``tokenizer.json`` atomically, plus a ``tokenizer_config.json`` beside it (when the
     file is named tokenizer.json) that records the EOS/pad tokens, so the folder also loads as a
-    Hugging Face tokenizer directory."""
+    Hugging Face tokenizer directory. ``training`` (how the tokenizer was trained: requested and
+    reached vocabulary, ...) goes into that config under ``"kha_train"``."""
     path = Path(path)
     for name, token in (("eos", eos_token), ("pad", pad_token)):
         if token is not None and tok.token_to_id(token) is None:
@@ -149,6 +180,8 @@ def save_tokenizer(
             "add_bos_token": False,
             "clean_up_tokenization_spaces": False,
         }
+        if training is not None:
+            config[TRAINING_KEY] = training
         _write_atomic(path.parent / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
     return path
 
@@ -207,10 +240,30 @@ def load_tokenizer(path: str | os.PathLike[str], eos_token: str | None = None) -
     )
 
 
+def training_info(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """How the tokenizer at ``path`` (file or folder) was trained, as ``tokenizer train`` wrote
+    it into ``tokenizer_config.json`` (requested and reached vocab size, text it saw), or None."""
+    p = Path(path)
+    info = _read_tokenizer_config((p if p.is_dir() else p.parent) / CONFIG_FILE).get(TRAINING_KEY)
+    return info if isinstance(info, dict) else None
+
+
 def _load_from_dir(folder: Path) -> Tokenizer:
     file = folder / TOKENIZER_FILE
     if file.is_file():
-        return Tokenizer.from_file(str(file))
+        try:
+            return Tokenizer.from_file(str(file))
+        except Exception as e:
+            raise DataError(
+                f"{file} is not a valid tokenizer.json ({str(e).splitlines()[0]}): re-create it "
+                "with `kha-train tokenizer train` or point to another tokenizer"
+            ) from e
+    if not any((folder / name).is_file() for name in SLOW_TOKENIZER_FILES):
+        raise DataError(
+            f"{folder} holds no tokenizer ({TOKENIZER_FILE}, {CONFIG_FILE}, ...): point to the "
+            f"tokenizer.json that `kha-train tokenizer train --out` wrote, or train one there "
+            f"with `kha-train tokenizer train --out {folder / TOKENIZER_FILE}`"
+        )
     # A directory with only slow-tokenizer files (e.g. a sentencepiece tokenizer.model):
     # transformers can convert it to a fast tokenizer, whose backend is a tokenizers.Tokenizer.
     try:
@@ -265,21 +318,24 @@ def train_tokenizer_from_source(
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
-    """``kha-train tokenizer train``: train on the documents of ``source`` and save to ``out``.
-    An existing ``out`` is kept (and returned) unless ``overwrite``. EOS defaults to the first
-    special token, pad to the second."""
+    """``kha-train tokenizer train``: train on the documents of ``source`` and save to ``out``
+    (a folder, existing or ending in ``/``, gets ``tokenizer.json`` inside). An existing ``out``
+    is kept (and returned) unless ``overwrite``. EOS defaults to the first special token, pad to
+    the second. When the text supports fewer merges than ``vocab_size`` asks for, a warning says
+    so (also with ``progress`` off) and the config records requested and reached sizes."""
     import shutil
     import sys
     import tempfile
 
-    import datasets
+    from kha_train.data.errors import ensure_writable_dir, write_error
+    from kha_train.data.sources import ProgressLog, iter_texts, open_source, progress_bars
 
-    from kha_train.data.sources import iter_texts, open_source
-
+    as_given = os.fspath(out)
     out = Path(out)
+    if out.is_dir() or as_given.endswith(("/", os.sep)):  # Path() drops a trailing slash
+        out = out / TOKENIZER_FILE
     if out.exists() and not overwrite:
-        if progress:
-            print(f"{out} exists; keeping it (pass --overwrite to retrain)", file=sys.stderr)
+        print(f"{out} exists; keeping it (pass --overwrite to retrain)", file=sys.stderr)
         return out
     special_tokens = list(special_tokens)
     if not special_tokens:
@@ -290,31 +346,90 @@ def train_tokenizer_from_source(
     for name, token in (("--eos-token", eos_token), ("--pad-token", pad_token)):
         if token is not None and token not in special_tokens:
             raise DataError(f"{name} {token!r} must be one of --special-tokens {special_tokens}")
-    if progress:
-        datasets.enable_progress_bars()
-    else:
-        datasets.disable_progress_bars()
+    if max_docs is not None and max_docs < 1:
+        raise DataError(f"--max-docs must be >= 1, got {max_docs}")
+    check_vocab_options(vocab_size, special_tokens, min_frequency)  # before reading the source
+    bars = progress_bars(progress)
     # The Arrow cache of the source and the materialised builtin corpus live in a scratch
     # folder next to the output, removed afterwards.
-    out.parent.mkdir(parents=True, exist_ok=True)
+    ensure_writable_dir(out.parent, "--out")
     work = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=out.parent))
     try:
         opened = open_source(source, work)
-        texts = iter_texts(opened, max_docs)
-        tok = train_tokenizer(
-            texts,
-            vocab_size,
-            special_tokens=special_tokens,
-            min_frequency=min_frequency,
-            show_progress=progress,
-            length=opened.num_rows if max_docs is None else max_docs,
+        seen = _Counted(
+            iter_texts(opened, max_docs), ProgressLog("tokenizer train", progress and not bars)
         )
+        try:
+            tok = train_tokenizer(
+                seen,
+                vocab_size,
+                special_tokens=special_tokens,
+                min_frequency=min_frequency,
+                show_progress=bars,  # the tokenizers library's bars: blank lines in a log
+                length=opened.num_rows if max_docs is None else max_docs,
+            )
+        except DataError:
+            if seen.docs == 0:
+                raise DataError(
+                    f"--source {source.spec} holds no text: no non-empty document in column "
+                    f"{opened.text_field!r}. Check --source and --text-field"
+                ) from None
+            raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    save_tokenizer(tok, out, eos_token=eos_token, pad_token=pad_token)
+    reached = tok.get_vocab_size(with_added_tokens=True)
+    training = {
+        "vocab_size_requested": vocab_size,
+        "vocab_size": reached,
+        "min_frequency": min_frequency,
+        "documents": seen.docs,
+        "chars": seen.chars,
+        "source": source.spec,
+    }
+    try:
+        save_tokenizer(tok, out, eos_token=eos_token, pad_token=pad_token, training=training)
+    except OSError as e:
+        raise write_error(e, "--out", out) from e
+    if reached < vocab_size:
+        print(f"warning: {vocab_shortfall(training)}", file=sys.stderr)
     if progress:
-        print(
-            f"wrote {out}: vocab {tok.get_vocab_size(with_added_tokens=True)}, eos {eos_token!r}",
-            file=sys.stderr,
-        )
+        print(f"wrote {out}: vocab {reached}, eos {eos_token!r}", file=sys.stderr)
     return out
+
+
+def vocab_shortfall(training: dict[str, Any]) -> str:
+    """Why a trained vocabulary stopped short of the requested size, and what to do."""
+    reached, requested = training["vocab_size"], training["vocab_size_requested"]
+    docs = _plural(training["documents"], "document")
+    return (
+        f"the vocabulary reached {reached:,} of the {requested:,} tokens requested: the training "
+        f"text ({docs}, {training['chars']:,} chars) has no more pairs of symbols that occur "
+        f"--min-frequency {training['min_frequency']} times or more. "
+        f"Train on more text (or lower --min-frequency), or pass --vocab-size {reached} to make "
+        "this size the intended one"
+    )
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
+class _Counted:
+    """Iterates texts, counting documents and characters (and printing a plain progress line
+    now and then, for logs)."""
+
+    def __init__(self, texts: Iterable[str], log: ProgressLog) -> None:
+        self.texts, self.log = texts, log
+        self.docs = self.chars = 0
+
+    def __iter__(self) -> Iterator[str]:
+        for text in self.texts:
+            self.docs += 1
+            self.chars += len(text)
+            if self.log.due():
+                self.log.log(f"read {self.docs:,} documents ({self.chars:,} chars)")
+            yield text
+        if self.log.lines:  # the reading was long enough to report: say what comes next
+            self.log.log(
+                f"read all {self.docs:,} documents ({self.chars:,} chars); computing merges"
+            )

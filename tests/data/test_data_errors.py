@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -144,10 +147,16 @@ def test_source_errors(tmp_path: Path, prepare) -> None:
     (tmp_path / "dir").mkdir()
     with pytest.raises(DataError, match=r"directory .*dir holds no .*jsonl"):
         prepare(tmp_path / "dir", out)
-    write_jsonl(tmp_path / "mix" / "a.jsonl", ["x y z"])
+    # A mixed source: every non-.txt file needs the text column (.txt files always have it).
+    write_jsonl(tmp_path / "mix" / "a.jsonl", ["x y z"], field="body")
     (tmp_path / "mix" / "b.txt").write_text("words")
-    with pytest.raises(DataError, match="mixes file formats"):
+    with pytest.raises(
+        DataError, match=r"mix/a\.jsonl has no column 'text' \(its columns: \['body'"
+    ):
         prepare(tmp_path / "mix", out)
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\nnot json\n')
+    with pytest.raises(DataError, match=r"could not read .*bad\.jsonl as json: JSON parse error"):
+        prepare(tmp_path / "bad.jsonl", out)
     src = write_jsonl(tmp_path / "a.jsonl", ["some text"] * 3, field="body")
     with pytest.raises(DataError, match=r"has no column 'text' .*--text-field"):
         prepare(src, out)
@@ -168,6 +177,92 @@ def test_cli_reports_bad_input_as_one_line(tmp_path: Path, tokenizer_path: Path,
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: --source path") and "gone.jsonl" in err
     assert "Traceback" not in err
+
+
+def _bad_inputs(tmp: Path) -> None:
+    """The files a user gets wrong: each case below points a command at one of them."""
+    (tmp / "empty.jsonl").write_text("")
+    (tmp / "blank.txt").write_text("  \n\n")
+    write_jsonl(tmp / "body.jsonl", ["some text here"] * 5, field="body")
+    (tmp / "table.csv").write_text("text\nhello\n")
+    (tmp / "broken.jsonl").write_text("{not json\n")
+    (tmp / "a_file").write_text("not a folder")
+    (tmp / "no_tokenizer").mkdir()
+    write_jsonl(tmp / "ok.jsonl", ["a fine document with some words in it"] * 20)
+
+
+# (command, arguments, the one error line it must print): {tmp} is the test folder.
+BAD_CLI_INPUTS = [
+    ("tokenizer", "--source {tmp}/gone.txt", r"--source path .*gone\.txt does not exist"),
+    ("tokenizer", "--source {tmp}/empty.jsonl", r"empty\.jsonl is empty \(0 bytes\): remove it"),
+    ("tokenizer", "--source {tmp}/blank.txt", r"holds no text: no non-empty document .*--text-field"),
+    ("tokenizer", "--source {tmp}/body.jsonl", r"has no column 'text' \(its columns: \['body', 'other'\]\): pass --text-field"),
+    ("tokenizer", "--source {tmp}/table.csv", r"table\.csv: unsupported file type; use \.jsonl"),
+    ("tokenizer", "--source {tmp}/broken.jsonl", r"could not read .*broken\.jsonl as json: JSON parse error"),
+    ("tokenizer", "--source {tmp}/ok.jsonl --vocab-size 0", r"vocab size 0 is too small.*--vocab-size >= 259"),
+    ("tokenizer", "--source {tmp}/ok.jsonl --vocab-size 20000000", r"too large: the trainer reserves memory .*--vocab-size <= 16,777,216"),
+    ("tokenizer", "--source {tmp}/ok.jsonl --min-frequency -1", r"--min-frequency must be >= 0"),
+    ("tokenizer", "--source {tmp}/ok.jsonl --max-docs 0", r"--max-docs must be >= 1"),
+    ("tokenizer", "--source {tmp}/ok.jsonl --out {tmp}/a_file/tokenizer.json", r"cannot write --out .*a_file: it is a file, not a folder; choose another --out"),
+    ("data", "--source {tmp}/gone.jsonl", r"--source path .*gone\.jsonl does not exist"),
+    ("data", "--source {tmp}/empty.jsonl", r"empty\.jsonl is empty \(0 bytes\)"),
+    ("data", "--source {tmp}/body.jsonl", r"has no column 'text' .*--text-field"),
+    ("data", "--source {tmp}/table.csv", r"unsupported file type"),
+    ("data", "--source {tmp}/broken.jsonl", r"could not read .*broken\.jsonl as json: JSON parse error"),
+    ("data", "--source {tmp}/blank.txt", r"yielded no training text .*--text-field"),
+    ("data", "--source {tmp}/ok.jsonl --out {tmp}/a_file", r"cannot write --out .*a_file: it is a file, not a folder"),
+    ("data", "--source {tmp}/ok.jsonl --out {tmp}/a_file/ds", r"cannot write --out .*a_file/ds: a part of the path is a file"),
+    ("data", "--source {tmp}/ok.jsonl --tokenizer {tmp}/no_tokenizer", r"no_tokenizer holds no tokenizer .*kha-train tokenizer train --out"),
+    ("data", "--source {tmp}/ok.jsonl --tokenizer {tmp}/ok.jsonl", r"ok\.jsonl is not a valid tokenizer\.json"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("command", "args", "message"), BAD_CLI_INPUTS)
+def test_cli_bad_input_is_one_error_line_with_the_fix(
+    tmp_path: Path, tokenizer_path: Path, capfd, command: str, args: str, message: str
+) -> None:
+    """What a new user types wrong, through the real CLI: exit code 2 and one `error:` line (no
+    traceback, no progress output), which names the problem and the fix."""
+    _bad_inputs(tmp_path)
+    defaults = {  # argparse keeps the last of a repeated option: the case's own come after
+        "tokenizer": ["train", "--vocab-size", "300", "--out", f"{tmp_path}/out/tokenizer.json"],
+        "data": ["prepare", "--tokenizer", str(tokenizer_path), "--out", f"{tmp_path}/out/ds"],
+    }
+    capfd.readouterr()
+    assert main([command, *defaults[command], *args.format(tmp=tmp_path).split()]) == 2
+    out, err = capfd.readouterr()
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert re.search(message, lines[0]), lines[0]
+    assert out == ""
+
+
+def test_write_errors_name_the_option_and_the_fix(
+    tmp_path: Path, docs, prepare, monkeypatch
+) -> None:
+    from kha_train.data.errors import ensure_writable_dir, write_error
+
+    denied = PermissionError(errno.EACCES, "Permission denied", "/data/out")
+    assert str(write_error(denied, "--out")) == (
+        "cannot write --out /data/out: permission denied; choose an --out folder you can write "
+        "to, or give your user write access"
+    )
+    full = OSError(errno.ENOSPC, "No space left on device", "/data/out/train_00000.bin")
+    assert "no space left; free space on that disk" in str(write_error(full, "--out"))
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(DataError, match=r"cannot write --out .*locked.*permission denied"):
+            ensure_writable_dir(locked / "ds", "--out")
+    # A disk that fills up half-way through prepare: one DataError naming the shard file.
+    import kha_train.data.prepare as prep
+
+    def no_space(path, *a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(prep, "write_shard", no_space)
+    with pytest.raises(DataError, match=r"cannot write --out .*train_00000\.bin: no space left"):
+        prepare(write_jsonl(tmp_path / "a.jsonl", docs[:20]), tmp_path / "out")
 
 
 def test_from_config_checks_model_vocab_and_tokenizer(

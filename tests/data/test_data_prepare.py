@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -254,3 +255,90 @@ def test_directory_source_skips_hidden_and_kha_train_files(tmp_path: Path, docs,
     (folder / "tokenizer.json").write_text("{}")
     index = prepare(folder, tmp_path / "out", val_fraction=0.0)
     assert index.raw["source_rows"] == 20
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_one_source_mixes_formats(
+    tmp_path: Path, docs: list[str], prepare, streaming: bool
+) -> None:
+    """.jsonl, .parquet and .txt files in one --source: each format is read by its own reader,
+    the parts joined in the order their first file appears (name order for a folder)."""
+    folder = tmp_path / "mixed"
+    write_jsonl(folder / "a.jsonl", docs[:10], field="body")
+    large = pa.array(docs[10:20], type=pa.large_string())  # cast to the other parts' type
+    pq.write_table(pa.table({"body": large, "n": list(range(10))}), folder / "b.parquet")
+    (folder / "c.txt").write_text(docs[20])  # .txt files have no field: their text is used
+    write_jsonl(folder / "d" / "e.jsonl", docs[21:30], field="body")
+    expected = docs[:10] + docs[21:30] + docs[10:20] + [docs[20]]
+    ref = prepare(write_jsonl(tmp_path / "ref.jsonl", expected), tmp_path / "ref", val_fraction=0.3)
+    kw = {"text_field": "body", "streaming": streaming}
+    index = prepare(folder, tmp_path / "out", source_kw=kw, val_fraction=0.3)
+    assert ref.splits["val"].docs > 0
+    for split in ("train", "val"):
+        assert np.array_equal(read_split(index, split), read_split(ref, split))
+    assert index.raw["source_rows"] == 30
+    # A comma-separated list keeps its own order: the .txt part first here.
+    both = prepare(f"{folder}/c.txt,{folder}/a.jsonl", tmp_path / "list", source_kw=kw,
+                   val_fraction=0.0)  # fmt: skip
+    ref2 = prepare(write_jsonl(tmp_path / "ref2.jsonl", [docs[20], *docs[:10]]), tmp_path / "ref2",
+                   val_fraction=0.0)  # fmt: skip
+    assert np.array_equal(read_split(both, "train"), read_split(ref2, "train"))
+
+
+def test_tokenizer_train_on_a_mixed_source(tmp_path: Path, docs: list[str]) -> None:
+    folder = tmp_path / "mixed"
+    write_jsonl(folder / "a.jsonl", docs[:100])
+    pq.write_table(pa.table({"text": docs[100:200]}), folder / "b.parquet")
+    (folder / "c.txt").write_text("\n\n".join(docs[200:240]))
+    out = tmp_path / "tok" / "tokenizer.json"
+    args = ["tokenizer", "train", "--source", str(folder), "--out", str(out), "--vocab-size",
+            "400", "--no-progress", "--txt-sample-by", "paragraph"]  # fmt: skip
+    assert main(args) == 0
+    info = json.loads((out.parent / "tokenizer_config.json").read_text())["kha_train"]
+    assert info["documents"] == 240 and info["vocab_size"] == 400
+
+
+def test_logs_get_plain_lines_without_terminal_codes(
+    tmp_path: Path, docs: list[str], capfd, monkeypatch
+) -> None:
+    """Output to a file or pipe (not a terminal): no progress bars, carriage returns, escape codes
+    or blank lines; the result lines only, plus plain progress lines when a step takes long."""
+    import kha_train.data.sources as sources
+
+    src = write_jsonl(tmp_path / "docs.jsonl", docs[:60])
+
+    def run(name: str) -> list[str]:
+        tok, ds = tmp_path / name / "tokenizer.json", tmp_path / name / "ds"
+        capfd.readouterr()
+        assert main(["tokenizer", "train", "--source", str(src), "--out", str(tok),
+                     "--vocab-size", "400"]) == 0  # fmt: skip
+        assert main(["data", "prepare", "--source", str(src), "--tokenizer", str(tok),
+                     "--out", str(ds), "--val-fraction", "0"]) == 0  # fmt: skip
+        out, err = capfd.readouterr()
+        assert out == "" and "\r" not in err and "\x1b" not in err, repr(err)
+        lines = err.splitlines()
+        assert all(line.strip() for line in lines), repr(err)  # no blank lines
+        assert lines[-1].startswith(f"wrote {ds}: train ") and lines[-1].endswith("uint16")
+        assert f"wrote {tok}: vocab 400, eos '<|endoftext|>'" in lines
+        return lines
+
+    assert len(run("quick")) == 2  # short steps: nothing but the results
+    monkeypatch.setattr(sources, "PROGRESS_EVERY_S", 0.0)  # every step counts as long
+    lines = run("slow")
+    assert any(re.fullmatch(r"tokenizer train: read \d+ documents \([\d,]+ chars\) \(0m\d\ds\)", x)
+               for x in lines)  # fmt: skip
+    assert any(
+        re.fullmatch(r"tokenizer train: read all 60 documents \([\d,]+ chars\); computing merges "
+                     r"\(0m\d\ds\)", x)
+        for x in lines
+    )  # fmt: skip
+    assert any(
+        re.fullmatch(r"prepare: 60 of 60 rows \(100%\), [\d,]+ train tokens \(0m\d\ds\)", x)
+        for x in lines
+    )
+    # On a terminal the bars come back (datasets' included), unless --no-progress.
+    import datasets
+
+    monkeypatch.setattr(sources, "_is_terminal", lambda stream: True)
+    assert sources.progress_bars(True) and datasets.is_progress_bar_enabled()
+    assert not sources.progress_bars(False) and not datasets.is_progress_bar_enabled()

@@ -126,3 +126,48 @@ def test_builtin_corpus(tmp_path: Path) -> None:
     mtime = path.stat().st_mtime_ns
     assert write_builtin_corpus(tmp_path) == path and path.stat().st_mtime_ns == mtime  # reused
     shutil.rmtree(tmp_path)
+
+
+def test_vocab_shortfall_is_reported_and_recorded(tmp_path: Path, docs: list[str], capfd) -> None:
+    """A small text cannot fill a large vocabulary: the command says what it reached and why, in
+    one warning line (also with --no-progress), and tokenizer_config.json records both sizes."""
+    (tmp_path / "small.txt").write_text(docs[3])
+    out = tmp_path / "tok" / "tokenizer.json"
+    args = ["tokenizer", "train", "--source", str(tmp_path / "small.txt"), "--out", str(out),
+            "--vocab-size", "8192", "--no-progress"]  # fmt: skip
+    capfd.readouterr()
+    assert main(args) == 0
+    reached = load_tokenizer(out).vocab_size
+    assert 259 < reached < 8192
+    lines = capfd.readouterr().err.splitlines()
+    assert lines == [
+        f"warning: the vocabulary reached {reached:,} of the 8,192 tokens requested: the "
+        f"training text (1 document, {len(docs[3]):,} chars) has no more pairs of symbols that "
+        "occur --min-frequency 2 times or more. Train on more text (or lower --min-frequency), "
+        f"or pass --vocab-size {reached} to make this size the intended one"
+    ]
+    config = json.loads((out.parent / "tokenizer_config.json").read_text())
+    assert config["kha_train"] == {
+        "vocab_size_requested": 8192, "vocab_size": reached, "min_frequency": 2,
+        "documents": 1, "chars": len(docs[3]), "source": str(tmp_path / "small.txt"),
+    }  # fmt: skip
+    from transformers import AutoTokenizer  # the extra config entry does not disturb HF
+
+    hf = AutoTokenizer.from_pretrained(str(out.parent), local_files_only=True)
+    assert hf.eos_token_id == 0 and len(hf) == reached
+    # A vocabulary that is reached: no warning, and the record says so.
+    src = write_jsonl(tmp_path / "docs.jsonl", docs)
+    assert main([*args[:3], str(src), *args[4:6], "--vocab-size", "300", "--overwrite"]) == 0
+    assert "warning" not in capfd.readouterr().err
+    info = json.loads((out.parent / "tokenizer_config.json").read_text())["kha_train"]
+    assert info["vocab_size_requested"] == info["vocab_size"] == 300
+    assert info["documents"] == len(docs)
+
+
+def test_out_may_name_a_folder(tmp_path: Path, docs: list[str]) -> None:
+    src = write_jsonl(tmp_path / "docs.jsonl", docs[:50])
+    for out in (f"{tmp_path}/new/", str(tmp_path)):  # a trailing slash, or an existing folder
+        args = ["tokenizer", "train", "--source", str(src), "--out", out, "--vocab-size", "300",
+                "--no-progress"]  # fmt: skip
+        assert main(args) == 0
+        assert load_tokenizer(Path(out) / "tokenizer.json").vocab_size == 300
