@@ -40,7 +40,11 @@ SPIKE_COLUMNS = ["step", "metric", "value", "z", "ratio", "loss", "grad_norm", "
 
 
 class WandbLogger:
-    """W&B run that never raises: the first failure is reported once, then W&B is switched off."""
+    """W&B run that never raises: the first failure is reported once, then W&B is switched off.
+
+    The run starts with the first metric (a run with nothing to do never creates one) and W&B's
+    own console output is silenced: kha-train prints one line when it starts and one when it
+    finishes (the run's URL, or where the offline run is and how to upload it)."""
 
     def __init__(
         self,
@@ -58,21 +62,34 @@ class WandbLogger:
         self.mode = mode
         self.run = None
         self._failed = False
+        self._started = False
         self._spike_rows: list[list[Any]] = []
+        self._start_args = dict(
+            project=project, entity=entity, name=name, run_dir=run_dir, config=config,
+            resume=resume,
+        )  # fmt: skip
+
+    def _start(self) -> None:
+        """Create the W&B run (once; called by the first log)."""
+        if self._started:
+            return
+        self._started = True
+        a = self._start_args
+        run_dir: Path = a["run_dir"]
         id_file = run_dir / "wandb_run_id"
         try:
             import wandb
 
-            run_id = id_file.read_text().strip() if resume and id_file.exists() else None
+            run_id = id_file.read_text().strip() if a["resume"] and id_file.exists() else None
             run_id = run_id or _new_run_id()
             kwargs = dict(
-                project=project, entity=entity, name=name, dir=str(run_dir), config=config,
-                id=run_id, resume="allow",
+                project=a["project"], entity=a["entity"], name=a["name"], dir=str(run_dir),
+                config=a["config"], id=run_id, resume="allow", settings=_quiet_settings(wandb),
             )  # fmt: skip
             try:
-                self.run = wandb.init(mode=mode, **kwargs)
+                self.run = wandb.init(mode=self.mode, **kwargs)
             except Exception as e:
-                if mode != "online":
+                if self.mode != "online":
                     raise
                 self.info(
                     f"warning: W&B online start failed ({_short(e)}); logging offline to "
@@ -81,7 +98,7 @@ class WandbLogger:
                 self.mode = "offline"
                 self.run = wandb.init(mode="offline", **kwargs)
             id_file.write_text(run_id + "\n")
-            self.info(f"W&B: {self.mode} run {run_id} ({project})")
+            self.info(f"W&B: {self.mode} run {run_id} ({a['project']})")
         except Exception as e:
             self._fail("start", e)
 
@@ -95,6 +112,7 @@ class WandbLogger:
         self.run = None
 
     def log(self, step: int, record: dict[str, Any]) -> None:
+        self._start()
         if self.run is None:
             return
         try:
@@ -106,7 +124,10 @@ class WandbLogger:
             self._fail("log", e)
 
     def log_spikes(self, step: int, spikes: list[dict[str, Any]], total: int) -> None:
-        if self.run is None or not spikes:
+        if not spikes:
+            return
+        self._start()
+        if self.run is None:
             return
         try:
             import wandb
@@ -136,11 +157,35 @@ class WandbLogger:
     def finish(self, exit_code: int = 0) -> None:
         if self.run is None:
             return
+        where = _where(self.run, self.mode)
         try:
             self.run.finish(exit_code=exit_code)
         except Exception as e:
             self._fail("finish", e)
+            return
         self.run = None
+        if where:
+            self.info(where)
+
+
+def _quiet_settings(wandb: Any) -> Any:
+    """Settings that silence W&B's own console output (~45 lines per run), where supported."""
+    try:
+        return wandb.Settings(silent=True)
+    except Exception:  # an old or stub wandb module
+        return None
+
+
+def _where(run: Any, mode: str) -> str | None:
+    """The one line a user needs at the end: the run's URL, or the offline run's folder and the
+    command that uploads it."""
+    try:
+        if mode == "online" and getattr(run, "url", None):
+            return f"W&B: {run.url}"
+        folder = Path(run.dir).parent  # .../wandb/offline-run-<time>-<id>/files -> the run
+        return f"W&B: offline run in {folder}; upload it with `wandb sync {folder}`"
+    except Exception:
+        return None
 
 
 def _new_run_id() -> str:

@@ -172,3 +172,26 @@ def test_tensorboard_without_the_package_is_a_clear_error(tmp_path: Path) -> Non
     tb.log(1, {"type": "train", "step": 1, "loss": 2.0})
     tb.close()
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_wandb_starts_only_with_the_first_metric(tmp_path, monkeypatch) -> None:
+    started = []
+    fake_wandb(monkeypatch, lambda **kw: started.append(kw) or FakeRun(fail_log=False))
+    logger, out = make_logger(tmp_path)
+    logger.summary({"status": "completed"})  # a run with nothing to do: summary and finish only
+    logger.finish()
+    assert started == [] and out.getvalue() == "" and not (tmp_path / "wandb_run_id").exists()
+    logger.log(1, {"loss": 1.0})
+    assert len(started) == 1
+
+
+def test_real_offline_wandb_prints_two_lines_and_how_to_sync(tmp_path, capfd) -> None:
+    pytest.importorskip("wandb")
+    logger, out = make_logger(tmp_path)
+    logger.log(1, {"type": "train", "step": 1, "loss": 2.0})
+    logger.finish()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("W&B: offline run "), lines
+    assert "wandb sync " in lines[1] and str(tmp_path / "wandb" / "offline-run-") in lines[1]
+    captured = capfd.readouterr()
+    assert "wandb" not in (captured.out + captured.err).lower()  # W&B's own output is silenced
