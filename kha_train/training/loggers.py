@@ -13,6 +13,8 @@ import json
 import math
 import os
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -24,9 +26,15 @@ from kha_train.training.wandb_log import WandbLogger, resolve_wandb_mode
 # Console
 # ----------------------------------------------------------------------------------------------
 
+HEARTBEAT_S = 30.0  # the longest the console stays silent while a run is alive
+
 
 class ConsoleLogger:
-    """A progress bar with ETA (when the stream is a terminal) and a line per logging step."""
+    """A progress bar with ETA (when the stream is a terminal) and a line per logging step.
+
+    A heartbeat keeps a quiet console alive: when nothing has been printed for
+    ``heartbeat_s`` seconds (a long first step that compiles, a slow checkpoint save, a long
+    validation), a line says what the run is doing (:meth:`activity`) and for how long."""
 
     def __init__(
         self,
@@ -34,9 +42,11 @@ class ConsoleLogger:
         start_step: int,
         stream: TextIO | None = None,
         bar: bool | None = None,
+        heartbeat_s: float | None = HEARTBEAT_S,
     ) -> None:
         self.stream = stream or sys.stderr
         self.total_steps = total_steps
+        self.step = start_step
         use_bar = self.stream.isatty() if bar is None else bar
         self._bar = None
         if use_bar:
@@ -46,22 +56,50 @@ class ConsoleLogger:
                 total=total_steps, initial=start_step, file=self.stream, unit="step",
                 dynamic_ncols=True, leave=True, smoothing=0.05,
             )  # fmt: skip
+        self._lock = threading.Lock()
+        self._last_output = time.monotonic()
+        self._activity = "starting"
+        self._activity_since = self._last_output
+        self._stop = threading.Event()
+        self._heartbeat = None
+        if heartbeat_s:
+            self._heartbeat = threading.Thread(
+                target=self._beat, args=(heartbeat_s,), name="kha-heartbeat", daemon=True
+            )
+            self._heartbeat.start()
 
     def info(self, message: str) -> None:
-        if self._bar is not None:
-            self._bar.write(message, file=self.stream)
-        else:
-            print(message, file=self.stream, flush=True)
+        with self._lock:
+            if self._bar is not None:
+                self._bar.write(message, file=self.stream)
+            else:
+                print(message, file=self.stream, flush=True)
+            self._last_output = time.monotonic()
+
+    def activity(self, what: str) -> None:
+        """What the run is doing now (named by the heartbeat line), e.g. 'training'."""
+        self._activity, self._activity_since = what, time.monotonic()
 
     def advance(self, step: int) -> None:
         """Move the bar to ``step`` (host-side only; called every step)."""
+        self.step = step
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
+
+    def _beat(self, every_s: float) -> None:
+        while not self._stop.wait(min(1.0, every_s / 4)):
+            now = time.monotonic()
+            if now - self._last_output >= every_s:
+                self.info(
+                    f"... {self._activity} for {format_duration(now - self._activity_since)} "
+                    f"(step {self.step}/{self.total_steps} done)"
+                )
 
     def log(self, record: dict[str, Any]) -> None:
         self.info(format_record(record, self.total_steps))
 
     def close(self) -> None:
+        self._stop.set()
         if self._bar is not None:
             self._bar.close()
             self._bar = None
@@ -244,6 +282,11 @@ class RunLoggers:
     def advance(self, step: int) -> None:
         if self.is_main:
             self.console.advance(step)
+
+    def activity(self, what: str) -> None:
+        """What the run is doing now, for the console's heartbeat line."""
+        if self.is_main:
+            self.console.activity(what)
 
     def log(self, record: dict[str, Any]) -> None:
         """A train or val record: console line, JSONL, W&B, TensorBoard."""

@@ -195,3 +195,23 @@ def test_real_offline_wandb_prints_two_lines_and_how_to_sync(tmp_path, capfd) ->
     assert "wandb sync " in lines[1] and str(tmp_path / "wandb" / "offline-run-") in lines[1]
     captured = capfd.readouterr()
     assert "wandb" not in (captured.out + captured.err).lower()  # W&B's own output is silenced
+
+
+def test_heartbeat_names_the_activity_when_the_console_is_quiet() -> None:
+    import time
+
+    out = io.StringIO()
+    console = ConsoleLogger(10, 0, stream=out, bar=False, heartbeat_s=0.3)
+    try:
+        console.advance(4)
+        console.activity("saving checkpoint step 4")
+        deadline = time.monotonic() + 10
+        while "saving checkpoint" not in out.getvalue():
+            assert time.monotonic() < deadline, "no heartbeat line within 10 s"
+            time.sleep(0.05)
+        assert "... saving checkpoint step 4 for " in out.getvalue()
+        assert "(step 4/10 done)" in out.getvalue()
+    finally:
+        console.close()
+    quiet = ConsoleLogger(10, 0, stream=io.StringIO(), bar=False, heartbeat_s=None)
+    assert quiet._heartbeat is None
