@@ -84,4 +84,3 @@ def test_export_of_a_missing_path_says_it_is_missing(tmp_path, capsys) -> None:
     assert main(["export", str(missing), "--out", str(tmp_path / "hf")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "no such checkpoint folder or weights file" in err
-

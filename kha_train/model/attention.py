@@ -8,14 +8,19 @@
     out     = o W^O
 
 MHA, GQA and MQA differ only in num_kv_heads (= num_heads, a divisor, 1). The forward is split
-into steps (project, knock, norm_and_rotate, _attend, merge_heads) so that MEA (attn_mea.py) and
-talking heads (attn_talking.py), which are this attention plus one change, override one step.
+into steps (project, knock, norm_and_rotate, _attend, merge_heads, project_out) so that MEA
+(attn_mea.py) and talking heads (attn_talking.py), which are this attention plus one change,
+override one step.
+Each KHA transform T is evaluated in its cheapest order, the same function and gradients (see
+kha.py): its linear first part (KHA-Linear) folded into W^Q / W^K / W^V, the rest on the heads,
+and on V its linear last part (KHA-MLP's W_down) folded into W^O, since o is linear in v.
 :func:`causal_attention` is the fused-kernel call every variant shares.
 
 Every attention module also accounts for itself (used by flops.py and `kha-train info`):
 ``rope_dim`` (features RoPE rotates per head), ``kv_cache_elems`` (values cached per token and
 layer), ``flops_per_token(seq_len)`` (training FLOPs not counted by 6 x parameters) and
-``activation_bytes_per_token(d_model, seq_len)`` (a rough count of what autograd keeps).
+``activation_bytes_per_token(d_model, seq_len)`` (a rough count of what autograd keeps); its KHA
+modules count themselves (``KHA.flops_per_token``, ``KHA.activation_bytes_per_token``).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kha_train.config import AttnBackend, ModelConfig
 from kha_train.model.init import trunc_normal_
-from kha_train.model.kha import KHAMLP, KHALinear, build_kha_targets
+from kha_train.model.kha import build_kha_targets, qkv_transforms
 from kha_train.model.norms import RMSNorm
 from kha_train.model.rope import apply_rope
 
@@ -116,64 +121,45 @@ class Attention(nn.Module):
         )
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
-        # KHA-MLP on V: its last matrix W_down is applied after attention, inside o_proj (see
-        # _out_weight). Subclasses whose heads' outputs pass a nonlinearity first turn it off.
-        self.v_down_in_output = isinstance(self.kha_v, KHAMLP)
+        # The output is linear in each head's values, so T^V's linear last part (KHA-MLP's
+        # W_down) is applied inside W^O. Subclasses whose heads' outputs pass a nonlinearity
+        # before W^O turn this off.
+        self.kha_v_into_output = qkv_transforms(self)[2].folds_into_output
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        q, k, v = self.project(x)
-        q, k, v = self.knock(q, k, v)
+        q, k, v = self.project(x)  # x W^Q, x W^K, x W^V
+        q, k, v = self.knock(q, k, v)  # T^Q(q), T^K(k), T^V(v)
         q, k = self.norm_and_rotate(q, k, rope)
         o = self.merge_heads(self._attend(q, k, v))  # (B, T, H * d)
-        return F.linear(o, self._out_weight()) if self.v_down_in_output else self.o_proj(o)
+        return self.project_out(o)  # o W^O
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v heads, with KHA-Linear already applied (folded into the weights)."""
+        """q, k, v heads of x [B, T, D], KHA-Linear already applied (folded into the weights)."""
         B, T, _ = x.shape
-        q = F.linear(x, self._weight(self.q_proj, self.kha_q))
-        k = F.linear(x, self._weight(self.k_proj, self.kha_k))
-        v = F.linear(x, self._weight(self.v_proj, self.kha_v))
+        t_q, t_k, t_v = qkv_transforms(self)
+        q = F.linear(x, t_q.fold_into_projection(self.q_proj.weight))
+        k = F.linear(x, t_k.fold_into_projection(self.k_proj.weight))
+        v = F.linear(x, t_v.fold_into_projection(self.v_proj.weight))
         q = q.view(B, T, self.num_heads, self.head_dim)  # (B, T, H, d)
         k = k.view(B, T, -1, self.head_dim)  # (B, T, Hkv, d)
         v = v.view(B, T, -1, self.head_dim)  # (B, T, Hkv, d)
         return q, k, v
 
-    def _weight(self, proj: nn.Linear, kha: nn.Module | None) -> torch.Tensor:
-        """The projection weight [heads * d, D], with a KHA-Linear T folded in: head h's rows
-        become T^T W_h, so x W'^T equals (x W^T) T head by head (paper eq. 8). This is the
-        same function with the same gradients for W and T as transforming the activations,
-        evaluated in the cheaper order during training too: heads * d^2 * D multiply-adds per
-        forward instead of tokens * heads * d^2 (for the A0.44B model at 16k tokens per
-        micro-batch, 1.2 instead of 17 GFLOP for T^Q). At init T = I and the fold is exact."""
-        w = proj.weight
-        if not isinstance(kha, KHALinear):
-            return w
-        t = kha.weight.to(w.dtype)
-        return (t.T @ w.view(-1, self.head_dim, w.shape[-1])).view_as(w)  # (heads * d, D)
-
     def knock(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The knocking-heads transforms that act on activations: KHA-MLP and gate (KHA-Linear
-        is folded into the projection weights in :meth:`project`; KHA-MLP's W_down on V, when
-        ``v_down_in_output``, into the output projection). Identity at init."""
-        if self.kha_q is not None and not isinstance(self.kha_q, KHALinear):
-            q = self.kha_q(q)
-        if self.kha_k is not None and not isinstance(self.kha_k, KHALinear):
-            k = self.kha_k(k)
-        if self.kha_v is not None and not isinstance(self.kha_v, KHALinear):
-            v = self.kha_v.gated(v) if self.v_down_in_output else self.kha_v(v)
-        return q, k, v
+        """What the knocking-heads transforms do on the heads, after the parts folded into the
+        projections (:meth:`project`) and into W^O (:meth:`project_out`). Identity at init."""
+        t_q, t_k, t_v = qkv_transforms(self)
+        v = t_v.on_activations(v, output_folded=self.kha_v_into_output)
+        return t_q.on_activations(q), t_k.on_activations(k), v
 
-    def _out_weight(self) -> torch.Tensor:
-        """o_proj's weight [D, H * d] with KHA-MLP's W_down on V folded in. Attention is linear
-        in V and W_down acts on each head's features alone, so softmax(.) (h W_down) =
-        (softmax(.) h) W_down, and o_h W_down W_O,h^T is o_h (W_O,h W_down^T)^T: the same
-        function and gradients, without a [tokens * kv_heads, d] x [d, d] GEMM (forward and
-        backward) per layer; the fold costs D * H * d^2."""
-        w = self.o_proj.weight
-        down = self.kha_v.w_down.to(w.dtype)
-        return (w.view(w.shape[0], -1, self.head_dim) @ down.T).view_as(w)  # (D, H * d)
+    def project_out(self, o: torch.Tensor) -> torch.Tensor:
+        """o W^O for o [B, T, H * d], with T^V's linear last part folded into W^O [D, H * d]
+        where :meth:`knock` left it out."""
+        if not self.kha_v_into_output:
+            return self.o_proj(o)
+        return F.linear(o, qkv_transforms(self)[2].fold_into_output(self.o_proj.weight))
 
     def norm_and_rotate(
         self, q: torch.Tensor, k: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]

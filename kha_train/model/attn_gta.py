@@ -32,7 +32,7 @@ from kha_train.model.attention import (
     checked_backend,
 )
 from kha_train.model.init import trunc_normal_
-from kha_train.model.kha import build_kha_targets, knock
+from kha_train.model.kha import build_kha_targets, qkv_transforms
 from kha_train.model.norms import RMSNorm
 from kha_train.model.rope import apply_rope
 
@@ -66,7 +66,8 @@ class GroupedTiedAttention(nn.Module):
         kv = self.kv_proj(x).view(B, T, Hkv, d)  # (B, T, Hkv, d)
         k_r = self.k_rope_proj(x).view(B, T, 1, r).expand(B, T, Hkv, r)  # (B, T, Hkv, d/2)
         k = torch.cat((kv[..., : d - r], k_r), dim=-1)  # (B, T, Hkv, d)
-        q, k, v = knock(self.kha_q, q), knock(self.kha_k, k), knock(self.kha_v, kv)
+        t_q, t_k, t_v = qkv_transforms(self)
+        q, k, v = t_q(q), t_k(k), t_v(kv)  # on the assembled heads
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = _rotate_last(q, r, rope), _rotate_last(k, r, rope)

@@ -76,8 +76,8 @@ class ExplicitAttention(Attention):
         self.head_norm = (
             HeadRMSNorm(cfg.num_heads, cfg.head_dim, cfg.norm_eps) if cfg.mea.head_norm else None
         )
-        # The head norm sits between attention and W^O: KHA-MLP's W_down stays on V then.
-        self.v_down_in_output = self.v_down_in_output and self.head_norm is None
+        # The head norm sits between attention and W^O: all of T^V stays on V then.
+        self.kha_v_into_output = self.kha_v_into_output and self.head_norm is None
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k_c, v_c = super().project(x)  # k_c, v_c: (B, T, h_c, d)

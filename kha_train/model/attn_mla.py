@@ -35,7 +35,7 @@ from kha_train.model.attention import (
     checked_backend,
 )
 from kha_train.model.init import trunc_normal_
-from kha_train.model.kha import build_kha_targets, knock
+from kha_train.model.kha import build_kha_targets, qkv_transforms
 from kha_train.model.norms import RMSNorm
 from kha_train.model.rope import apply_rope
 
@@ -75,7 +75,8 @@ class LatentAttention(nn.Module):
         c_kv, k_r = self.kv_down(x).split((self.kv_lora_rank, r), dim=-1)  # (B, T, c), (B, T, r)
         kv = self.kv_up(self.kv_latent_norm(c_kv)).view(B, T, Hkv, 2 * n)  # (B, T, Hkv, 2n)
         k_n, v = kv.split((n, n), dim=-1)  # (B, T, Hkv, n) each
-        q_n, k_n, v = knock(self.kha_q, q_n), knock(self.kha_k, k_n), knock(self.kha_v, v)
+        t_q, t_k, t_v = qkv_transforms(self)
+        q_n, k_n, v = t_q(q_n), t_k(k_n), t_v(v)  # content features only
         cos, sin = rope  # (T, r / 2) each
         q_r = apply_rope(q_r, cos, sin)
         k_r = apply_rope(k_r.view(B, T, 1, r), cos, sin).expand(B, T, Hkv, r)

@@ -10,7 +10,8 @@ with N the *active* parameters excluding the input embedding (a tied table count
 LM head). The 6 is 2 (multiply-add) x 3 (forward, and backward for inputs and for weights); the
 second term is attention's QK^T and AV over the full (not causally halved) sequence. Corrections
 to 6N: a KHA matrix is applied to every head of its target, so it costs 6 * d_head^2 * heads
-per token, not 6 * d_head^2; the extra uses are added. The attention term is each variant's own
+per token, not 6 * d_head^2; the extra uses are added (``KHA.flops_per_token`` of each target).
+The attention term is each variant's own
 (``flops_per_token`` of the module model.attention builds): 6 H (d_qk + d_v) T, i.e. 12 H d T
 for GQA, GTA and MEA, with MLA's d_qk = head_dim + rope_head_dim, plus MEA's HLC and
 talking heads' mixing of the T x T maps.
@@ -22,7 +23,8 @@ import dataclasses
 
 import torch
 
-from kha_train.config import AttnBackend, KHAVariant, ModelConfig
+from kha_train.config import AttnBackend, ModelConfig
+from kha_train.model.kha import qkv_transforms
 from kha_train.model.loss import DEFAULT_CHUNK_TOKENS
 
 
@@ -63,22 +65,32 @@ def kha_params(cfg: ModelConfig) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if ".kha_" in n)
 
 
-def _kha_extra_uses(cfg: ModelConfig) -> int:
-    """Sum over KHA matrices of d_head^2 * (heads it is applied to - 1), per token, all layers."""
-    if KHAVariant(cfg.kha.variant) == KHAVariant.none:
-        return 0
-    per_target = {"linear": 1, "mlp": 3, "gate": 1}[KHAVariant(cfg.kha.variant).value]
-    heads = {"q": cfg.num_heads, "k": cfg.num_kv_heads, "v": cfg.num_kv_heads}
-    extra = sum(per_target * cfg.head_dim**2 * (heads[t] - 1) for t in cfg.kha.targets)
-    return cfg.num_layers * extra
+def _kha_flops_per_token(attn) -> int:
+    """Training FLOPs per token of one attention module's KHA beyond 6 x its parameters: each
+    matrix is applied to every head of its target (H query heads, H_kv key / value heads)."""
+    t_q, t_k, t_v = qkv_transforms(attn)
+    H, Hkv = attn.num_heads, attn.num_kv_heads
+    return t_q.flops_per_token(H) + t_k.flops_per_token(Hkv) + t_v.flops_per_token(Hkv)
+
+
+def _kha_activation_bytes_per_token(attn) -> int:
+    """Rough bytes autograd keeps per token for one attention module's KHA."""
+    t_q, t_k, t_v = qkv_transforms(attn)
+    q, kv = attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim
+    return (
+        t_q.activation_bytes_per_token(q)
+        + t_k.activation_bytes_per_token(kv)
+        + t_v.activation_bytes_per_token(kv)
+    )
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward), torchtitan's convention (module docstring)."""
     _, active = param_counts(cfg)
     n = active if cfg.tie_embeddings else active - cfg.vocab_size * cfg.hidden_size
-    attention = cfg.num_layers * _meta_attention(cfg).flops_per_token(seq_len)
-    return float(6 * (n + _kha_extra_uses(cfg)) + attention)
+    attn = _meta_attention(cfg)
+    per_layer = attn.flops_per_token(seq_len) + _kha_flops_per_token(attn)
+    return float(6 * n + cfg.num_layers * per_layer)
 
 
 def paper_layer_flops(L: int, d: int, n: int) -> dict[str, float]:
@@ -113,20 +125,16 @@ def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_elem: int = 2) -> int:
 
 def _activation_bytes_per_token(cfg: ModelConfig, layer_idx: int, attn_bytes: int) -> int:
     """Rough bf16 activations autograd keeps per token for one block (no checkpointing);
-    ``attn_bytes``: the attention module's own (projection input, q/k/v/out, norms, maps)."""
-    D, q = cfg.hidden_size, cfg.num_heads * cfg.head_dim
-    kv = cfg.num_kv_heads * cfg.head_dim
+    ``attn_bytes``: the attention module's (projection input, q/k/v/out, norms, maps, KHA)."""
+    D = cfg.hidden_size
     norms = 2 * 6 * D  # two RMSNorms: bf16 input + fp32 copy
-    attn = attn_bytes
-    kha = {"none": 0, "linear": 2, "mlp": 8, "gate": 4}[KHAVariant(cfg.kha.variant).value]
-    attn += kha * sum({"q": q, "k": kv, "v": kv}[t] for t in cfg.kha.targets) if kha else 0
     if cfg.moe.is_moe_layer(layer_idx):
         K, F, E = cfg.moe.top_k, cfg.moe.expert_ffn_size, cfg.moe.num_experts
         ffn = 4 * D + 8 * E + 2 * (3 * K * D + 5 * K * F)  # router fp32, gathered rows, SwiGLU
         ffn += 2 * (D + 5 * cfg.moe.num_shared_experts * F)
     else:
         ffn = 2 * (D + 5 * cfg.ffn_size)
-    return norms + attn + ffn
+    return norms + attn_bytes + ffn
 
 
 def train_memory_estimate(
@@ -145,7 +153,8 @@ def train_memory_estimate(
     total, _ = param_counts(cfg)
     tokens = micro_batch * seq_len
     D, V = cfg.hidden_size, cfg.vocab_size
-    attn_bytes = _meta_attention(cfg).activation_bytes_per_token(cfg.hidden_size, seq_len)
+    attn = _meta_attention(cfg)
+    attn_bytes = attn.activation_bytes_per_token(D, seq_len) + _kha_activation_bytes_per_token(attn)
     per_layer = [_activation_bytes_per_token(cfg, i, attn_bytes) for i in range(cfg.num_layers)]
     if activation_checkpointing:
         acts = tokens * (2 * D * cfg.num_layers + max(per_layer))

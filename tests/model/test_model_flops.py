@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from kha_train.cli import main as cli_main
-from kha_train.config import ModelConfig, MoEConfig
+from kha_train.config import KHAConfig, ModelConfig, MoEConfig
 from kha_train.model.flops import (
     _meta_model,
+    kha_params,
     kv_cache_bytes_per_token,
     kv_cache_elems_per_token_per_layer,
     paper_layer_flops,
@@ -66,6 +67,29 @@ def test_flops_per_token_convention() -> None:
         train_flops_per_token(kha, 4096) - train_flops_per_token(cfg, 4096)
         == 6 * 3 * 128**2 * 4 * 12
     )
+
+
+@pytest.mark.parametrize(
+    "variant,targets",
+    [("linear", ["q", "k", "v"]), ("linear", ["k"]), ("mlp", ["q", "v"]), ("gate", ["v"])],
+)
+def test_kha_flops_and_activations_per_target(variant, targets) -> None:
+    """Per layer and target: 6 d^2 (heads - 1) per KHA matrix (1 for linear and gate, 3 for the
+    MLP) on top of 6N, and 2 / 8 / 4 activation bytes per value of the target."""
+    cfg = ModelConfig(moe=MoEConfig(num_experts=64, top_k=4, expert_ffn_size=768))
+    kha = dataclasses.replace(cfg, kha=KHAConfig(variant, targets))
+    d, L = cfg.head_dim, cfg.num_layers
+    heads = {"q": cfg.num_heads, "k": cfg.num_kv_heads, "v": cfg.num_kv_heads}
+    matrices = {"linear": 1, "mlp": 3, "gate": 1}[variant]
+    reuse = L * sum(6 * matrices * d * d * (heads[t] - 1) for t in targets)
+    params = kha_params(kha)
+    assert params == L * len(targets) * matrices * d * d
+    extra = train_flops_per_token(kha, 4096) - train_flops_per_token(cfg, 4096)
+    assert extra == 6 * params + reuse
+    per_value = {"linear": 2, "mlp": 8, "gate": 4}[variant]
+    acts = [train_memory_estimate(c, micro_batch=2, seq_len=512) for c in (cfg, kha)]
+    added = acts[1]["activations"] - acts[0]["activations"]
+    assert added == 2 * 512 * L * per_value * sum(heads[t] * d for t in targets)
 
 
 def test_paper_formula_reproduces_overheads() -> None:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from kha_train.model.kha import KHAMLP, KHAGate, KHALinear
+from kha_train.config import KHAVariant
+from kha_train.model import build_attention
+from kha_train.model.kha import KHA, KHAMLP, NO_KHA, KHAGate, KHALinear, build_kha, qkv_transforms
 from kha_train.tools.absorb import absorb_kha
 
 VARIANTS = [
@@ -98,3 +101,100 @@ def test_absorb_leaves_mlp_in_place(tiny_cfg, build_model) -> None:
     absorb_kha(m)
     assert all(isinstance(b.attn.kha_v, KHAMLP) for b in m.layers)
     assert torch.equal(m(ids), ref)
+
+
+# kind -> (class, d x d matrices per target, activation bytes per value): the numbers flops.py
+# used before the KHA objects counted themselves.
+KINDS = {"linear": (KHALinear, 1, 2), "mlp": (KHAMLP, 3, 8), "gate": (KHAGate, 1, 4)}
+
+
+def _learnt(kind: str, d: int) -> KHA:
+    """A KHA module of ``kind`` far from its identity init."""
+    kha = build_kha(KHAVariant(kind), d)
+    assert isinstance(kha, KINDS[kind][0])
+    kha.reset_parameters()
+    with torch.no_grad():
+        for p in kha.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    return kha
+
+
+@pytest.mark.parametrize("output_folded", [False, True])
+@pytest.mark.parametrize("kind", KINDS)
+def test_kha_folds_equal_applying_it(kind, output_folded) -> None:
+    """The interface attention uses: T's first part folded into the projection W, the rest on
+    the heads, and (output_folded) its last part folded into W^O past a map that is linear in
+    the values, as attention is: the same outputs and gradients as T on the activations."""
+    torch.manual_seed(0)
+    B, T, heads, d, D = 2, 5, 3, 4, 6
+    kha = _learnt(kind, d)
+    x = torch.randn(B, T, D)
+    w = torch.randn(heads * d, D, requires_grad=True)
+    w_o = torch.randn(D, heads * d, requires_grad=True)
+    mix = torch.randn(T, T).softmax(-1)  # attention weights: linear in v, shared by features
+
+    def attend(v: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("ts,bshd->bthd", mix, v).reshape(B, T, heads * d)
+
+    ref = attend(kha((x @ w.T).view(B, T, heads, d))) @ w_o.T
+    h = F.linear(x, kha.fold_into_projection(w)).view(B, T, heads, d)
+    h = kha.on_activations(h, output_folded=output_folded)
+    out = F.linear(attend(h), kha.fold_into_output(w_o) if output_folded else w_o)
+    torch.testing.assert_close(out, ref)
+    params = [w, w_o, *kha.parameters()]
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(ref, params, g)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_kha_absorb_equals_unabsorbed(kind) -> None:
+    """In place and exact where T is linear (KHA-Linear), untouched otherwise: into a block of
+    rows of every head (MLA's layout: the second d of 2d rows), and into W^O's columns."""
+    torch.manual_seed(1)
+    B, T, heads, d, D = 2, 5, 3, 4, 6
+    kha = _learnt(kind, d)
+    linear = kind == "linear"
+    x = torch.randn(B, T, D)
+    w = torch.randn(heads * 2 * d, D)
+    absorbed = w.clone()
+    assert kha.absorb_into_rows(absorbed, rows=2 * d, first=d) == linear
+    y = (x @ w.T).view(B, T, heads, 2 * d)
+    y_abs = (x @ absorbed.T).view(B, T, heads, 2 * d)
+    assert torch.equal(y_abs[..., :d], y[..., :d])  # the other rows are left alone
+    torch.testing.assert_close(y_abs[..., d:], kha(y[..., d:]) if linear else y[..., d:])
+    o = torch.randn(B, T, heads, d)
+    w_o = torch.randn(D, heads * d)
+    absorbed = w_o.clone()
+    assert kha.absorb_into_output(absorbed) == linear
+    ref = (kha(o) if linear else o).reshape(B, T, -1) @ w_o.T
+    torch.testing.assert_close(o.reshape(B, T, -1) @ absorbed.T, ref)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_kha_counts_itself(kind) -> None:
+    """Parameters, FLOPs beyond 6N (each matrix reused by every head but one) and activation
+    bytes per target, as flops.py counted them from the variant name."""
+    _, matrices, bytes_per_value = KINDS[kind]
+    d = 128
+    with torch.device("meta"):
+        kha = build_kha(KHAVariant(kind), d)
+    assert sum(p.numel() for p in kha.parameters()) == matrices * d * d
+    for heads in (1, 4, 32):
+        assert kha.flops_per_token(heads) == 6 * matrices * d * d * (heads - 1)
+        assert kha.activation_bytes_per_token(heads * d) == bytes_per_value * heads * d
+    assert kha.folds_into_output == (kind == "mlp")
+
+
+def test_no_kha_is_the_identity(tiny_cfg) -> None:
+    """A target without KHA has no module (no state-dict keys); NO_KHA stands in for it."""
+    assert build_kha(KHAVariant.none, 8) is None
+    attn = build_attention(tiny_cfg(kha="mlp", targets=("v",)))
+    assert attn.kha_q is None and not any("kha_q" in k for k in attn.state_dict())
+    assert qkv_transforms(attn) == (NO_KHA, NO_KHA, attn.kha_v)
+    x, w = torch.randn(2, 3, 4, 8), torch.randn(32, 16)
+    assert NO_KHA(x) is x and NO_KHA.on_activations(x, output_folded=True) is x
+    assert NO_KHA.fold_into_projection(w) is w and NO_KHA.fold_into_output(w) is w
+    assert not NO_KHA.absorb_into_rows(w, rows=8) and not NO_KHA.absorb_into_output(w)
+    assert NO_KHA.flops_per_token(32) == 0 == NO_KHA.activation_bytes_per_token(4096)
+    assert not list(NO_KHA.parameters()) and not NO_KHA.folds_into_output

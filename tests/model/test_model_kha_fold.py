@@ -67,7 +67,7 @@ def test_kha_mlp_down_folded_into_output_equals_applying_it_to_v(
     model = Transformer(cfg).double()
     model.init_weights()
     attn = model.layers[0].attn
-    assert attn.v_down_in_output == folds
+    assert attn.kha_v_into_output == folds
     for w in (attn.kha_v.w_up, attn.kha_v.w_gate, attn.kha_v.w_down):
         w.data += 0.3 * torch.randn_like(w)  # learnt, non-identity matrices
     x, rope = torch.randn(2, 7, 32, dtype=torch.float64), model.rope(7)
@@ -75,7 +75,7 @@ def test_kha_mlp_down_folded_into_output_equals_applying_it_to_v(
     params = [p for _, p in attn.named_parameters()]
     out = attn(x, rope)
     grads = torch.autograd.grad(out.square().sum(), params)
-    attn.v_down_in_output = False  # the reference: the whole MLP on V, then o_proj
+    attn.kha_v_into_output = False  # the reference: the whole MLP on V, then o_proj
     ref = attn(x, rope)
     grads_ref = torch.autograd.grad(ref.square().sum(), params)
     torch.testing.assert_close(out, ref)

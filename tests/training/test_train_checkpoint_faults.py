@@ -209,5 +209,7 @@ def test_run_dir_under_a_regular_file_is_a_clear_error(tmp_path: Path) -> None:
     from kha_train.fs import StorageError
 
     (tmp_path / "file").write_text("")
-    with pytest.raises(StorageError, match=r"Not a directory.*Fix: a part of the path is a regular"):
+    with pytest.raises(
+        StorageError, match=r"Not a directory.*Fix: a part of the path is a regular"
+    ):
         RunLock(tmp_path / "file" / "run")
