@@ -6,6 +6,7 @@ and the fix.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 from kha_train.config import (
@@ -22,6 +23,11 @@ from kha_train.config import (
 # The largest optim.lr accepted: AdamW's step is about lr per weight, so anything near 1 already
 # wrecks a model; far above it (1e38) the update overflows inside the optimizer kernel.
 MAX_LR = 1.0
+FLASH_ATTN_MISSING = (
+    "model.attn_backend=flash_attn needs the flash-attn package, which is not installed: "
+    "pip install 'kha-train[flash]' (it compiles against your torch and CUDA), or choose "
+    "model.attn_backend=auto or cudnn (as fast on H100/H200)"
+)
 
 
 def validate_model(m: ModelConfig) -> list[str]:
@@ -157,6 +163,10 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     """Cross-field checks, run before anything is built. Raises one :class:`ConfigError` listing
     every problem found."""
     errs = validate_model(cfg.model)
+    if cfg.model.attn_backend == AttnBackend.flash_attn and not importlib.util.find_spec(
+        "flash_attn"
+    ):
+        errs.append(FLASH_ATTN_MISSING)
     d, t, o, s, p, c = cfg.data, cfg.train, cfg.optim, cfg.schedule, cfg.parallel, cfg.checkpoint
     if d.seq_len <= 0:
         errs.append(f"data.seq_len must be positive, got {d.seq_len}")

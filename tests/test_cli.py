@@ -84,3 +84,17 @@ def test_export_of_a_missing_path_says_it_is_missing(tmp_path, capsys) -> None:
     assert main(["export", str(missing), "--out", str(tmp_path / "hf")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "no such checkpoint folder or weights file" in err
+
+
+def test_flash_attn_missing_is_one_error_line_with_the_fix() -> None:
+    pytest.importorskip("torch")
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
+    r = subprocess.run(
+        [sys.executable, "-m", "kha_train.cli", "train", TINY, "model.attn_backend=flash_attn"],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "pip install 'kha-train[flash]'" in r.stderr and "model.attn_backend=auto" in r.stderr

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kha_train.config import AttnBackend, ModelConfig
+from kha_train.config import AttnBackend, ConfigError, ModelConfig
+from kha_train.config_checks import FLASH_ATTN_MISSING
 from kha_train.model.init import trunc_normal_
 from kha_train.model.kha import build_kha_targets, qkv_transforms
 from kha_train.model.norms import RMSNorm
@@ -55,10 +56,7 @@ def checked_backend(cfg: ModelConfig) -> AttnBackend:
     """model.attn_backend, after checking that the flash-attn package is there if it is named."""
     backend = AttnBackend(cfg.attn_backend)
     if backend == AttnBackend.flash_attn and importlib.util.find_spec("flash_attn") is None:
-        raise ImportError(
-            "model.attn_backend=flash_attn needs the flash-attn package "
-            "(pip install 'kha-train[flash]'), or choose model.attn_backend=auto or cudnn"
-        )
+        raise ConfigError(FLASH_ATTN_MISSING)
     return backend
 
 
