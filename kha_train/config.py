@@ -219,6 +219,9 @@ class ParallelConfig:
     activation_checkpointing: ACMode = ACMode.none
     ac_every_n: int = 2  # for activation_checkpointing=every_n
     compile: bool = False  # torch.compile each transformer block
+    # On CUDA, torch.compile each LM-head + loss chunk (fuses its softmax passes,
+    # docs/performance.md); false: eager (debugging, or where Inductor is unavailable).
+    compile_loss: bool = True
     # FSDP2: free each block's gathered bf16 parameters after its forward and gather them again
     # for its backward (ZeRO-3: less memory, one more all-gather per block and micro-batch).
     # null: on when parameters are sharded, off when each rank's shard group is the rank alone

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""GPU throughput benchmark (see kha_train/bench.py): `python scripts/bench.py --help`."""
+"""GPU throughput benchmark (see kha_train/bench/): `python scripts/bench.py --help`."""
 
 import sys
 from pathlib import Path

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from kha_train.bench import BenchSettings, Workload, breakdown_from_trace
+from kha_train.bench import BenchSettings
+from kha_train.bench.profile import breakdown_from_trace
+from kha_train.bench.workload import Workload
 from kha_train.config import AttnBackend, KHAConfig, ModelConfig, MoEConfig
 from kha_train.training import distributed as D
 
@@ -20,7 +22,7 @@ def test_one_benchmark_step_trains_like_the_trainer() -> None:
     try:
         w = Workload(cfg, BenchSettings(seq_len=16, micro_batch=2, accum=3), torch.device("cpu"))
         before = {n: p.full_tensor().clone() for n, p in w.model.named_parameters()}
-        loss = w.step()
+        loss = w.step().loss
         assert torch.isfinite(loss)
         changed = [
             n for n, p in w.model.named_parameters() if not torch.equal(p.full_tensor(), before[n])

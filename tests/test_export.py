@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from model.model_helpers import make_cfg
 
 from kha_train.cli import main as cli_main
-from kha_train.config import KHAConfig, ModelConfig, MoEConfig
+from kha_train.config import ModelConfig
 from kha_train.model.transformer import Transformer
 from kha_train.tools.export import ExportError, export_hf
 from kha_train.tools.weights_io import save_weights
@@ -19,29 +20,11 @@ transformers = pytest.importorskip("transformers")
 
 
 def _cfg(moe: bool = True, kha: str = "none", targets=("v",), **kw) -> ModelConfig:
-    """3 layers of width 64; MoE: 4 experts top-2, layer 0 dense (first_k_dense=1)."""
-    moe_kw = kw.pop("moe_kw", {})
-    base = dict(
-        vocab_size=101,
-        hidden_size=64,
-        num_layers=3,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        ffn_size=96,
-        rope_theta=10000.0,
-        norm_eps=1e-6,
-        attn_backend="math",
-    )
-    moe_cfg = MoEConfig(
-        num_experts=4 if moe else 0,
-        top_k=2 if moe else 0,
-        expert_ffn_size=32 if moe else 0,
-        first_k_dense=1 if moe else 0,
-        **moe_kw,
-    )
-    kha_cfg = KHAConfig(variant=kha, targets=list(targets))
-    return ModelConfig(**{**base, **kw}, moe=moe_cfg, kha=kha_cfg)
+    """The model tests' tiny config at width 64 (head_dim 16, FFN 96, expert FFN 32, vocab 101):
+    3 layers; MoE: 4 experts top-2, layer 0 dense (first_k_dense=1)."""
+    moe_kw = {"expert_ffn_size": 32, **kw.pop("moe_kw", {})} if moe else kw.pop("moe_kw", {})
+    sizes = dict(vocab_size=101, hidden_size=64, head_dim=16, ffn_size=96, norm_eps=1e-6)
+    return make_cfg(moe=moe, kha=kha, targets=targets, moe_kw=moe_kw, **{**sizes, **kw})
 
 
 def _model(cfg: ModelConfig, seed: int = 0) -> Transformer:

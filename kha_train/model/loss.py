@@ -12,7 +12,6 @@ of the hidden states and one the size of the head weight.
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 
 import torch
@@ -30,11 +29,13 @@ def chunked_cross_entropy(
     labels: torch.Tensor,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     ignore_index: int = IGNORE_INDEX,
+    compiled: bool = True,
 ) -> torch.Tensor:
     """Mean cross entropy (fp32) of logits = hidden @ weight^T against labels.
 
     hidden [N, D], weight [V, D] (the LM head), labels [N] with ``ignore_index`` for positions
-    that carry no target. Returns a scalar; 0 if no position has a target.
+    that carry no target. Returns a scalar; 0 if no position has a target. ``compiled``: on CUDA,
+    run each chunk's loss and gradient through ``torch.compile`` (see ``_compiled_chunk_fn``).
     """
     if torch.is_autocast_enabled(hidden.device.type):
         # Run the head matmuls in the autocast dtype (bf16); the loss itself stays fp32.
@@ -43,7 +44,9 @@ def chunked_cross_entropy(
     elif weight.dtype != hidden.dtype:
         weight = weight.to(hidden.dtype)
     with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return _ChunkedCrossEntropy.apply(hidden, weight, labels, chunk_tokens, ignore_index, with_grad)
+    return _ChunkedCrossEntropy.apply(
+        hidden, weight, labels, chunk_tokens, ignore_index, with_grad, compiled
+    )
 
 
 def _chunk_nll_and_grad(
@@ -70,8 +73,10 @@ def _compiled_chunk_fn() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
     return torch.compile(_chunk_nll_and_grad, dynamic=False)
 
 
-def _chunk_fn(device: torch.device) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    if device.type == "cuda" and os.environ.get("KHA_TRAIN_COMPILE_LOSS", "1") != "0":
+def _chunk_fn(
+    device: torch.device, compiled: bool
+) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    if compiled and device.type == "cuda":
         return _compiled_chunk_fn()
     return _chunk_nll_and_grad
 
@@ -99,7 +104,7 @@ def _fp32_out_addmm_works() -> bool:
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_tokens, ignore_index, with_grad):  # type: ignore[override]
+    def forward(ctx, hidden, weight, labels, chunk_tokens, ignore_index, with_grad, compiled):  # type: ignore[override]
         N = hidden.shape[0]
         valid = labels != ignore_index  # (N,)
         n_valid = valid.sum().clamp_min(1).float()  # device scalar: no host sync
@@ -112,7 +117,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             if with_grad
             else None
         )
-        chunk_fn = _chunk_fn(hidden.device)
+        chunk_fn = _chunk_fn(hidden.device, compiled)
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             for start in range(0, N, chunk_tokens):
                 end = min(start + chunk_tokens, N)
@@ -136,6 +141,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         return (
             grad_hidden * grad_loss.to(grad_hidden.dtype),
             grad_weight * grad_loss.to(grad_weight.dtype),
+            None,
             None,
             None,
             None,

@@ -94,6 +94,9 @@ class Transformer(nn.Module):
         self.cfg = cfg
         # Tokens per chunk of the LM head + loss (see loss.py): bounds the logits held at once.
         self.loss_chunk_tokens = DEFAULT_CHUNK_TOKENS
+        # On CUDA, compile each chunk's loss + gradient (loss.py); off: eager (for debugging, or
+        # where Inductor is unavailable). Set by the trainer's build_model from its arguments.
+        self.compile_loss = True
         layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         # The attention variant decides how many features of a head RoPE rotates: all of them,
@@ -175,6 +178,7 @@ class Transformer(nn.Module):
             labels.reshape(B * T),
             self.loss_chunk_tokens,
             IGNORE_INDEX,
+            self.compile_loss,
         )
         return loss + self._aux_loss(loss)
 

@@ -147,20 +147,11 @@ def run_virtual_heads(args: argparse.Namespace) -> int:
 
 
 def _heldout_batches(cfg, n: int, device):
+    """The first ``n`` micro-batches of the run's val split, as the trainer's validation reads
+    them on one rank (the loader the trainer builds from the same config)."""
     from kha_train.data.loader import PackedLoader
 
-    mb = cfg.train.micro_batch_size
-    loader = PackedLoader(
-        cfg.data.dataset,
-        "val",
-        seq_len=cfg.data.seq_len,
-        micro_batch_size=mb,
-        global_batch_size=mb,
-        prefetch=0,
-        device=device,
-        expected_vocab_size=cfg.model.vocab_size,
-    )
-    with loader:
+    with PackedLoader.from_config(cfg, "val", device=device) as loader:
         return list(loader.eval_batches(n))
 
 

@@ -170,7 +170,7 @@ def train_record(
     device: torch.device,
 ) -> dict[str, Any]:
     """The record of a logging step: loss, grad norm, lr, throughput, MFU, memory, data wait,
-    ETA. Counters and MoE statistics are added by the trainer."""
+    ETA. Counters and MoE statistics are added by the caller (``monitor.py``)."""
     rec: dict[str, Any] = {"type": "train", "step": step, **window.means(), "lr": lr}
     rec["tokens_seen"] = step * tokens_per_step
     rec.update(

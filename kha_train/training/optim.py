@@ -11,7 +11,7 @@ Names are matched after removing the wrapper prefixes that activation checkpoint
 ``torch.compile`` insert, so the grouping does not depend on ``parallel.*`` options.
 
 Implementation (``optim.implementation``): ``fused`` is one kernel over all parameters and can
-skip a non-finite step on the device without a host sync (see ``trainer.py``); ``foreach`` is the
+skip a non-finite step on the device without a host sync (see ``step.py``); ``foreach`` is the
 multi-tensor fallback. ``auto`` picks fused on CUDA and foreach on CPU.
 """
 

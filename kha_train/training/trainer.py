@@ -6,37 +6,16 @@
     (the dataset's tokenizer and vocab are checked against the config before any model exists)
     -> model on the meta device -> parallelize (AC, compile, FSDP2) -> allocate -> init_weights
     (seeded, identical for any number of ranks) -> AdamW -> checkpoint manager -> resume ->
-    loggers.
+    loggers (the pieces: ``build.py``).
 
 ``Trainer.train()`` runs optimizer steps until ``train.max_steps`` / ``train.total_tokens``, a
-preemption signal, or too many non-finite steps in a row.
+preemption signal, or too many non-finite steps in a row. Each is ``step.train_step`` (the same
+function the benchmark times) at the schedule's learning rate; its results stay on the device
+until the monitor (``monitor.py``) reads them at a logging step, checkpoint or validation.
+Validation: ``validation.py``.
 
-One optimizer step (``_step``):
-
-    micro-batches of this rank                  (loader.next_step(): one global batch / ranks)
-    for each: loss_i = model(x_i, y_i);  backward(loss_i * w_i)
-        w_i = n_i * ranks / N with n_i the micro-batch's target tokens and N those of the global
-        batch: FSDP averages gradients over ranks, so the step's gradient is exactly that of the
-        mean loss over every target token of the global batch (= 1 / micro-batches when, as
-        with the packed loader, every position has a target)
-    loss  = sum over ranks of sum_i loss_i * w_i / ranks       (all-reduce on the device)
-    gnorm = global gradient norm; clip to optim.grad_clip
-    ok    = loss and gnorm are finite                          (a device tensor)
-    AdamW step, applied only if ok (see "non-finite steps")
-    MoE: counts of the step (all micro-batches) summed over ranks -> expert-bias update (if ok)
-
-No host-device sync in the hot loop: loss, grad norm and the ok flag stay on the device (in a
-small history buffer) until a logging step, checkpoint or validation reads them all at once. The
-only per-step cross-rank exchange is a one-int gloo all-reduce of the preemption flag (host
-memory: it does not wait for the GPU).
-
-Non-finite steps: with the fused AdamW (the default on CUDA) the flag goes in as the kernel's
-``found_inf`` argument: the kernel leaves parameters, both moments and the step count untouched
-when it is set, decided on the device, no sync. The foreach implementation has no such input, so
-there the trainer reads the flag on the host once per step (free on CPU; a sync per step on GPU,
-so prefer fused there). The MoE bias update gets counts x ok, and a step with zero counts does not
-move the bias. Skipped steps are counted; ``train.max_nonfinite_in_row`` consecutive ones abort
-the run, detected at the next logging step (weights are never touched in between).
+No host-device sync in the hot loop; the only per-step cross-rank exchange is a one-int gloo
+all-reduce of the preemption flag (host memory: it does not wait for the GPU).
 """
 
 from __future__ import annotations
@@ -47,44 +26,22 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import torch
-import torch.distributed as dist
 
 from kha_train.config import Config, ConfigError
 from kha_train.config_checks import total_steps, validate
 from kha_train.training import distributed as D
-from kha_train.training.checkpoint import CheckpointManager, complete_checkpoints, resolve_resume
-from kha_train.training.history import StepHistory
+from kha_train.training.build import build_loaders, build_model, config_snapshot, resume_path
+from kha_train.training.checkpoint import CheckpointManager
 from kha_train.training.loggers import RunLoggers
-from kha_train.training.metrics import (
-    LossWindow,
-    WindowTimer,
-    moe_record,
-    peak_flops,
-    train_record,
-)
-from kha_train.training.optim import (
-    build_optimizer,
-    clip_gradients,
-    global_grad_norm,
-    is_fused,
-    set_lr,
-    summarize_groups,
-)
-from kha_train.training.parallel import (
-    build_mesh,
-    init_weights_like_single_device,
-    parallelize,
-    set_micro_batch_sync,
-)
+from kha_train.training.metrics import WindowTimer
+from kha_train.training.monitor import NonFiniteError, StepMonitor
+from kha_train.training.optim import build_optimizer, is_fused, summarize_groups
 from kha_train.training.schedule import lr_at
-from kha_train.training.spikes import SpikeDetector
+from kha_train.training.step import StepResult, train_step
+from kha_train.training.validation import validation_loss
 
 STATE_VERSION = 1
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-class NonFiniteError(RuntimeError):
-    """Too many consecutive steps with a non-finite loss or gradient."""
 
 
 class Trainer:
@@ -93,32 +50,33 @@ class Trainer:
         self.cfg = cfg
         self.env = D.init_distributed(cfg.train.device)
         self.device = self.env.device
-        t = cfg.train
         self.total_steps = total_steps(cfg)
-        self.tokens_per_step = t.global_batch_tokens
+        self.tokens_per_step = cfg.train.global_batch_tokens
         # A Config built in Python (not loaded through OmegaConf) keeps the literal default.
         self.run_dir = Path(cfg.logging.run_dir.replace("${name}", cfg.name))
         self.ckpt_dir = (
             Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
         )
-        resume_path = self._resume_path()
-        self._build_data()
-        self._build_model()
+        self.config_yaml, self.config_dict = config_snapshot(cfg)
+        resume = resume_path(cfg.checkpoint.resume, self.ckpt_dir)
+        loaders = build_loaders(cfg, self.env)
+        self.loader, self.val_loader = loaders.train, loaders.val
+        self.val_batches = loaders.val_batches
+        self.model = build_model(
+            cfg.model, cfg.parallel, cfg.train.precision, self.device, seed=cfg.train.seed,
+            compile_loss=cfg.parallel.compile_loss,
+        )  # fmt: skip
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.fused = is_fused(self.optimizer)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        sp = cfg.logging.spikes
-        self.detector = SpikeDetector(sp.window, sp.z_threshold, sp.warmup)
         self.ckpt = CheckpointManager(
             self.ckpt_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save, self.env
         )
+        self.monitor = StepMonitor(cfg, self.env, self.total_steps, self.run_dir)
         self.step = 0  # optimizer steps done
-        self.skipped_total = 0  # non-finite steps skipped (host copy, updated at drains)
-        self.in_row = 0  # consecutive non-finite steps at the last drain
-        if resume_path is not None:
-            self._load(resume_path)
-        self._init_step_state()
-        self.config_yaml, self.config_dict = config_snapshot(cfg)
+        if resume is not None:
+            self._load(resume)
+        self._last_saved = self.step if self.step > 0 else -1  # step of the newest checkpoint
+        self._stop_signal: str | None = None  # set by the signal handler during train()
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(self.config_yaml)
@@ -127,84 +85,13 @@ class Trainer:
             wandb_project=cfg.logging.wandb_project, wandb_entity=cfg.logging.wandb_entity,
             tensorboard=cfg.logging.tensorboard, config=self.config_dict,
             total_steps=self.total_steps, start_step=self.step,
-            resumed=resume_path is not None, is_main=self.env.is_main, console_stream=console,
+            resumed=resume is not None, is_main=self.env.is_main, console_stream=console,
         )  # fmt: skip
-        self._announce(resume_path)
+        self._announce(resume)
 
-    # -- building ---------------------------------------------------------------------------------
-
-    def _resume_path(self) -> Path | None:
-        resume = self.cfg.checkpoint.resume
-        path = resolve_resume(resume, self.ckpt_dir)
-        existing = complete_checkpoints(self.ckpt_dir)
-        if resume == "none" and existing:
-            raise ConfigError(
-                f"{self.ckpt_dir} already holds checkpoints of an earlier run (newest: step "
-                f"{existing[-1][0]}). Continue it with checkpoint.resume=auto, or start a new run "
-                "elsewhere (logging.run_dir=... or checkpoint.dir=...), or delete that folder"
-            )
-        return path
-
-    def _build_data(self) -> None:
-        from kha_train.data import PackedLoader
-
+    def _announce(self, resume: Path | None) -> None:
         cfg, env = self.cfg, self.env
-        tok_hash = None
-        if cfg.data.tokenizer:
-            from kha_train.data.tokenizer import load_tokenizer, tokenizer_hash
-
-            tok_hash = tokenizer_hash(load_tokenizer(cfg.data.tokenizer))
-        common = dict(
-            seq_len=cfg.data.seq_len, micro_batch_size=cfg.train.micro_batch_size,
-            global_batch_size=self.tokens_per_step // cfg.data.seq_len, rank=env.rank,
-            world_size=env.world_size, seed=cfg.data.seed, device=self.device,
-            prefetch=cfg.data.prefetch, expected_vocab_size=cfg.model.vocab_size,
-            expected_tokenizer_hash=tok_hash,
-        )  # fmt: skip
-        self.loader = PackedLoader(cfg.data.dataset, "train", **common)
-        # Validation needs one full micro-batch on every rank: (seq_len + 1) tokens per sample.
-        val = self.loader.index.splits.get("val")
-        need = (cfg.data.seq_len * cfg.train.micro_batch_size * env.world_size) + 1
-        self.val_loader, self.val_batches = None, 0
-        if val is not None and val.tokens >= need:
-            self.val_loader = PackedLoader(cfg.data.dataset, "val", **common)
-            # A small val split caps the pass (said once at startup, not at every pass).
-            self.val_batches = min(cfg.train.val_batches, self.val_loader.num_eval_batches)
-
-    def _build_model(self) -> None:
-        from kha_train.model import Transformer, moe_layers
-
-        cfg = self.cfg
-        with torch.device("meta"):
-            model = Transformer(cfg.model)
-        mesh = build_mesh(cfg.parallel, self.device)
-        parallelize(model, cfg.parallel, cfg.train.precision, self.device, mesh=mesh)
-        model.to_empty(device=self.device)
-        torch.manual_seed(cfg.train.seed)
-        with init_weights_like_single_device():
-            model.init_weights()
-        model.train()
-        self.model = model
-        self.has_moe = bool(moe_layers(model))
-
-    def _init_step_state(self) -> None:
-        self.history = StepHistory(self.cfg.logging.log_every, self.device, self.in_row)
-        self._last_counts: torch.Tensor | None = None
-        self.window = LossWindow()  # host sums over the logging window (drains may split it)
-        self._flops_per_token = self._model_flops()
-        self._peak = peak_flops(self.device, self.cfg.logging.peak_tflops)
-
-    def _model_flops(self) -> float | None:
-        try:
-            from kha_train.model.flops import train_flops_per_token
-
-            return train_flops_per_token(self.cfg.model, self.cfg.data.seq_len)
-        except Exception:  # accounting must never stop training
-            return None
-
-    def _announce(self, resume_path: Path | None) -> None:
-        cfg, env = self.cfg, self.env
-        n_params = sum(p.numel() for p in self.params)
+        n_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         accum = self.loader.micro_batches_per_step
         groups = ", ".join(
             f"{g.name}: {g.num_tensors} tensors / {g.num_params / 1e6:.2f}M (wd {g.weight_decay})"
@@ -225,8 +112,8 @@ class Trainer:
                 f"validation uses {self.val_batches} micro-batches per rank (train.val_batches="
                 f"{cfg.train.val_batches}, but the val split holds only {self.val_batches})"
             )
-        if resume_path is not None:
-            self.log.info(f"resumed from {resume_path} at step {self.step}")
+        if resume is not None:
+            self.log.info(f"resumed from {resume} at step {self.step}")
 
     # -- checkpoint state -------------------------------------------------------------------------
 
@@ -238,23 +125,19 @@ class Trainer:
             "step": self.step,
             "tokens_seen": self.step * self.tokens_per_step,
             "loader": self.loader.state_dict(),
-            "spikes": self.detector.state_dict(),
-            "nonfinite": {"skipped_total": self.skipped_total, "in_row": self.in_row},
+            **self.monitor.state_dict(),  # spikes, nonfinite
             "world_size": self.env.world_size,
         }
 
     def _load(self, path: Path) -> None:
-        model_cfg = config_snapshot(self.cfg)[1]["model"]
-        state = self.ckpt.load(path, self.model, self.optimizer, model_cfg)
+        state = self.ckpt.load(path, self.model, self.optimizer, self.config_dict["model"])
         if state.get("version") != STATE_VERSION:
             raise ConfigError(
                 f"{path}: trainer state version {state.get('version')}, expected {STATE_VERSION}"
             )
         self.step = int(state["step"])
         self.loader.load_state_dict(state["loader"])
-        self.detector.load_state_dict(state["spikes"])
-        self.skipped_total = int(state["nonfinite"]["skipped_total"])
-        self.in_row = int(state["nonfinite"]["in_row"])
+        self.monitor.load_state_dict(state)
 
     def save_checkpoint(self, *, blocking: bool = False) -> Path:
         self._drain()
@@ -272,138 +155,32 @@ class Trainer:
         """The training loss of one micro-batch (a method so tests can inject faults)."""
         return self.model(batch.input_ids, batch.labels)
 
-    def _step(self, micro_batches: list[Any]) -> None:
-        world = self.env.world_size
-        n_tok = torch.stack([(b.labels != -100).sum() for b in micro_batches]).float()  # (A,)
-        total = n_tok.sum()
-        if world > 1:
-            dist.all_reduce(total)
-        weights = n_tok * world / total  # (A,)
-        loss_sum = torch.zeros((), device=self.device)
-        for i, batch in enumerate(micro_batches):
-            set_micro_batch_sync(self.model, self.cfg.parallel, last=i == len(micro_batches) - 1)
-            loss = self.compute_loss(batch)
-            (loss * weights[i]).backward()
-            loss_sum += loss.detach().float() * weights[i]
-        if world > 1:
-            dist.all_reduce(loss_sum)
-        loss = loss_sum / world  # the global batch's mean loss
-
-        grad_norm = global_grad_norm(self.params)
-        clip_gradients(self.optimizer, self.params, grad_norm, self.cfg.optim.grad_clip)
-        ok = torch.isfinite(loss) & torch.isfinite(grad_norm)
-
-        set_lr(
-            self.optimizer,
-            lr_at(
-                self.step,
-                peak_lr=self.cfg.optim.lr,
-                total_steps=self.total_steps,
-                cfg=self.cfg.schedule,
-            ),
-        )
-        if self.fused:
-            self.optimizer.found_inf = (~ok).float()  # the fused kernel skips the update if 1
-            self.optimizer.step()
-        elif ok.item():  # foreach has no device-side skip: one host read per step
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-        if self.has_moe:
-            from kha_train.model import collect_expert_counts, update_expert_bias
-
-            counts = collect_expert_counts(self.model)  # (n_moe_layers, E), this rank
-            if world > 1:
-                dist.all_reduce(counts)
-            update_expert_bias(self.model, counts * ok)  # zero counts: bias unchanged
-            self._last_counts = counts
-
-        # The loop drains at least every log_every steps; stepping by hand drains when full.
-        if self.history.full:
-            self._drain()
+    def _step(self, micro_batches: list[Any]) -> StepResult:
+        """One optimizer step (``step.train_step``), recorded in the history."""
+        lr = lr_at(
+            self.step, peak_lr=self.cfg.optim.lr, total_steps=self.total_steps,
+            cfg=self.cfg.schedule,
+        )  # fmt: skip
+        result = train_step(
+            self.model, self.optimizer, micro_batches, parallel=self.cfg.parallel,
+            grad_clip=self.cfg.optim.grad_clip, lr=lr, compute_loss=self.compute_loss,
+        )  # fmt: skip
         ids = torch.cat([b.sample_ids for b in micro_batches])
+        self.monitor.record(self.step + 1, result, ids, self.log)
         self.step += 1
-        self.history.record(self.step, loss, grad_norm, ok, ids)
-
-    # -- reading the device state (the host syncs) --------------------------------------------------
+        return result
 
     def _drain(self) -> None:
-        """Read the steps since the last drain: feed the spike detector, record skipped steps,
-        and add to the logging window. Identical on every rank (the values are global)."""
-        if not len(self.history):
-            return
-        drained = self.history.drain()  # the host sync
-        spikes, bad = [], []
-        for v in drained.steps:
-            if v.ok:
-                spikes.extend(self.detector.observe(v.step, v.loss, v.grad_norm))
-                self.window.add(v.loss, v.grad_norm)
-            else:
-                bad.append(v)
-        if spikes or bad:  # every rank takes this branch together: the values are global
-            ids = self.history.gather_sample_ids(self.env.world_size, self.device)
-            for s in spikes:
-                s.sample_ids = ids[s.step]
-            self.log.log_spikes(self.step, [s.to_dict() for s in spikes], self.detector.num_spikes)
-            for v in bad:
-                self.log.event(
-                    {"type": "nonfinite", "step": v.step, "loss": v.loss,
-                     "grad_norm": v.grad_norm, "sample_ids": ids[v.step]},
-                    echo=f"step {v.step}: non-finite loss {v.loss} / grad norm {v.grad_norm}: "
-                    "update skipped (weights and optimizer state unchanged)",
-                )  # fmt: skip
-        self.skipped_total += len(bad)
-        self.window.skipped += len(bad)
-        self.in_row = drained.in_row
-        limit = self.cfg.train.max_nonfinite_in_row
-        if drained.max_in_row >= limit:
-            raise NonFiniteError(
-                f"{drained.max_in_row} consecutive optimizer steps (up to step {self.step}) had a "
-                f"non-finite loss or gradient norm, train.max_nonfinite_in_row={limit}: stopping. "
-                "None of them was applied to the weights. Their sample ids are in "
-                f"{self.run_dir / 'metrics.jsonl'} (type nonfinite). Lower optim.lr, check the "
-                "data at those ids, or resume from the last checkpoint with checkpoint.resume=auto"
-            )
-
-    def _log_window(self, timer: WindowTimer) -> None:
-        self._drain()
-        elapsed, data_wait, steps = timer.read_and_reset()
-        sched = self.cfg.schedule
-        rec = train_record(
-            step=self.step, total_steps=self.total_steps, tokens_per_step=self.tokens_per_step,
-            lr=lr_at(max(0, self.step - 1), peak_lr=self.cfg.optim.lr,
-                     total_steps=self.total_steps, cfg=sched),
-            window=self.window, elapsed_s=elapsed, data_wait_s=data_wait, timed_steps=steps,
-            world_size=self.env.world_size, flops_per_token=self._flops_per_token,
-            peak_flops_per_device=self._peak, device=self.device,
-        )  # fmt: skip
-        rec["nonfinite_skipped"] = self.skipped_total
-        rec["nonfinite_in_window"] = self.window.skipped
-        rec["spikes_total"] = self.detector.num_spikes
-        if self._last_counts is not None:
-            rec.update(moe_record(self._last_counts))
-        aux = getattr(self.model, "last_aux_loss", None)
-        if aux is not None:
-            rec["aux_loss"] = float(aux)
-        self.window = LossWindow()
-        self.log.log(rec)
+        """Read the device history into the monitor (a host sync; see ``monitor.py``)."""
+        self.monitor.drain(self.step, self.log)
 
     # -- validation -------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def validate(self) -> float | None:
         """Mean loss over ``train.val_batches`` micro-batches per rank of the val split."""
         if self.val_loader is None:
             return None
-        self.model.eval()
-        total = torch.zeros(2, device=self.device)  # sum of loss x tokens, tokens
-        for batch in self.val_loader.eval_batches(self.val_batches):
-            n = (batch.labels != -100).sum().float()
-            total += torch.stack([self.model(batch.input_ids, batch.labels).float() * n, n])
-        self.model.train()
-        if self.env.world_size > 1:
-            dist.all_reduce(total)
-        val = (total[0] / total[1].clamp_min(1)).item()
+        val = validation_loss(self.model, self.val_loader, self.val_batches)
         self.log.log({"type": "val", "step": self.step, "val_loss": val})
         return val
 
@@ -419,7 +196,7 @@ class Trainer:
             )
             self.log.close({"status": "completed", "step": self.step})
             return 0
-        self._stop_signal: str | None = None
+        self._stop_signal = None
         previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
         self._last_saved = self.step if self.step > 0 else -1
         stopped = False
@@ -433,7 +210,7 @@ class Trainer:
                 timer.step()
                 self.log.advance(self.step)
                 if self.step % cfg.logging.log_every == 0 or self.step == self.total_steps:
-                    self._log_window(timer)
+                    self.monitor.log_window(self.step, timer, self.log, self.model)
                 if cfg.train.val_every and self.step % cfg.train.val_every == 0:
                     self.validate()
                 if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
@@ -443,8 +220,8 @@ class Trainer:
                     stopped = True
                     break
             if stopped:
-                if len(self.history):
-                    self._log_window(timer)
+                if len(self.monitor.history):
+                    self.monitor.log_window(self.step, timer, self.log, self.model)
                 self.log.info(
                     f"stop requested ({self._stop_signal or 'signal on another rank'}) at step "
                     f"{self.step}: saving a checkpoint and exiting"
@@ -469,7 +246,8 @@ class Trainer:
     def _finish(self, status: str, exit_code: int = 0) -> None:
         summary = {
             "status": status, "step": self.step, "tokens_seen": self.step * self.tokens_per_step,
-            "nonfinite_skipped": self.skipped_total, "spikes_total": self.detector.num_spikes,
+            "nonfinite_skipped": self.monitor.skipped_total,
+            "spikes_total": self.monitor.detector.num_spikes,
         }  # fmt: skip
         self.log.event({"type": "end", **summary})
         if self.env.is_main:
@@ -492,28 +270,3 @@ class Trainer:
         self.loader.close()
         if self.val_loader is not None:
             self.val_loader.close()
-
-
-def config_snapshot(cfg: Config) -> tuple[str, dict[str, Any]]:
-    """The resolved config as YAML text and as a plain dict. Without omegaconf (a minimal GPU
-    image) the text is JSON, which is also valid YAML and loads with ``load_config``."""
-    try:
-        from kha_train.config import to_dict, to_yaml
-
-        return to_yaml(cfg), to_dict(cfg)
-    except ImportError:
-        import dataclasses
-        import enum
-        import json
-
-        def plain(x: Any) -> Any:
-            if isinstance(x, enum.Enum):
-                return x.value
-            if isinstance(x, dict):
-                return {k: plain(v) for k, v in x.items()}
-            if isinstance(x, (list, tuple)):
-                return [plain(v) for v in x]
-            return x
-
-        d = plain(dataclasses.asdict(cfg))
-        return json.dumps(d, indent=1) + "\n", d

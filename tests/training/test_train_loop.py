@@ -126,7 +126,7 @@ def test_nan_step_is_skipped_not_applied_and_counted(tmp_path, tiny_dataset, imp
         t._step(t.loader.next_step())  # a good step trains again
         assert not torch.equal(state_snapshot(t)["model.norm.weight"], after["model.norm.weight"])
         t._drain()
-        assert t.skipped_total == 1 and t.in_row == 0
+        assert t.monitor.skipped_total == 1 and t.monitor.in_row == 0
         (rec,) = records(tmp_path / "run", "nonfinite")
         assert rec["step"] == 3 and rec["loss"] == "nan" and len(rec["sample_ids"]) == 8
     finally:
@@ -239,7 +239,8 @@ def test_fused_clipping_inside_the_update_matches_explicit_clipping(tmp_path, ti
                 t._step(t.loader.next_step())
             t._drain()
             states[impl] = state_snapshot(t)
-            assert t.window.steps == 3 and t.window.grad_norm / 3 > 0.05  # clipping was active
+            window = t.monitor.window
+            assert window.steps == 3 and window.grad_norm / 3 > 0.05  # clipping was active
         finally:
             t.close()
             D.teardown()

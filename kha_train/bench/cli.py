@@ -1,0 +1,255 @@
+"""GPU throughput benchmark: full training steps of a config, with and without KHA, in one run.
+
+    python scripts/bench.py --preset a0.44b                  # the reference workload
+    kha-train bench --preset a0.44b --seq-len 8192 --micro-batch 2 --compile
+
+Each variant is timed over full optimizer steps: forward + backward of every micro-batch, global
+grad-norm clipping, fused AdamW, and the MoE bias update from the step's expert counts (real,
+unforced routing on random tokens), in the trainer's precision (fp32 master weights, bf16
+compute). It prints tokens/s, TFLOP/s, MFU (torchtitan convention, kha_train/model/flops.py)
+against the card's bf16 peak, peak memory, and a breakdown of step time from the PyTorch
+profiler. The step is the trainer's own (``kha_train.training.step.train_step``), on a model
+built by the trainer's ``build_model`` (see ``workload.py``).
+"""
+# This module is imported by `kha-train --help`: torch and the model load inside the handlers.
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+from kha_train.bench.settings import BenchSettings
+from kha_train.config import (
+    ACMode,
+    AttnBackend,
+    KHAConfig,
+    KHAVariant,
+    ModelConfig,
+    MoEConfig,
+    load_config,
+)
+
+# The paper's exploratory MoE sizes (Table 5), vocab 151,936 tied, GQA 32/4, head_dim 128,
+# 64 experts top-4, KHA-MLP on V. (layers, hidden, expert FFN)
+PRESETS = {
+    "a0.44b": (12, 1152, 768),
+    "a0.8b": (18, 1536, 1152),
+    "a1.6b": (23, 2048, 1536),
+}
+
+
+def preset_config(name: str) -> ModelConfig:
+    layers, hidden, ffn = PRESETS[name]
+    return ModelConfig(
+        vocab_size=151936,
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=32,
+        num_kv_heads=4,
+        head_dim=128,
+        ffn_size=3 * hidden,
+        attn_backend=AttnBackend.cudnn,
+        moe=MoEConfig(num_experts=64, top_k=4, expert_ffn_size=ffn),
+        kha=KHAConfig(variant=KHAVariant.mlp, targets=["v"]),
+    )
+
+
+def run(mcfg: ModelConfig, s: BenchSettings, variants: list[str]) -> list[dict[str, Any]]:
+    """Build, time and profile each variant (kha: ``mcfg``; nokha: without KHA) in turn."""
+    import gc
+
+    import torch
+
+    from kha_train.bench.profile import profile_breakdown
+    from kha_train.bench.timing import time_workload
+    from kha_train.bench.workload import Workload
+    from kha_train.model.flops import param_counts
+
+    device = torch.device("cuda")
+    results = []
+    for variant in variants:
+        cfg = (
+            mcfg
+            if variant == "kha"
+            else dataclasses.replace(mcfg, kha=KHAConfig(variant=KHAVariant.none))
+        )
+        total, active = param_counts(cfg)
+        w = Workload(cfg, s, device)
+        r: dict[str, Any] = {"variant": variant, "params_b": total / 1e9, "active_b": active / 1e9}
+        r.update(time_workload(w))
+        if s.profile:
+            r["breakdown_ms"] = profile_breakdown(w)
+            r["top_kernels"] = w.top_kernels
+        results.append(r)
+        print(json.dumps({k: v for k, v in r.items() if k != "top_kernels"}), flush=True)
+        # Free this variant's memory before the next one: the compiled graphs' caches keep the
+        # model alive otherwise (a third variant in one process ran near full memory, slower).
+        del w
+        gc.collect()
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+    return results
+
+
+def format_table(results: list[dict[str, Any]], s: BenchSettings) -> str:
+    lines = [
+        f"seq {s.seq_len} x micro-batch {s.micro_batch} x accum {s.accum}, compile={s.compile}, "
+        f"ac={s.ac.value}, mode={s.mode}, reshard={s.reshard}, defer_sync={s.defer_sync}, "
+        f"peak {s.peak_tflops:.0f} TFLOP/s",
+        f"{'variant':8} {'params':>8} {'active':>7} {'step ms':>8} {'tok/s':>9} {'TFLOP/s':>8} "
+        f"{'MFU':>6} {'mem GiB':>8}",
+    ]
+    for r in results:
+        lines.append(
+            f"{r['variant']:8} {r['params_b']:7.3f}B {r['active_b']:6.3f}B {r['step_ms']:8.1f} "
+            f"{r['tokens_per_s']:9.0f} {r['tflops']:8.1f} {100 * r['mfu']:5.1f}% "
+            f"{r['peak_mem_gib']:8.1f}"
+        )
+    by = {r["variant"]: r for r in results}
+    if "kha" in by and "nokha" in by:
+        ratio = by["kha"]["step_ms"] / by["nokha"]["step_ms"]
+        lines.append(f"KHA overhead: step time x{ratio:.4f} ({100 * (ratio - 1):+.2f}%)")
+    for r in results:
+        if "breakdown_ms" in r:
+            parts = sorted(r["breakdown_ms"].items(), key=lambda kv: -kv[1])
+            total = sum(v for _, v in parts)
+            lines.append(
+                f"{r['variant']} GPU time/step {total:.1f} ms: "
+                + ", ".join(f"{k} {v:.1f} ({100 * v / total:.0f}%)" for k, v in parts)
+            )
+    return "\n".join(lines)
+
+
+def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="a0.44b",
+        help="Table 5 MoE size (default a0.44b: 2.34B total / 0.43B active)",
+    )
+    p.add_argument(
+        "--config", help="a YAML run config instead of a preset (uses its model section)"
+    )
+    p.add_argument(
+        "--kha",
+        choices=["mlp", "linear"],
+        default="mlp",
+        help="KHA variant of the 'kha' run (linear applies to q, k, v)",
+    )
+    p.add_argument("--variants", default="kha,nokha", help="comma list of kha, nokha")
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--compile", action="store_true", help="torch.compile each block")
+    p.add_argument("--ac", choices=[m.value for m in ACMode], default="none")
+    p.add_argument("--ac-every-n", type=int, default=2)
+    p.add_argument("--attn-backend", choices=[b.value for b in AttnBackend], default=None)
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak (H100: 989)")
+    p.add_argument(
+        "--mode",
+        choices=["fsdp", "autocast"],
+        default="fsdp",
+        help="fsdp: the trainer's FSDP2 bf16 mixed precision; autocast: fp32 weights "
+        "on one GPU under bf16 autocast (the baseline of docs/performance.md)",
+    )
+    p.add_argument(
+        "--no-reshard",
+        dest="reshard",
+        action="store_false",
+        default=None,
+        help="parallel.reshard_after_forward=false: keep gathered parameters for the backward "
+        "(the default on one GPU)",
+    )
+    p.add_argument(
+        "--reshard",
+        dest="reshard",
+        action="store_true",
+        help="parallel.reshard_after_forward=true: free them after the forward (ZeRO-3)",
+    )
+    p.add_argument(
+        "--no-defer-sync",
+        action="store_true",
+        help="parallel.defer_grad_sync=false: gather parameters and reduce gradients for every "
+        "micro-batch (default on one GPU: once per step)",
+    )
+    p.add_argument("--loss-chunk", type=int, help="tokens per LM-head + loss chunk (default 4096)")
+    p.add_argument(
+        "--no-compile-loss",
+        action="store_true",
+        help="run the LM-head + loss chunks eagerly (parallel.compile_loss=false)",
+    )
+    p.add_argument("--no-profile", action="store_true")
+    p.add_argument("--no-sync-check", action="store_true")
+    p.add_argument("--json", help="append results as JSON lines to this file")
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch  # here, not at the top: `kha-train --help` imports this module
+
+    # Less fragmentation near full memory (set before CUDA initialises; the trainer does too).
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    if not torch.cuda.is_available():
+        raise SystemExit("kha-train bench needs a CUDA GPU")
+    if args.config:
+        mcfg = load_config(args.config).model
+    else:
+        mcfg = preset_config(args.preset)
+    if args.kha == "linear":
+        mcfg = dataclasses.replace(
+            mcfg, kha=KHAConfig(variant=KHAVariant.linear, targets=["q", "k", "v"])
+        )
+    if args.attn_backend:
+        mcfg = dataclasses.replace(mcfg, attn_backend=AttnBackend(args.attn_backend))
+    s = BenchSettings(
+        seq_len=args.seq_len,
+        micro_batch=args.micro_batch,
+        accum=args.accum,
+        steps=args.steps,
+        warmup=args.warmup,
+        compile=args.compile,
+        ac=ACMode(args.ac),
+        ac_every_n=args.ac_every_n,
+        peak_tflops=args.peak_tflops,
+        profile=not args.no_profile,
+        sync_check=not args.no_sync_check,
+        mode=args.mode,
+        reshard=args.reshard,
+        defer_sync=not args.no_defer_sync,
+        loss_chunk=args.loss_chunk,
+        compile_loss=not args.no_compile_loss,
+    )
+    print(
+        f"{torch.cuda.get_device_name()} | torch {torch.__version__} | {time.strftime('%Y-%m-%d')}"
+    )
+    results = run(mcfg, s, [v.strip() for v in args.variants.split(",") if v.strip()])
+    print(format_table(results, s))
+    if args.json:
+        with open(args.json, "a") as f:
+            for r in results:
+                f.write(
+                    json.dumps(
+                        {
+                            **r,
+                            "settings": dataclasses.asdict(s) | {"ac": s.ac.value},
+                            "device": torch.cuda.get_device_name(),
+                        }
+                    )
+                    + "\n"
+                )
+    return 0
+
+
+def add_commands(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "bench", help="time full training steps on a GPU", description=__doc__
+    )
+    build_arg_parser(p)
+    p.set_defaults(func=main)
