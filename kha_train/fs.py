@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 # What the user can do about each kind of fault.
-_FIXES = {
+FIXES = {
     errno.ENOSPC: "free space on that disk, or point logging.run_dir / checkpoint.dir at a "
     "larger one",
     errno.EDQUOT: "free space within your quota, or point logging.run_dir / checkpoint.dir "
@@ -57,11 +57,29 @@ def find_os_error(e: BaseException | None) -> OSError | None:
     return None
 
 
+def short_write(e: BaseException | None) -> bool:
+    """Whether ``e`` (or its chain) is torch's sign of a write cut short: its zip writer reports
+    a full disk or a file-size limit as 'unexpected pos' instead of passing the OSError on."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if "unexpected pos" in str(e):
+            return True
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict):
+            for f in failures.values():
+                inner = f[0] if isinstance(f, tuple) else f
+                if isinstance(inner, BaseException) and short_write(inner):
+                    return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def describe(e: OSError, what: str, path: str | os.PathLike[str] | None = None) -> str:
     """'could not <what> <path>: <cause>. Fix: <fix>' for an ``OSError``."""
     where = e.filename or path
     cause = e.strerror or str(e)
-    fix = _FIXES.get(e.errno or 0, "check that the path exists and is writable")
+    fix = FIXES.get(e.errno or 0, "check that the path exists and is writable")
     return f"could not {what} {where}: {cause}. Fix: {fix}"
 
 

@@ -211,7 +211,7 @@ class PackedLoader:
             raise DataError(
                 f"{self.index.path}: the train split holds {self.num_samples} samples of "
                 f"seq_len + 1 = {self.seq_len + 1} tokens, fewer than one global batch of "
-                f"{self.global_batch_size}: use a smaller batch or data.seq_len, or more data"
+                f"{self.global_batch_size}: {self._settings_that_fit()}, or use more data"
             )
         if self.split == "val" and self.num_samples < self.micro_batch_size * self.world_size:
             raise DataError(
@@ -220,6 +220,30 @@ class PackedLoader:
                 f"({self.micro_batch_size} x {self.world_size}): prepare with a larger "
                 "--val-fraction or use a smaller micro batch"
             )
+
+    def _settings_that_fit(self) -> str:
+        """The nearest settings under which the train split holds one global batch: a smaller
+        batch at this seq_len, else a shorter seq_len (halved until one micro-batch per rank
+        fits)."""
+        per_step = self.micro_batch_size * self.world_size  # samples of the smallest batch
+        fits = self.num_samples // per_step * per_step
+        if fits:
+            return (
+                f"set train.global_batch_tokens={fits * self.seq_len} (at most {fits} samples "
+                f"per step at data.seq_len={self.seq_len})"
+            )
+        tokens = self.num_samples * (self.seq_len + 1)
+        seq = self.seq_len // 2
+        while seq >= 16 and tokens // (seq + 1) < per_step:
+            seq //= 2
+        if seq < 16:
+            return "the split is too small to train on"
+        fits = tokens // (seq + 1) // per_step * per_step
+        return (
+            f"set data.seq_len={seq} train.global_batch_tokens={fits * seq} (the split then "
+            f"holds {fits} samples per step of {self.micro_batch_size} x {self.world_size} "
+            "rank(s) micro-batches)"
+        )
 
     # -- iteration -------------------------------------------------------------------------------
 

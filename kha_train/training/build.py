@@ -82,7 +82,7 @@ def build_loaders(cfg: Config, env: DistEnv) -> Loaders:
     # Validation needs one full micro-batch on every rank: (seq_len + 1) tokens per sample.
     val_split = train.index.splits.get("val")
     need = (cfg.data.seq_len * cfg.train.micro_batch_size * env.world_size) + 1
-    if val_split is None or val_split.tokens < need:
+    if val_split is None or val_split.tokens < need or cfg.train.val_batches == 0:
         return Loaders(train, None, 0)
     val = PackedLoader.from_config(cfg, "val", **where)
     # A small val split caps the pass (said once at startup, not at every pass).

@@ -39,6 +39,7 @@ mismatching keys and shapes before anything is read.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -52,10 +53,11 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from kha_train.config import ConfigError
-from kha_train.fs import describe, find_os_error
+from kha_train.fs import FIXES, describe, find_os_error, short_write
 from kha_train.training.checkpoint_checks import (
     CONFIG_FILE,
     DELETING_SUFFIX,
@@ -154,7 +156,7 @@ class CheckpointManager:
         tmp = final.with_name(final.name + TMP_SUFFIX)
         try:
             self._write(step, tmp, final, model, optimizer, trainer_state, config_yaml, blocking)
-        except Exception as e:
+        except (Exception, CheckpointException) as e:
             raise self._failed_save(tmp, e) from e
         return final
 
@@ -217,9 +219,15 @@ class CheckpointManager:
         if self.env.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         os_error = find_os_error(e)
-        cause = describe(os_error, "write checkpoint", tmp) if os_error else (
-            f"could not write checkpoint {tmp}: {type(e).__name__}: {e}"
-        )  # fmt: skip
+        if os_error is not None:
+            cause = describe(os_error, "write checkpoint", tmp)
+        elif short_write(e):
+            cause = (
+                f"could not write checkpoint {tmp}: a write was cut short (disk full, quota or a "
+                f"file-size limit). Fix: {FIXES[errno.ENOSPC]}"
+            )
+        else:
+            cause = f"could not write checkpoint {tmp}: {_short(e)}"
         previous = latest_checkpoint(self.directory)
         kept = (
             f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint"
@@ -241,7 +249,7 @@ class CheckpointManager:
             future.result()  # re-raises a writer error here, on the training thread
             if self.env.is_main:
                 self._publish(tmp, final)
-        except Exception as e:
+        except (Exception, CheckpointException) as e:
             raise self._failed_save(tmp, e) from e
 
     def _publish(self, tmp: Path, final: Path) -> None:
@@ -327,7 +335,7 @@ class CheckpointManager:
         state = {"model": model_sd, "optim": optim_sd}
         try:
             dcp.load(state, checkpoint_id=str(path), process_group=self.group)
-        except Exception as e:
+        except (Exception, CheckpointException) as e:
             raise CheckpointError(f"checkpoint {path}: its shards do not load ({_short(e)})") from e
         set_state_dict(
             model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
@@ -336,7 +344,7 @@ class CheckpointManager:
         if rng_file.is_file():  # absent when resuming on more ranks than saved
             try:  # plain tensors only: no code runs from a checkpoint file
                 rng = torch.load(rng_file, weights_only=True)
-            except Exception as e:
+            except (Exception, CheckpointException) as e:
                 raise CheckpointError(
                     f"{rng_file} is not a plain tensor file and was not loaded ({_short(e)})"
                 ) from e

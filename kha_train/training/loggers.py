@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from kha_train.config import ConfigError, WandbMode
+from kha_train.fs import storage_error
 from kha_train.training.metrics import flatten, format_duration
 from kha_train.training.wandb_log import WandbLogger, resolve_wandb_mode
 
@@ -161,6 +162,12 @@ class JsonlLogger:
 
     def __init__(self, path: str | os.PathLike[str], keep_until_step: int | None = None) -> None:
         self.path = Path(path)
+        try:
+            self._open(keep_until_step)
+        except OSError as e:
+            raise storage_error(e, "write the log", self.path) from e
+
+    def _open(self, keep_until_step: int | None) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept: list[str] = []
         if keep_until_step is not None and self.path.exists():
@@ -177,8 +184,11 @@ class JsonlLogger:
         self._f = self.path.open("a")
 
     def write(self, record: dict[str, Any]) -> None:
-        self._f.write(json.dumps(_jsonable(record), allow_nan=True) + "\n")
-        self._f.flush()
+        try:
+            self._f.write(json.dumps(_jsonable(record), allow_nan=True) + "\n")
+            self._f.flush()
+        except OSError as e:  # disk full, quota: one clear error (earlier lines are kept)
+            raise storage_error(e, "write the log", self.path) from e
 
     def close(self) -> None:
         self._f.close()

@@ -29,13 +29,16 @@ import torch
 
 from kha_train.config import Config, ConfigError
 from kha_train.config_checks import total_steps, validate
+from kha_train.fs import StorageError, storage_error
 from kha_train.training import distributed as D
 from kha_train.training.build import build_loaders, build_model, config_snapshot, resume_path
 from kha_train.training.checkpoint import CheckpointManager
+from kha_train.training.checkpoint_checks import check_free_space, stray_entries
 from kha_train.training.loggers import RunLoggers
 from kha_train.training.metrics import WindowTimer
 from kha_train.training.monitor import NonFiniteError, StepMonitor
 from kha_train.training.optim import build_optimizer, is_fused, summarize_groups
+from kha_train.training.runlock import RunLock, RunLockedError
 from kha_train.training.schedule import lr_at
 from kha_train.training.step import StepResult, train_step
 from kha_train.training.validation import validation_loss
@@ -58,7 +61,30 @@ class Trainer:
             Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
         )
         self.config_yaml, self.config_dict = config_snapshot(cfg)
-        resume = resume_path(cfg.checkpoint.resume, self.ckpt_dir)
+        # One trainer per run directory, taken before anything in it is touched.
+        self.lock = self._lock_run_dir()
+        try:
+            self._build(console)
+        except BaseException:
+            if self.lock is not None:
+                self.lock.release()
+            raise
+
+    def _lock_run_dir(self) -> RunLock | None:
+        """Rank 0 locks the run directory (``runlock.py``); every rank fails if it cannot."""
+        lock, error = None, None
+        if self.env.is_main:
+            try:
+                lock = RunLock(self.run_dir)
+            except (RunLockedError, StorageError) as e:
+                error = e
+        if D.any_rank(error is not None):
+            raise error or RunLockedError(f"rank 0 could not lock {self.run_dir}: see its error")
+        return lock
+
+    def _build(self, console: TextIO | None) -> None:
+        cfg = self.cfg
+        resume_path(cfg.checkpoint.resume, self.ckpt_dir)  # refuses a fresh run over old ones
         loaders = build_loaders(cfg, self.env)
         self.loader, self.val_loader = loaders.train, loaders.val
         self.val_batches = loaders.val_batches
@@ -73,13 +99,19 @@ class Trainer:
         )
         self.monitor = StepMonitor(cfg, self.env, self.total_steps, self.run_dir)
         self.step = 0  # optimizer steps done
-        if resume is not None:
-            self._load(resume)
+        restored = self.ckpt.restore(
+            cfg.checkpoint.resume, self.model, self.optimizer, self.config_dict["model"]
+        )
+        resume = None if restored is None else restored.path
+        if restored is not None:
+            self._load(restored.path, restored.state)
         self._last_saved = self.step if self.step > 0 else -1  # step of the newest checkpoint
         self._stop_signal: str | None = None  # set by the signal handler during train()
         if self.env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(self.config_yaml)
+            try:
+                (self.run_dir / "config.yaml").write_text(self.config_yaml)
+            except OSError as e:
+                raise storage_error(e, "write the run config", self.run_dir) from e
         self.log = RunLoggers(
             run_dir=self.run_dir, name=cfg.name, wandb_mode=cfg.logging.wandb,
             wandb_project=cfg.logging.wandb_project, wandb_entity=cfg.logging.wandb_entity,
@@ -88,6 +120,22 @@ class Trainer:
             resumed=resume is not None, is_main=self.env.is_main, console_stream=console,
         )  # fmt: skip
         self._announce(resume)
+        for note in [] if restored is None else restored.notes:
+            self.log.info(f"warning: {note}")
+        self._warn_about_storage()
+
+    def _warn_about_storage(self) -> None:
+        """Look-alike files in the checkpoint folder, and too little room for one checkpoint."""
+        stray = stray_entries(self.ckpt_dir)
+        if stray:
+            self.log.info(
+                f"warning: {self.ckpt_dir} holds {', '.join(stray)}, which look like checkpoints "
+                "but are not complete kha-train checkpoints: they are never loaded"
+            )
+        n_params = sum(p.numel() for p in self.model.parameters())
+        warning = check_free_space(self.ckpt_dir, n_params, self.cfg.checkpoint.keep_last)
+        if warning:
+            self.log.info(warning)
 
     def _announce(self, resume: Path | None) -> None:
         cfg, env = self.cfg, self.env
@@ -105,8 +153,22 @@ class Trainer:
             f"{cfg.train.micro_batch_size} x {cfg.data.seq_len} tokens x {env.world_size} rank(s); "
             f"{self.total_steps} steps; AdamW {impl} [{groups}]; run dir {self.run_dir}"
         )
-        if self.val_loader is None:
-            self.log.info(f"no validation: {cfg.data.dataset} has no usable val split")
+        data_vocab = self.loader.index.vocab_size
+        if cfg.model.vocab_size >= 2 * data_vocab and cfg.model.vocab_size - data_vocab >= 1024:
+            unused = (cfg.model.vocab_size - data_vocab) * cfg.model.hidden_size
+            self.log.info(
+                f"warning: model.vocab_size={cfg.model.vocab_size} but the dataset's tokenizer "
+                f"has {data_vocab} ids: {unused / 1e6:.1f}M embedding parameters are never "
+                f"used. Set model.vocab_size={-(-data_vocab // 64) * 64} (the next multiple of "
+                "64), or train a larger tokenizer"
+            )
+        if self.val_loader is None and cfg.train.val_batches > 0:
+            self.log.info(
+                f"warning: no validation: the val split of {cfg.data.dataset} is missing or "
+                f"smaller than one micro-batch per rank ({cfg.train.micro_batch_size} x "
+                f"{cfg.data.seq_len} tokens x {env.world_size}). Prepare the data with a larger "
+                "--val-fraction, or set train.val_batches=0 to train without validation"
+            )
         elif self.val_batches < cfg.train.val_batches:
             self.log.info(
                 f"validation uses {self.val_batches} micro-batches per rank (train.val_batches="
@@ -129,8 +191,9 @@ class Trainer:
             "world_size": self.env.world_size,
         }
 
-    def _load(self, path: Path) -> None:
-        state = self.ckpt.load(path, self.model, self.optimizer, self.config_dict["model"])
+    def _load(self, path: Path, state: dict[str, Any]) -> None:
+        """Continue from the trainer state saved with checkpoint ``path`` (model and optimizer
+        are already loaded)."""
         if state.get("version") != STATE_VERSION:
             raise ConfigError(
                 f"{path}: trainer state version {state.get('version')}, expected {STATE_VERSION}"
@@ -141,10 +204,12 @@ class Trainer:
 
     def save_checkpoint(self, *, blocking: bool = False) -> Path:
         self._drain()
+        self.log.activity(f"saving checkpoint step {self.step}")
         path = self.ckpt.save(
             self.step, self.model, self.optimizer, self.trainer_state(), self.config_yaml,
             blocking=blocking,
         )  # fmt: skip
+        self.log.activity("training")
         self._last_saved = self.step
         self.log.event({"type": "checkpoint", "step": self.step, "path": str(path)})
         return path
@@ -180,7 +245,9 @@ class Trainer:
         """Mean loss over ``train.val_batches`` micro-batches per rank of the val split."""
         if self.val_loader is None:
             return None
+        self.log.activity(f"validating at step {self.step}")
         val = validation_loss(self.model, self.val_loader, self.val_batches)
+        self.log.activity("training")
         self.log.log({"type": "val", "step": self.step, "val_loss": val})
         return val
 
@@ -200,8 +267,12 @@ class Trainer:
         previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
         self._last_saved = self.step if self.step > 0 else -1
         stopped = False
+        first_step = self.step + 1  # logged at once: the first line comes after one step
         try:
             timer = WindowTimer()
+            self.log.activity(
+                f"step {first_step}" + (" (compiling)" if cfg.parallel.compile else "")
+            )
             while self.step < self.total_steps:
                 t0 = time.perf_counter()
                 micro_batches = self.loader.next_step()
@@ -209,7 +280,10 @@ class Trainer:
                 self._step(micro_batches)
                 timer.step()
                 self.log.advance(self.step)
-                if self.step % cfg.logging.log_every == 0 or self.step == self.total_steps:
+                if self.step == first_step:
+                    self.log.activity("training")
+                log_now = self.step % cfg.logging.log_every == 0 or self.step == first_step
+                if log_now or self.step == self.total_steps:
                     self.monitor.log_window(self.step, timer, self.log, self.model)
                 if cfg.train.val_every and self.step % cfg.train.val_every == 0:
                     self.validate()
@@ -270,3 +344,5 @@ class Trainer:
         self.loader.close()
         if self.val_loader is not None:
             self.val_loader.close()
+        if self.lock is not None:
+            self.lock.release()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from pathlib import Path
 
@@ -211,8 +212,21 @@ def test_batch_lands_on_the_device(dataset: Path) -> None:
 def test_bad_batch_geometry(dataset: Path) -> None:
     with pytest.raises(DataError, match="multiple of micro_batch_size x ranks = 2 x 2 = 4"):
         make(dataset, world_size=2, global_batch_size=6)
-    with pytest.raises(DataError, match="fewer than one global batch"):
+    with pytest.raises(DataError, match="fewer than one global batch") as e:
         make(dataset, global_batch_size=100_000)
+    # The error suggests the largest batch that fits; it loads.
+    n = make(dataset).num_samples
+    fits = n // MB * MB
+    assert f"set train.global_batch_tokens={fits * T} (at most {fits} samples" in str(e.value)
+    make(dataset, global_batch_size=fits)
+    # Not even one micro-batch at this seq_len: a shorter seq_len and a batch that fit.
+    long = 4 * T
+    m = make(dataset, seq_len=long, global_batch_size=MB).num_samples
+    with pytest.raises(DataError, match=r"set data\.seq_len=\d+ train\.global_batch_tokens=") as e:
+        make(dataset, seq_len=long, micro_batch_size=m + 1, global_batch_size=m + 1)
+    seq, batch_tokens = (int(x) for x in re.findall(r"=(\d+)", str(e.value).split(": set ")[1]))
+    assert seq < long and batch_tokens % seq == 0
+    make(dataset, seq_len=seq, micro_batch_size=m + 1, global_batch_size=batch_tokens // seq)
     with pytest.raises(DataError, match="rank 2 is outside"):
         make(dataset, rank=2, world_size=2)
     assert np.int64(make(dataset).num_samples) > 0
