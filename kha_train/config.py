@@ -218,7 +218,9 @@ class ParallelConfig:
     dp_shard: int = -1  # ranks each replica shards over; -1 = world_size / dp_replicate
     activation_checkpointing: ACMode = ACMode.none
     ac_every_n: int = 2  # for activation_checkpointing=every_n
-    compile: bool = False  # torch.compile each transformer block
+    # torch.compile each transformer block. null (auto): on with CUDA, where it pays (+50%
+    # tokens/s on the paper's A0.44B MoE on one H200, docs/performance.md), off on CPU.
+    compile: bool | None = None
     # On CUDA, torch.compile each LM-head + loss chunk (fuses its softmax passes,
     # docs/performance.md); false: eager (debugging, or where Inductor is unavailable).
     compile_loss: bool = True

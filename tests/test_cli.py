@@ -98,3 +98,11 @@ def test_flash_attn_missing_is_one_error_line_with_the_fix() -> None:
     )  # fmt: skip
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "pip install 'kha-train[flash]'" in r.stderr and "model.attn_backend=auto" in r.stderr
+
+
+def test_info_says_which_speed_settings_are_on(capsys: pytest.CaptureFixture[str]) -> None:
+    paper = str(ROOT / "configs" / "paper" / "table5" / "moe_a0.44b_kha_mlp.yaml")
+    assert main(["info", paper, "--ranks", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "on 1 GPU(s)    compile on (auto), loss compile on" in out
+    assert "on a CPU        compile off (auto)" in out

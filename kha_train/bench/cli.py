@@ -147,7 +147,16 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--compile", action="store_true", help="torch.compile each block")
+    p.add_argument(
+        "--compile",
+        dest="compile",
+        action="store_true",
+        default=None,
+        help="torch.compile each block (the default on a GPU, as in the trainer)",
+    )
+    p.add_argument(
+        "--no-compile", dest="compile", action="store_false", help="run the blocks eagerly"
+    )
     p.add_argument("--ac", choices=[m.value for m in ACMode], default="none")
     p.add_argument("--ac-every-n", type=int, default=2)
     p.add_argument("--attn-backend", choices=[b.value for b in AttnBackend], default=None)
@@ -214,7 +223,7 @@ def main(args: argparse.Namespace) -> int:
         accum=args.accum,
         steps=args.steps,
         warmup=args.warmup,
-        compile=args.compile,
+        compile=True if args.compile is None else args.compile,  # the GPU default
         ac=ACMode(args.ac),
         ac_every_n=args.ac_every_n,
         peak_tflops=args.peak_tflops,

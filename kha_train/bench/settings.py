@@ -15,7 +15,7 @@ class BenchSettings:
     accum: int = 1  # micro-batches per optimizer step
     steps: int = 10  # timed optimizer steps
     warmup: int = 3
-    compile: bool = False
+    compile: bool | None = None  # parallel.compile; None: the trainer's default (on with CUDA)
     ac: ACMode = ACMode.none
     ac_every_n: int = 2
     peak_tflops: float = 989.0

@@ -94,6 +94,10 @@ def info_text(cfg, ranks: int) -> str:
         f"{cfg.train.micro_batch_size} x {seq}, activation checkpointing "
         f"{cfg.parallel.activation_checkpointing.value}: {parts}"
     )
+    from kha_train.training.parallel import settings_line
+
+    lines.append(f"on {ranks} GPU(s)    {settings_line(cfg, 'cuda', ranks)}")
+    lines.append(f"on a CPU        {settings_line(cfg, 'cpu', 1)}")
     return "\n".join(lines)
 
 

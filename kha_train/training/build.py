@@ -30,6 +30,7 @@ from kha_train.training.distributed import DistEnv
 from kha_train.training.parallel import (
     apply_activation_checkpointing,
     apply_compile,
+    compiles,
     init_weights_like_single_device,
     parallelize,
 )
@@ -57,7 +58,7 @@ def build_model(
         parallelize(model, parallel, precision, device)
     else:
         apply_activation_checkpointing(model, parallel)
-        if parallel.compile:
+        if compiles(parallel, device):
             apply_compile(model)
     model.to_empty(device=device)
     torch.manual_seed(seed)

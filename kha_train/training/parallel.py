@@ -31,7 +31,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.overrides import TorchFunctionMode
 
-from kha_train.config import ACMode, ParallelConfig, Precision
+from kha_train.config import ACMode, Config, ParallelConfig, Precision
 
 
 def build_mesh(cfg: ParallelConfig, device: torch.device) -> DeviceMesh:
@@ -111,32 +111,60 @@ def parallelize(
             init_distributed("cuda" if device.type == "cuda" else "cpu")
         mesh = build_mesh(cfg, device)
     apply_activation_checkpointing(model, cfg)
-    if cfg.compile:
+    if compiles(cfg, device):
         apply_compile(model)
     apply_fsdp(model, mesh, precision, reshards_after_forward(cfg))
     return model
 
 
-def _shards_parameters(cfg: ParallelConfig) -> bool:
-    """Whether each rank holds only a part of the parameters (shard groups of 2+ ranks)."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
+def compiles(cfg: ParallelConfig, device: torch.device | str) -> bool:
+    """``parallel.compile``, with null resolved: on for CUDA, off elsewhere."""
+    if cfg.compile is not None:
+        return cfg.compile
+    return torch.device(device).type == "cuda"
+
+
+def settings_line(cfg: Config, device: torch.device | str, world_size: int) -> str:
+    """The speed-relevant settings a run resolves to, for the start-of-run line and
+    `kha-train info`: compile, loss compile, activation checkpointing, deferred sync, reshard,
+    attention backend, precision."""
+    p, on = cfg.parallel, {True: "on", False: "off"}
+    auto = {True: " (auto)", False: ""}
+    ac = p.activation_checkpointing.value
+    ac = f"every_{p.ac_every_n}" if p.activation_checkpointing == ACMode.every_n else ac
+    defer, reshard = defers_grad_sync(p, world_size), reshards_after_forward(p, world_size)
+    cuda = torch.device(device).type == "cuda"
+    return (
+        f"compile {on[compiles(p, device)]}{auto[p.compile is None]}, "
+        f"loss compile {on[p.compile_loss and cuda]}, activation checkpointing {ac}, "
+        f"defer_grad_sync {on[defer]}{auto[p.defer_grad_sync is None]}, "
+        f"reshard_after_forward {on[reshard]}{auto[p.reshard_after_forward is None]}, "
+        f"attention {cfg.model.attn_backend.value}, precision {cfg.train.precision.value}"
+    )
+
+
+def _shards_parameters(cfg: ParallelConfig, world: int | None = None) -> bool:
+    """Whether each rank holds only a part of the parameters (shard groups of 2+ ranks), with
+    ``world`` ranks (default: the process group's)."""
+    if world is None:
+        world = dist.get_world_size() if dist.is_initialized() else 1
     shard = cfg.dp_shard if cfg.dp_shard != -1 else world // cfg.dp_replicate
     return shard > 1
 
 
-def defers_grad_sync(cfg: ParallelConfig) -> bool:
+def defers_grad_sync(cfg: ParallelConfig, world: int | None = None) -> bool:
     """``parallel.defer_grad_sync``, with null resolved: on when each rank's shard group is
     itself alone (nothing is sharded, so keeping everything gathered costs no memory)."""
     if cfg.defer_grad_sync is not None:
         return cfg.defer_grad_sync
-    return not _shards_parameters(cfg)
+    return not _shards_parameters(cfg, world)
 
 
-def reshards_after_forward(cfg: ParallelConfig) -> bool:
+def reshards_after_forward(cfg: ParallelConfig, world: int | None = None) -> bool:
     """``parallel.reshard_after_forward``, with null resolved: on when parameters are sharded."""
     if cfg.reshard_after_forward is not None:
         return cfg.reshard_after_forward
-    return _shards_parameters(cfg)
+    return _shards_parameters(cfg, world)
 
 
 def set_micro_batch_sync(model: nn.Module, cfg: ParallelConfig, last: bool) -> None:

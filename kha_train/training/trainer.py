@@ -38,6 +38,7 @@ from kha_train.training.loggers import RunLoggers
 from kha_train.training.metrics import WindowTimer
 from kha_train.training.monitor import NonFiniteError, StepMonitor
 from kha_train.training.optim import build_optimizer, is_fused, summarize_groups
+from kha_train.training.parallel import compiles, settings_line
 from kha_train.training.runlock import RunLock, RunLockedError
 from kha_train.training.schedule import lr_at
 from kha_train.training.step import StepResult, train_step
@@ -174,6 +175,7 @@ class Trainer:
                 f"validation uses {self.val_batches} micro-batches per rank (train.val_batches="
                 f"{cfg.train.val_batches}, but the val split holds only {self.val_batches})"
             )
+        self.log.info("settings: " + settings_line(cfg, self.device, env.world_size))
         if resume is not None:
             self.log.info(f"resumed from {resume} at step {self.step}")
 
@@ -271,7 +273,8 @@ class Trainer:
         try:
             timer = WindowTimer()
             self.log.activity(
-                f"step {first_step}" + (" (compiling)" if cfg.parallel.compile else "")
+                f"step {first_step}"
+                + (" (compiling)" if compiles(cfg.parallel, self.device) else "")
             )
             while self.step < self.total_steps:
                 t0 = time.perf_counter()

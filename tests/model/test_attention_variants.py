@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from model_helpers import assert_causal, assert_equal_up_to_rounding
 
 from kha_train.config import KHAConfig, MEAConfig, MLAConfig, ModelConfig
 from kha_train.config_checks import validate_model
@@ -56,14 +57,9 @@ def _x_and_rope(model: Transformer, B: int = 2, T: int = 9):
 def test_causality(tiny_cfg, build_model, name) -> None:
     cfg = _cfg(tiny_cfg, name, kha=_kha_for(name), targets=("q", "k", "v"))
     m = build_model(cfg)
-    ids = torch.randint(0, cfg.vocab_size, (2, 12))
-    base = m(ids)
-    for t in (0, 6):
-        changed = ids.clone()
-        changed[:, t + 1 :] = (changed[:, t + 1 :] + 1) % cfg.vocab_size  # certainly different
-        out = m(changed)
-        assert torch.equal(out[:, : t + 1], base[:, : t + 1])
-        assert not torch.allclose(out[:, t + 1 :], base[:, t + 1 :])
+    # Up to rounding, not bit for bit: other later tokens route other tokens to each expert, and
+    # the expert matmuls at other row counts may sum in another order (model_helpers).
+    assert_causal(m, torch.randint(0, cfg.vocab_size, (2, 12)), (0, 6), cfg.vocab_size)
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -242,7 +238,8 @@ def test_mea_virtual_heads_at_init_are_gqa_with_the_cached_heads(tiny_cfg, build
     mea.load_state_dict(mqa.state_dict(), strict=False)
     assert torch.equal(mea.layers[0].attn.hlc_v, torch.ones(1, 2))
     ids = torch.randint(0, 97, (2, 11))
-    torch.testing.assert_close(mea(ids), mqa(ids), rtol=0, atol=1e-6)
+    # Equal values by other kernels (attention over 2 equal KV heads, not 1): up to rounding.
+    assert_equal_up_to_rounding(mea(ids), mqa(ids))
 
 
 def test_mea_hlc_is_a_head_mix_of_the_projection(tiny_cfg, build_model) -> None:

@@ -163,6 +163,7 @@ def test_start_warnings_look_alikes_vocab_and_validation_off(tmp_path, tiny_data
     assert "warning: " in out and "step_0000009, which look like checkpoints" in out
     assert "model.vocab_size=4096 but the dataset's tokenizer has 512 ids" in out
     assert "Set model.vocab_size=512" in out
+    assert "settings: compile off (auto), loss compile off" in out  # CPU: the eager path
     assert records(run, "val") == []  # train.val_batches=0: validation off, and no warning
     assert "no validation" not in out
     first = records(run)[0]

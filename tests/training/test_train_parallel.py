@@ -87,3 +87,21 @@ def test_deferred_sync_and_keeping_params_default_on_only_when_nothing_is_sharde
     assert reshards_after_forward(ParallelConfig(dp_shard=2))
     assert reshards_after_forward(ParallelConfig(reshard_after_forward=True))
     assert not reshards_after_forward(ParallelConfig(dp_shard=2, reshard_after_forward=False))
+
+
+def test_compile_defaults_on_with_cuda_only_and_the_settings_line_says_so() -> None:
+    from kha_train.config import Config
+    from kha_train.training.parallel import compiles, settings_line
+
+    assert compiles(ParallelConfig(), "cuda") and not compiles(ParallelConfig(), "cpu")
+    assert not compiles(ParallelConfig(compile=False), "cuda")
+    assert compiles(ParallelConfig(compile=True), "cpu")
+    cfg = Config()
+    gpu, cpu = settings_line(cfg, "cuda", 8), settings_line(cfg, "cpu", 1)
+    assert (
+        gpu.startswith("compile on (auto), loss compile on") and "reshard_after_forward on" in gpu
+    )
+    assert cpu.startswith("compile off (auto), loss compile off")
+    assert "defer_grad_sync on (auto)" in cpu and "reshard_after_forward off (auto)" in cpu
+    cfg.parallel.compile = False
+    assert settings_line(cfg, "cuda", 1).startswith("compile off, ")
