@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kha_train.config import KHAConfig, MEAConfig, MLAConfig, ModelConfig
 from kha_train.model import build_attention
-from kha_train.model.kha import KHAMLP, KHAGate, KHALinear
+from kha_train.model.kha import qkv_transforms
 from kha_train.model.rope import RotaryEmbedding
 
 MLP_V = KHAConfig("mlp", ["v"])
@@ -62,15 +62,8 @@ VARIANTS: dict[str, dict] = {
 
 def kha_reuse_flops(attn: torch.nn.Module) -> int:
     """Per token: 6 x d^2 x (heads - 1) per KHA matrix (6 x params counts each use once)."""
-    heads = {"q": attn.num_heads, "k": attn.num_kv_heads, "v": attn.num_kv_heads}
-    total = 0
-    for t in "qkv":
-        mod = getattr(attn, f"kha_{t}", None)
-        mats = {KHALinear: 1, KHAMLP: 3, KHAGate: 1}.get(type(mod), 0)
-        if mats:
-            d = next(mod.parameters()).shape[0]
-            total += 6 * mats * d * d * (heads[t] - 1)
-    return total
+    heads = (attn.num_heads, attn.num_kv_heads, attn.num_kv_heads)
+    return sum(t.flops_per_token(h) for t, h in zip(qkv_transforms(attn), heads))
 
 
 def time_variant(cfg: ModelConfig, batch: int, seq: int, args, device) -> dict:

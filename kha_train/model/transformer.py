@@ -84,7 +84,7 @@ class Transformer(nn.Module):
     """Qwen3-style (MoE) decoder with knocking-heads attention. Build, then ``init_weights()``.
 
     ``forward(input_ids [B, T], labels [B, T] | None)`` returns logits [B, T, V] without labels,
-    else the scalar training loss: mean next-token cross entropy (fp32) over labels != -100,
+    else the scalar training loss: mean next-token cross entropy (fp32) over labels != IGNORE_INDEX,
     plus the Switch aux loss when model.moe.balancing=aux_loss (also kept, detached, in
     ``last_aux_loss`` for logging). ``labels[t]`` is the target of position t (already shifted).
     """

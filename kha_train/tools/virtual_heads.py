@@ -25,6 +25,7 @@ import torch
 from kha_train.config import AttentionKind, MEAConfig
 from kha_train.model.attention import Attention
 from kha_train.model.attn_mea import ExplicitAttention
+from kha_train.model.loss import IGNORE_INDEX
 from kha_train.model.transformer import Transformer
 
 
@@ -162,7 +163,7 @@ def _heldout_loss(model, batches) -> float:
     cuda = next(model.parameters()).is_cuda
     with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=cuda):
         for b in batches:
-            n = int((b.labels != -100).sum())
+            n = int((b.labels != IGNORE_INDEX).sum())
             model.last_aux_loss = None
             loss = model(b.input_ids, b.labels)
             if model.last_aux_loss is not None:  # balancing=aux_loss: report the LM loss only
