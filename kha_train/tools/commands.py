@@ -15,6 +15,12 @@ import argparse
 import importlib
 from collections.abc import Callable
 
+# The weights a model tool reads (tools/weights_io.py).
+SOURCE_HELP = (
+    "a trainer checkpoint folder (checkpoints/step_XXXXXXX, config read from its config.yaml), "
+    "or a .safetensors / .pt state-dict file (then give --config)"
+)
+
 
 def _run(module: str, name: str) -> Callable[[argparse.Namespace], int]:
     """The handler ``module.name``, imported when the command runs."""
@@ -59,11 +65,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
             "their config (same name, .yaml)."
         ),
     )
-    v.add_argument(
-        "source",
-        help="a trainer checkpoint folder (checkpoints/step_XXXXXXX, config read from its "
-        "config.yaml), or a .safetensors / .pt state-dict file (then give --config)",
-    )
+    v.add_argument("source", help=SOURCE_HELP)
     v.add_argument(
         "overrides",
         nargs="*",
@@ -89,11 +91,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
             "shared experts and sigmoid router scores have no Qwen3 equivalent and are refused."
         ),
     )
-    p.add_argument(
-        "source",
-        help="a trainer checkpoint folder (checkpoints/step_XXXXXXX, config read from its "
-        "config.yaml), or a .safetensors / .pt state-dict file (then give --config)",
-    )
+    p.add_argument("source", help=SOURCE_HELP)
     p.add_argument("--out", required=True, help="the folder to write (new or empty)")
     p.add_argument("--config", help="run config YAML of the weights (required for files)")
     p.add_argument(
