@@ -15,7 +15,7 @@ from data_helpers import write_jsonl
 
 import kha_train.data.shards as shards
 from kha_train.cli import main
-from kha_train.data import PackedLoader
+from kha_train.data.loader import PackedLoader
 from kha_train.data.errors import DataError
 from kha_train.data.shards import read_index
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from data_helpers import read_split, write_jsonl
 
-from kha_train.data import Batch, PackedLoader
+from kha_train.data.loader import Batch, PackedLoader
 from kha_train.data.errors import DataError
 from kha_train.data.order import epoch_permutation
 from kha_train.data.shards import read_index

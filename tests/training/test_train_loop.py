@@ -13,7 +13,7 @@ import torch
 from train_helpers import build, losses, records, tiny_config
 
 from kha_train.config import ConfigError
-from kha_train.data import PackedLoader
+from kha_train.data.loader import PackedLoader
 from kha_train.training import distributed as D
 from kha_train.training.trainer import NonFiniteError, Trainer
 
