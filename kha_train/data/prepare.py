@@ -128,8 +128,9 @@ def _prepare_into(
 ) -> DatasetIndex:
     done = _finished_index(out, settings)
     if done is not None:
-        _log(
-            opts, f"{out / INDEX_FILE} is up to date ({done.splits['train'].tokens:,} train tokens)"
+        print(  # a result: shown with --no-progress too
+            f"{out / INDEX_FILE} is up to date ({done.splits['train'].tokens:,} train tokens)",
+            file=sys.stderr,
         )
         return done
     _check_progress_file(out, settings)
@@ -142,10 +143,10 @@ def _prepare_into(
     shutil.rmtree(out / ".hf_cache", ignore_errors=True)
     _copy_tokenizer(tok, out, opts)
     t, v = index.splits["train"], index.splits["val"]
-    _log(
-        opts,
+    print(  # the result: shown with --no-progress too
         f"wrote {out}: train {t.tokens:,} tokens / {t.docs:,} docs in {len(t.shards)} "
         f"shard(s), val {v.tokens:,} tokens / {v.docs:,} docs, {dtype.name}",
+        file=sys.stderr,
     )
     return index
 
@@ -527,5 +528,6 @@ def _copy_tokenizer(tok: LoadedTokenizer, out: Path, opts: PrepareOptions) -> No
 
 
 def _log(opts: PrepareOptions, msg: str) -> None:
+    """A progress message (off with --no-progress; results and warnings are always printed)."""
     if opts.progress:
         print(msg, file=sys.stderr)

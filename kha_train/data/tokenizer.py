@@ -392,8 +392,7 @@ def train_tokenizer_from_source(
         raise write_error(e, "--out", out) from e
     if reached < vocab_size:
         print(f"warning: {vocab_shortfall(training)}", file=sys.stderr)
-    if progress:
-        print(f"wrote {out}: vocab {reached}, eos {eos_token!r}", file=sys.stderr)
+    print(f"wrote {out}: vocab {reached}, eos {eos_token!r}", file=sys.stderr)  # the result
     return out
 
 

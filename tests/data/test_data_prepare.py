@@ -231,11 +231,14 @@ def test_forced_uint32_reads_back_the_same(tmp_path: Path, docs, prepare) -> Non
         assert np.array_equal(read_split(big, split), read_split(small, split))
 
 
-def test_cli_data_prepare_builtin(tmp_path: Path, tokenizer_path: Path, tok) -> None:
+def test_cli_data_prepare_builtin(tmp_path: Path, tokenizer_path: Path, tok, capsys) -> None:
     out = tmp_path / "builtin"
     args = ["data", "prepare", "--source", "builtin", "--tokenizer", str(tokenizer_path),
             "--out", str(out), "--max-docs", "30", "--no-progress"]  # fmt: skip
     assert main(args) == 0
+    # --no-progress hides progress, not the result.
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"wrote {out}: train ") and line.endswith(", uint16")
     index = read_index(out)
     assert index.raw["source_rows"] == 30 and index.raw["source"]["fingerprint"].startswith(
         "builtin-"
@@ -245,6 +248,7 @@ def test_cli_data_prepare_builtin(tmp_path: Path, tokenizer_path: Path, tok) -> 
     assert "the" in text and "<|endoftext|>" in text
     mtime = (out / "index.json").stat().st_mtime_ns
     assert main(args) == 0 and (out / "index.json").stat().st_mtime_ns == mtime
+    assert "is up to date" in capsys.readouterr().err
 
 
 def test_directory_source_skips_hidden_and_kha_train_files(tmp_path: Path, docs, prepare) -> None:

@@ -130,7 +130,8 @@ def test_builtin_corpus(tmp_path: Path) -> None:
 
 def test_vocab_shortfall_is_reported_and_recorded(tmp_path: Path, docs: list[str], capfd) -> None:
     """A small text cannot fill a large vocabulary: the command says what it reached and why, in
-    one warning line (also with --no-progress), and tokenizer_config.json records both sizes."""
+    one warning line (also with --no-progress, as is the result line), and
+    tokenizer_config.json records both sizes."""
     (tmp_path / "small.txt").write_text(docs[3])
     out = tmp_path / "tok" / "tokenizer.json"
     args = ["tokenizer", "train", "--source", str(tmp_path / "small.txt"), "--out", str(out),
@@ -144,7 +145,8 @@ def test_vocab_shortfall_is_reported_and_recorded(tmp_path: Path, docs: list[str
         f"warning: the vocabulary reached {reached:,} of the 8,192 tokens requested: the "
         f"training text (1 document, {len(docs[3]):,} chars) has no more pairs of symbols that "
         "occur --min-frequency 2 times or more. Train on more text (or lower --min-frequency), "
-        f"or pass --vocab-size {reached} to make this size the intended one"
+        f"or pass --vocab-size {reached} to make this size the intended one",
+        f"wrote {out}: vocab {reached}, eos '<|endoftext|>'",  # the result, also --no-progress
     ]
     config = json.loads((out.parent / "tokenizer_config.json").read_text())
     assert config["kha_train"] == {
