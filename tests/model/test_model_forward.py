@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from model_helpers import assert_causal
 from torch.nn.attention import SDPBackend
 
-from kha_train.config import AttnBackend
+from kha_train.config import AttnBackend, ConfigError
 from kha_train.model import Transformer, attention
 from kha_train.model.loss import chunked_cross_entropy
 
@@ -108,7 +108,7 @@ def test_flash_attn_backend_without_package_is_a_clear_error(tiny_cfg) -> None:
 
     if importlib.util.find_spec("flash_attn") is not None:
         pytest.skip("flash-attn is installed here")
-    with pytest.raises(ImportError, match=r"model\.attn_backend=flash_attn.*pip install"):
+    with pytest.raises(ConfigError, match=r"model\.attn_backend=flash_attn.*pip install"):
         Transformer(tiny_cfg(attn_backend="flash_attn"))
 
 
