@@ -215,3 +215,24 @@ def test_heartbeat_names_the_activity_when_the_console_is_quiet() -> None:
         console.close()
     quiet = ConsoleLogger(10, 0, stream=io.StringIO(), bar=False, heartbeat_s=None)
     assert quiet._heartbeat is None
+
+
+def test_a_full_disk_while_logging_is_one_storage_error_naming_the_file(tmp_path) -> None:
+    import errno
+
+    from kha_train.fs import StorageError
+
+    log = JsonlLogger(tmp_path / "metrics.jsonl")
+    log.write({"type": "train", "step": 1, "loss": 1.0})
+
+    class FullDisk(io.StringIO):
+        def write(self, s):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    log._f = FullDisk()
+    with pytest.raises(StorageError) as e:
+        log.write({"type": "train", "step": 2, "loss": 1.0})
+    msg = str(e.value)
+    assert f"could not write the log {tmp_path / 'metrics.jsonl'}: No space left" in msg
+    assert "Fix: free space" in msg
+    assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 1  # earlier lines kept
