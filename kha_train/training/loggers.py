@@ -99,8 +99,11 @@ class ConsoleLogger:
     def log(self, record: dict[str, Any]) -> None:
         self.info(format_record(record, self.total_steps))
 
-    def close(self) -> None:
+    def stop_heartbeat(self) -> None:
         self._stop.set()
+
+    def close(self) -> None:
+        self.stop_heartbeat()
         if self._bar is not None:
             self._bar.close()
             self._bar = None
@@ -297,6 +300,11 @@ class RunLoggers:
         """What the run is doing now, for the console's heartbeat line."""
         if self.is_main:
             self.console.activity(what)
+
+    def stop_heartbeat(self) -> None:
+        """Stop the console's heartbeat (also when the run ends in an error; idempotent)."""
+        if self.is_main:
+            self.console.stop_heartbeat()
 
     def log(self, record: dict[str, Any]) -> None:
         """A train or val record: console line, JSONL, W&B, TensorBoard."""

@@ -339,11 +339,13 @@ class Trainer:
         self.log.close(summary, exit_code)
 
     def close(self) -> None:
-        """Finish an in-flight async save (also after an error) and stop the loaders' threads."""
+        """Finish an in-flight async save (also after an error), stop the loaders' and the
+        console's threads, and free the run directory."""
         try:
             self.ckpt.wait()
         except Exception as e:  # the run's own error, if any, is the one to report
             self.log.info(f"warning: the last async checkpoint did not complete: {e}")
+        self.log.stop_heartbeat()
         self.loader.close()
         if self.val_loader is not None:
             self.val_loader.close()
