@@ -1,5 +1,6 @@
 """`kha-train export`: tiny models exported to transformers Qwen3-MoE / Qwen3, loaded back with
-``from_pretrained`` (local folder) and compared logit by logit; unrepresentable models refused."""
+``from_pretrained`` (local folder) and compared logit by logit; models they cannot hold go to the
+remote-code class (tests/tools/test_export_remote.py tests that class family by family)."""
 
 from __future__ import annotations
 
@@ -70,7 +71,8 @@ def test_moe_matches_qwen3_moe(tmp_path) -> None:
     with torch.no_grad():
         ref = model(_tokens(cfg))
     written = export_hf(model, tmp_path / "hf", dtype=torch.float32)
-    assert [p.name for p in written] == ["config.json", "model.safetensors"]
+    assert [p.name for p in written] == ["config.json", "model.safetensors", "README.md"]
+    assert "Class: `Qwen3MoeForCausalLM` (stock" in (tmp_path / "hf" / "README.md").read_text()
     conf = _conf(tmp_path / "hf")
     assert conf.model_type == "qwen3_moe" and conf.architectures == ["Qwen3MoeForCausalLM"]
     assert conf.mlp_only_layers == [0] and conf.decoder_sparse_step == 1
@@ -125,27 +127,38 @@ def test_moe_every_other_layer(tmp_path) -> None:
     [
         (_cfg(kha="mlp"), "KHA-MLP / gate is a nonlinear"),
         (_cfg(kha="gate"), "model.kha.variant=gate"),
-        (_cfg(attention="mla"), "model.attention=mla"),
+        (_cfg(attention="mla", qk_norm=False), "model.attention=mla"),
         (_cfg(moe_kw={"num_shared_experts": 1}), "shared experts"),
         (_cfg(moe_kw={"score_func": "sigmoid"}), "softmax"),
     ],
 )
-def test_unrepresentable_models_are_refused(cfg, match, tmp_path) -> None:
+def test_models_qwen3_cannot_hold_go_to_the_remote_class(cfg, match, tmp_path) -> None:
     model = Transformer(cfg)
     model.init_weights()
-    with pytest.raises(ExportError, match=match):
-        export_hf(model, tmp_path / "hf")
+    with pytest.raises(ExportError, match=match):  # asked for the stock class: refused
+        export_hf(model, tmp_path / "hf", hf_class="stock")
     assert not (tmp_path / "hf").exists()
+    export_hf(model, tmp_path / "hf")
+    conf = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert conf["architectures"] == ["KhaForCausalLM"] and conf["model_type"] == "kha_moe"
+    assert match in (tmp_path / "hf" / "README.md").read_text()
 
 
-def test_router_bias_needs_the_flag(tmp_path, capsys) -> None:
+def test_router_bias_keeps_the_remote_class_or_is_dropped_on_request(tmp_path, capsys) -> None:
     model = _model(_cfg())
     with torch.no_grad():
         model.layers[2].ffn.expert_bias.copy_(torch.tensor([0.1, -0.1, 0.0, 0.0]))
-    with pytest.raises(ExportError, match=r"layers \[2\].*--drop-router-bias"):
-        export_hf(model, tmp_path / "hf")
+    with pytest.raises(ExportError, match=r"(?s)layers \[2\].*--drop-router-bias"):
+        export_hf(model, tmp_path / "s", hf_class="stock")
+    # By default the bias is kept: the remote-code class (no flag needed).
+    export_hf(model, tmp_path / "r", dtype=torch.float32)
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["architectures"] == [
+        "KhaForCausalLM"
+    ]
+    # --drop-router-bias: an explicit choice for the stock class.
     export_hf(model, tmp_path / "hf", dtype=torch.float32, drop_router_bias=True)
     assert "routes tokens differently" in capsys.readouterr().err
+    assert "DROPPED" in (tmp_path / "hf" / "README.md").read_text()
     # What is exported is the model without the bias.
     with torch.no_grad():
         model.layers[2].ffn.expert_bias.zero_()

@@ -37,6 +37,7 @@ from kha_train.config import AttnBackend, ConfigError, ModelConfig
 from kha_train.config_checks import FLASH_ATTN_MISSING
 from kha_train.model.init import trunc_normal_
 from kha_train.model.kha import build_kha_targets, qkv_transforms
+from kha_train.model.kv_cache import LayerCache, masked_attention
 from kha_train.model.norms import RMSNorm
 from kha_train.model.rope import apply_rope
 
@@ -124,12 +125,32 @@ class Attention(nn.Module):
         # before W^O turn this off.
         self.kha_v_into_output = qkv_transforms(self)[2].folds_into_output
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: LayerCache | None = None,
+    ) -> torch.Tensor:
+        if cache is not None:
+            return self.forward_cached(x, rope, cache)
         q, k, v = self.project(x)  # x W^Q, x W^K, x W^V
         q, k, v = self.knock(q, k, v)  # T^Q(q), T^K(k), T^V(v)
         q, k = self.norm_and_rotate(q, k, rope)
         o = self.merge_heads(self._attend(q, k, v))  # (B, T, H * d)
         return self.project_out(o)  # o W^O
+
+    def forward_cached(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: LayerCache
+    ) -> torch.Tensor:
+        """Inference: the T new tokens x [B, T, D] over the cache (kv_cache.py); rope holds the
+        tables of all S positions, the new tokens being the last T. Caches k, v after RoPE."""
+        T = x.shape[1]
+        q, k, v = self.knock(*self.project(x))
+        cos, sin = rope
+        q, k = self.norm_and_rotate(q, k, (cos[-T:], sin[-T:]))
+        k, v = cache.update(k, v)  # (B, S, Hkv, d) each
+        o = self.merge_heads(self._attend_cached(q, k, v, cache.mask))  # (B, T, H * d)
+        return self.project_out(o)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v heads of x [B, T, D], KHA-Linear already applied (folded into the weights)."""
@@ -170,6 +191,13 @@ class Attention(nn.Module):
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Causal attention of q [B, T, H, d] over k, v [B, T, Hkv, d] -> [B, T, H, d]."""
         return causal_attention(q, k, v, self.backend)
+
+    def _attend_cached(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Attention of new queries q [B, T, H, d] over cached k, v [B, S, Hkv, d] under mask
+        (B, 1, T, S) -> [B, T, H, d]."""
+        return masked_attention(q, k, v, mask)
 
     def merge_heads(self, o: torch.Tensor) -> torch.Tensor:
         B, T = o.shape[:2]

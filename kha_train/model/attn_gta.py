@@ -33,6 +33,7 @@ from kha_train.model.attention import (
 )
 from kha_train.model.init import trunc_normal_
 from kha_train.model.kha import build_kha_targets, qkv_transforms
+from kha_train.model.kv_cache import LayerCache, masked_attention
 from kha_train.model.norms import RMSNorm
 from kha_train.model.rope import apply_rope
 
@@ -59,11 +60,18 @@ class GroupedTiedAttention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: LayerCache | None = None,
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hkv, d, r = self.num_heads, self.num_kv_heads, self.head_dim, self.rope_dim
         q = self.q_proj(x).view(B, T, H, d)  # (B, T, H, d)
         kv = self.kv_proj(x).view(B, T, Hkv, d)  # (B, T, Hkv, d)
+        if cache is not None:
+            return self._forward_cached(x, q, kv, rope, cache)
         k_r = self.k_rope_proj(x).view(B, T, 1, r).expand(B, T, Hkv, r)  # (B, T, Hkv, d/2)
         k = torch.cat((kv[..., : d - r], k_r), dim=-1)  # (B, T, Hkv, d)
         t_q, t_k, t_v = qkv_transforms(self)
@@ -72,6 +80,31 @@ class GroupedTiedAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = _rotate_last(q, r, rope), _rotate_last(k, r, rope)
         o = causal_attention(q, k, v, self.backend)  # (B, T, H, d)
+        return self.o_proj(o.reshape(B, T, H * d))
+
+    def _forward_cached(
+        self,
+        x: torch.Tensor,
+        q: torch.Tensor,
+        kv: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: LayerCache,
+    ) -> torch.Tensor:
+        """Inference (kv_cache.py): caches kv and the shared RoPE key k_r as projected ("512+64")
+        and assembles, knocks, normalises and rotates the keys of all S positions each step;
+        rope holds the tables of all S positions, the new tokens being the last T."""
+        B, T, _ = x.shape
+        H, Hkv, d, r = self.num_heads, self.num_kv_heads, self.head_dim, self.rope_dim
+        kv, k_r = cache.update(kv, self.k_rope_proj(x).view(B, T, 1, r))  # (B, S, Hkv|1, d|r)
+        S = kv.shape[1]
+        k = torch.cat((kv[..., : d - r], k_r.expand(B, S, Hkv, r)), dim=-1)  # (B, S, Hkv, d)
+        t_q, t_k, t_v = qkv_transforms(self)
+        q, k, v = t_q(q), t_k(k), t_v(kv)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rope  # (S, r/2) each
+        q, k = _rotate_last(q, r, (cos[-T:], sin[-T:])), _rotate_last(k, r, rope)
+        o = masked_attention(q, k, v, cache.mask)  # (B, T, H, d)
         return self.o_proj(o.reshape(B, T, H * d))
 
     def flops_per_token(self, seq_len: int) -> int:

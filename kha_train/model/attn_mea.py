@@ -33,6 +33,8 @@ from torch import nn
 from kha_train.config import ModelConfig
 from kha_train.model.attention import Attention
 from kha_train.model.init import copy_full_
+from kha_train.model.kv_cache import LayerCache
+from kha_train.model.rope import apply_rope
 
 
 def hlc_init(n_cached: int, n_heads: int) -> torch.Tensor:
@@ -81,10 +83,30 @@ class ExplicitAttention(Attention):
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k_c, v_c = super().project(x)  # k_c, v_c: (B, T, h_c, d)
+        return (q, *self.compose(k_c, v_c))
+
+    def compose(self, k_c: torch.Tensor, v_c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """HLC: the h KV heads from the h_c cached heads k_c, v_c [B, T, h_c, d]."""
         # Per position, [h, h_c] @ [h_c, d]: one broadcast batched matmul, contiguous output.
         k = torch.matmul(self.hlc_k.T.to(k_c.dtype), k_c)  # (B, T, h, d)
         v = torch.matmul(self.hlc_v.T.to(v_c.dtype), v_c)  # (B, T, h, d)
-        return q, k, v
+        return k, v
+
+    def forward_cached(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: LayerCache
+    ) -> torch.Tensor:
+        """Inference (kv_cache.py): caches the h_c heads before HLC (2 h_c d values per token)
+        and redoes HLC, KHA, QK-norm and RoPE for all S cached positions each step."""
+        T = x.shape[1]
+        q, k_c, v_c = Attention.project(self, x)  # k_c, v_c: (B, T, h_c, d)
+        k_c, v_c = cache.update(k_c, v_c)  # (B, S, h_c, d) each
+        q, k, v = self.knock(q, *self.compose(k_c, v_c))  # k, v: (B, S, h, d)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rope  # (S, d/2) each
+        q, k = apply_rope(q, cos[-T:], sin[-T:]), apply_rope(k, cos, sin)
+        o = self.merge_heads(self._attend_cached(q, k, v, cache.mask))  # (B, T, H * d)
+        return self.project_out(o)
 
     def merge_heads(self, o: torch.Tensor) -> torch.Tensor:
         if self.head_norm is not None:

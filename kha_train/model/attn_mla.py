@@ -36,6 +36,7 @@ from kha_train.model.attention import (
 )
 from kha_train.model.init import trunc_normal_
 from kha_train.model.kha import build_kha_targets, qkv_transforms
+from kha_train.model.kv_cache import LayerCache, masked_attention
 from kha_train.model.norms import RMSNorm
 from kha_train.model.rope import apply_rope
 
@@ -67,22 +68,35 @@ class LatentAttention(nn.Module):
         self.o_proj = nn.Linear(H * n, D, bias=False)
         self.kha_q, self.kha_k, self.kha_v = build_kha_targets(cfg.kha.variant, cfg.kha.targets, n)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: LayerCache | None = None,
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hkv, n, r = self.num_heads, self.num_kv_heads, self.head_dim, self.rope_dim
         c_q = x if self.q_down is None else self.q_latent_norm(self.q_down(x))
         q_n, q_r = self.q_up(c_q).view(B, T, H, n + r).split((n, r), dim=-1)  # (B, T, H, n|r)
         c_kv, k_r = self.kv_down(x).split((self.kv_lora_rank, r), dim=-1)  # (B, T, c), (B, T, r)
-        kv = self.kv_up(self.kv_latent_norm(c_kv)).view(B, T, Hkv, 2 * n)  # (B, T, Hkv, 2n)
-        k_n, v = kv.split((n, n), dim=-1)  # (B, T, Hkv, n) each
+        cos, sin = rope  # (T, r / 2) each; with a cache (S, r / 2), the new tokens the last T
+        q_cos, q_sin = cos, sin
+        if cache is not None:
+            c_kv, k_r = cache.update(c_kv, k_r)  # (B, S, c), (B, S, r): the "512+64"
+            q_cos, q_sin = cos[-T:], sin[-T:]
+        S = c_kv.shape[1]
+        kv = self.kv_up(self.kv_latent_norm(c_kv)).view(B, S, Hkv, 2 * n)  # (B, S, Hkv, 2n)
+        k_n, v = kv.split((n, n), dim=-1)  # (B, S, Hkv, n) each
         t_q, t_k, t_v = qkv_transforms(self)
         q_n, k_n, v = t_q(q_n), t_k(k_n), t_v(v)  # content features only
-        cos, sin = rope  # (T, r / 2) each
-        q_r = apply_rope(q_r, cos, sin)
-        k_r = apply_rope(k_r.view(B, T, 1, r), cos, sin).expand(B, T, Hkv, r)
+        q_r = apply_rope(q_r, q_cos, q_sin)
+        k_r = apply_rope(k_r.view(B, S, 1, r), cos, sin).expand(B, S, Hkv, r)
         q = torch.cat((q_n, q_r), dim=-1)  # (B, T, H, n + r)
-        k = torch.cat((k_n, k_r), dim=-1)  # (B, T, Hkv, n + r)
-        o = causal_attention(q, k, v, self.backend)  # (B, T, H, n)
+        k = torch.cat((k_n, k_r), dim=-1)  # (B, S, Hkv, n + r)
+        if cache is None:
+            o = causal_attention(q, k, v, self.backend)  # (B, T, H, n)
+        else:  # re-up-projected from the cached latents each step: simple and exact
+            o = masked_attention(q, k, v, cache.mask)  # (B, T, H, n)
         return self.o_proj(o.reshape(B, T, H * n))
 
     def flops_per_token(self, seq_len: int) -> int:

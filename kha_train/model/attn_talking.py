@@ -37,16 +37,31 @@ class TalkingHeadsAttention(Attention):
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Causal talking-heads attention of q [B, T, H, d] over k, v [B, T, Hkv, d]."""
-        T, H, d = q.shape[1], q.shape[2], q.shape[3]
+        T = q.shape[1]
+        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+        return self._talk(q, k, v, future)
+
+    def _attend_cached(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Inference: new queries q [B, T, H, d] over cached k, v [B, S, Hkv, d]. Each query's
+        row of the map mixes across heads only, so a decoding step needs just its own row."""
+        return self._talk(q, k, v, ~mask)
+
+    def _talk(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocked: torch.Tensor
+    ) -> torch.Tensor:
+        """q [B, T, H, d] over k, v [B, S, Hkv, d]; blocked: True where query t may not read key
+        s, broadcastable to (B, H, T, S)."""
+        H, d = q.shape[2], q.shape[3]
         groups = H // k.shape[2]
         q = q.transpose(1, 2)  # (B, H, T, d)
-        k = k.transpose(1, 2).repeat_interleave(groups, dim=1)  # (B, H, T, d)
-        v = v.transpose(1, 2).repeat_interleave(groups, dim=1)  # (B, H, T, d)
-        logits = (q @ k.transpose(-1, -2)) * d**-0.5  # (B, H, T, T)
+        k = k.transpose(1, 2).repeat_interleave(groups, dim=1)  # (B, H, S, d)
+        v = v.transpose(1, 2).repeat_interleave(groups, dim=1)  # (B, H, S, d)
+        logits = (q @ k.transpose(-1, -2)) * d**-0.5  # (B, H, T, S)
         logits = torch.einsum("bhts,hi->bits", logits, self.logit_mix.to(logits.dtype))
-        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
         # Softmax in fp32 (bf16 logits lose the small differences between large values).
-        weights = logits.float().masked_fill(future, float("-inf")).softmax(dim=-1)
+        weights = logits.float().masked_fill(blocked, float("-inf")).softmax(dim=-1)
         weights = weights.to(v.dtype)
         weights = torch.einsum("bhts,hi->bits", weights, self.weight_mix.to(weights.dtype))
         return (weights @ v).transpose(1, 2)  # (B, T, H, d)

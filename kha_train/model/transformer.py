@@ -25,6 +25,7 @@ from kha_train.model.attn_mla import LatentAttention
 from kha_train.model.attn_talking import TalkingHeadsAttention
 from kha_train.model.ffn import SwiGLU
 from kha_train.model.init import trunc_normal_
+from kha_train.model.kv_cache import KVCache, LayerCache
 from kha_train.model.loss import DEFAULT_CHUNK_TOKENS, IGNORE_INDEX, chunked_cross_entropy
 from kha_train.model.moe.layer import MoELayer
 from kha_train.model.norms import RMSNorm
@@ -69,8 +70,16 @@ class Block(nn.Module):
             else SwiGLU(cfg.hidden_size, cfg.ffn_size)
         )
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope)
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: LayerCache | None = None,
+    ) -> torch.Tensor:
+        if cache is None:
+            x = x + self.attn(self.attn_norm(x), rope)
+        else:  # inference over a KV cache (kv_cache.py)
+            x = x + self.attn(self.attn_norm(x), rope, cache)
         return x + self.ffn(self.ffn_norm(x))
 
     def reset_parameters(self, std: float, out_std: float) -> None:
@@ -163,7 +172,17 @@ class Transformer(nn.Module):
         if self.lm_head is not None:
             trunc_normal_(self.lm_head.weight, std)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if cache is not None:  # inference only: no loss over a cache
+            if labels is not None:
+                raise ValueError("forward with a KV cache computes logits: pass no labels")
+            return self.forward_cached(input_ids, cache, attention_mask)
         B, T = input_ids.shape
         h = self.embed_tokens(input_ids)  # (B, T, D)
         rope = self.rope(T)  # cos, sin: (T, rope_dim/2) each
@@ -181,6 +200,33 @@ class Transformer(nn.Module):
             self.compile_loss,
         )
         return loss + self._aux_loss(loss)
+
+    @torch.no_grad()
+    def forward_cached(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Inference: logits [B, T, V] of the new tokens input_ids [B, T] at the absolute
+        positions cache.length .. cache.length + T - 1, appending them to ``cache`` (see
+        kv_cache.py). attention_mask [B, T]: 1 for real tokens, 0 for (left) padding."""
+        valid = (
+            torch.ones_like(input_ids, dtype=torch.bool)
+            if attention_mask is None
+            else attention_mask.to(torch.bool)
+        )
+        cache.begin(valid)
+        rope = self.rope(cache.length)  # cos, sin of all S positions: (S, rope_dim/2) each
+        h = self.embed_tokens(input_ids)  # (B, T, D)
+        for i, block in enumerate(self.layers):
+            h = block(h, rope, cache.layer(i))
+        h = self.norm(h)
+        return h @ self.head_weight.to(h.dtype).T  # (B, T, V)
+
+    def new_cache(self) -> KVCache:
+        """An empty KV cache for :meth:`forward_cached`."""
+        return KVCache(len(self.layers))
 
     def _aux_loss(self, like: torch.Tensor) -> torch.Tensor | float:
         """Sum of the MoE layers' aux losses from this forward (0 unless balancing=aux_loss)."""

@@ -6,7 +6,9 @@ they run, so `kha-train --help` stays instant):
 - `kha-train virtual-heads SOURCE --kv-heads N [key=value ...]`: MEA's virtual heads, the KV
   heads of a trained GQA / MEA model factored into fewer cached heads, with the held-out loss
   before and after (virtual_heads.py);
-- `kha-train export SOURCE --out DIR`: a trained model as a Hugging Face checkpoint (export.py).
+- `kha-train export SOURCE --out DIR`: a trained model as a Hugging Face checkpoint (export.py);
+- `kha-train eval RUN_OR_CHECKPOINT`: loss, perplexity and bits per byte (evaluate.py);
+- `kha-train generate RUN_OR_CHECKPOINT --prompt TEXT`: sampling with a KV cache (generate.py).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import argparse
 import importlib
 from collections.abc import Callable
+
+from kha_train.tools import evaluate
 
 # The weights a model tool reads (tools/weights_io.py).
 SOURCE_HELP = (
@@ -82,25 +86,99 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser(
         "export",
-        help="export a trained model to Hugging Face transformers (Qwen3-MoE / Qwen3)",
+        help="export a trained model to Hugging Face transformers",
         description=(
-            "Write a trained model as a Hugging Face transformers checkpoint: Qwen3-MoE for MoE "
-            "models, Qwen3 for dense ones (config.json, model.safetensors, and the dataset's "
-            "tokenizer.json when the config names one that exists). KHA-Linear is folded into "
-            "the attention projections (exact). KHA-MLP / gate, attention other than gqa, "
-            "shared experts and sigmoid router scores have no Qwen3 equivalent and are refused."
+            "Write a trained model as a Hugging Face transformers checkpoint (config.json, "
+            "model.safetensors, README.md, and the dataset's tokenizer.json when the config "
+            "names one that exists): the stock Qwen3-MoE / Qwen3 class where it holds the model "
+            "exactly (KHA-Linear folded into the projections), else KhaForCausalLM, remote code "
+            "written into the folder (load with trust_remote_code=True), which keeps KHA-MLP / "
+            "gate, the router bias, shared experts, sigmoid scores and every attention variant."
         ),
     )
     p.add_argument("source", help=SOURCE_HELP)
     p.add_argument("--out", required=True, help="the folder to write (new or empty)")
     p.add_argument("--config", help="run config YAML of the weights (required for files)")
     p.add_argument(
+        "--hf-class",
+        choices=["auto", "stock", "remote"],
+        default="auto",
+        help="auto: the stock Qwen3(-MoE) class where exact, else the remote-code class "
+        "(default); stock: refuse where the stock class is not exact; remote: always the "
+        "remote-code class",
+    )
+    p.add_argument(
         "--drop-router-bias",
         action="store_true",
-        help="export even though the router's loss-free selection bias is non-zero (Qwen3-MoE "
-        "has none): the exported model then routes tokens differently than in training",
+        help="export to the stock Qwen3-MoE class without the router's non-zero loss-free "
+        "selection bias (an explicit choice: routing then differs from training; without this "
+        "flag such a model keeps its bias in the remote-code class)",
     )
     p.add_argument(
         "--dtype", choices=["bf16", "fp32"], default="bf16", help="weights dtype (default bf16)"
     )
     p.set_defaults(func=_run("kha_train.tools.export", "run_export"))
+
+    e = subparsers.add_parser(
+        "eval",
+        help="held-out loss, perplexity and bits per byte of a trained model",
+        description=(
+            "Score a run (its newest checkpoint), a checkpoint folder or a weights file on the "
+            "run's val split, prepared datasets (--data) and raw text (--source): loss, "
+            "perplexity and bits per byte per source and overall. Each document is scored "
+            "alone; documents longer than the window are scored by a sliding window "
+            "(docs/evaluation.md)."
+        ),
+    )
+    evaluate.add_eval_arguments(e)  # the module imports only the standard library at the top
+    e.set_defaults(func=_run("kha_train.tools.evaluate", "run_eval"))
+
+    g = subparsers.add_parser(
+        "generate",
+        help="sample text from a trained model (KV-cached, streamed)",
+        description=(
+            "Generate text from a run (its newest checkpoint), a checkpoint folder or a weights "
+            "file: one prompt streamed to the terminal, or a file of prompts in one batch; "
+            "greedy (--temperature 0) or temperature / top-k / top-p sampling with a seed, "
+            "stopping at EOS. Every attention variant decodes with a KV cache."
+        ),
+    )
+    add_generate_arguments(g)
+    g.set_defaults(func=_run("kha_train.tools.generate", "run_generate"))
+
+
+def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "source",
+        help="a run directory (newest complete checkpoint), a step_XXXXXXX checkpoint folder, "
+        "or a .safetensors / .pt weights file (then give --config)",
+    )
+    parser.add_argument(
+        "overrides", nargs="*", help="key=value overrides of the run config, e.g. data.dataset=DIR"
+    )
+    parser.add_argument("--config", help="run config YAML of the weights (required for files)")
+    prompt = parser.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the text to continue (streamed as it is decoded)")
+    prompt.add_argument("--prompts-file", help="a text file, one prompt per line, run as a batch")
+    parser.add_argument("--tokenizer", help="tokenizer.json (default: the run's, see above)")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=128, help="tokens to generate per prompt (128)"
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=0.8, help="softmax temperature; 0: greedy (0.8)"
+    )
+    parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely (0: off)")
+    parser.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus: smallest set of mass p (1: off)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
+    parser.add_argument(
+        "--ignore-eos", action="store_true", help="do not stop at EOS: always max-new-tokens"
+    )
+    parser.add_argument("--device", default="auto", help="auto (cuda if available) | cuda | cpu")
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "bf16", "fp32"],
+        default="auto",
+        help="compute dtype: bf16 autocast or fp32 (auto: bf16 on CUDA, fp32 on CPU)",
+    )

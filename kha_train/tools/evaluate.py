@@ -1,0 +1,809 @@
+"""`kha-train eval`: held-out loss, perplexity and bits per byte of a trained model.
+
+The model comes from a run directory (its newest complete checkpoint), a trainer checkpoint
+folder, or a weights file with ``--config`` (tools/weights_io.py). Text comes from the run's own
+val split, prepared datasets (``--data``) and raw text files (``--source NAME=PATH``, tokenized
+here with the run's tokenizer). docs/evaluation.md describes the command and the JSON it writes.
+
+Scoring. Every document is scored alone, laid out as in prepared data (its tokens, then EOS):
+the first token has no prediction, every later token and the final EOS is predicted from its
+prefix (``--score-first`` puts an EOS in front, the boundary the model saw in packed training,
+so the first token is predicted too). A document longer than the window (``data.seq_len``) is
+read by a sliding window: windows of ``window`` tokens, each ``stride`` tokens after the last,
+the last one ending at the document's end; each token is scored once, by the first window that
+reaches it, with between ``window - stride`` and ``window - 1`` tokens of left context.
+Windows of many documents are batched (padded on the right; attention is causal and MoE routing
+per token, so padding changes nothing before it) and the NLL is taken in fp32 from the logits.
+
+Bits per byte = total NLL (nats) / (ln 2 x UTF-8 bytes of the text the scored tokens spell): the
+whole document, minus the first token's text when that token is not scored. It divides by the
+text, not by tokens, so models with different tokenizers compare on the same text.
+
+Only torch-free modules are imported at the top: the CLI imports this module for
+:func:`add_eval_arguments` when it builds its parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from kha_train.config import Config
+    from kha_train.data.shards import DatasetIndex
+    from kha_train.data.tokenizer import LoadedTokenizer
+
+RUN_VAL = "val"  # the name of the run's own val split in the results
+FLUSH_BATCHES = 8  # documents are gathered until their windows fill this many batches
+ENCODE_BATCH = 256  # raw-text documents tokenized per call
+READ_TOKENS = 1 << 20  # tokens read from a prepared split per call
+
+
+# -- the command line ------------------------------------------------------------------------
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``kha-train eval`` (the command is registered by tools/commands.py)."""
+    parser.add_argument(
+        "checkpoint",
+        metavar="RUN_OR_CHECKPOINT",
+        help="a run directory (its newest complete checkpoint under checkpoints/ or "
+        "checkpoint.dir), a trainer checkpoint folder (step_XXXXXXX), or a .safetensors / .pt "
+        "state-dict file (then give --config)",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="key=value config overrides right after RUN_OR_CHECKPOINT, e.g. data.dataset=DIR",
+    )
+    parser.add_argument("--config", help="run config YAML of the weights (required for files)")
+    parser.add_argument(
+        "--source",
+        dest="sources",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="raw text to score, tokenized with the run's tokenizer (repeatable): .txt, .jsonl, "
+        ".json, .parquet (optionally .gz), a folder, a glob, or several joined by commas",
+    )
+    parser.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="[NAME=]DIR",
+        help="a prepared dataset (`kha-train data prepare --out DIR`) to score, its --split "
+        "(repeatable; NAME defaults to DIR's name and the split)",
+    )
+    parser.add_argument(
+        "--split",
+        choices=["val", "train"],
+        default="val",
+        help="split of the --data datasets (default val)",
+    )
+    parser.add_argument(
+        "--no-val",
+        action="store_true",
+        help="skip the run's own val split (data.dataset), scored by default",
+    )
+    parser.add_argument(
+        "--text-field", default="text", help="column of .jsonl / .parquet sources (default text)"
+    )
+    parser.add_argument(
+        "--txt-sample-by",
+        choices=["document", "paragraph", "line"],
+        default="document",
+        help=".txt sources: one document per file, paragraph or line (default document)",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        help="the run's tokenizer.json, to tokenize --source text and decode prepared tokens "
+        "for bits per byte (default: data.tokenizer, else the tokenizer.json of data.dataset)",
+    )
+    parser.add_argument(
+        "--window",
+        type=int,
+        default=None,
+        help="tokens the model reads at once (default data.seq_len, the training context)",
+    )
+    parser.add_argument(
+        "--stride",
+        type=int,
+        default=None,
+        help="tokens between sliding windows over a long document, in [1, window) "
+        "(default window // 2); each token keeps at least window - stride tokens of context",
+    )
+    parser.add_argument(
+        "--score-first",
+        action="store_true",
+        help="also score each document's first token, predicted from an EOS put in front "
+        "(the document boundary of packed training), so every byte of the text is predicted",
+    )
+    parser.add_argument(
+        "--max-docs", type=int, default=None, help="score at most N documents per source"
+    )
+    parser.add_argument(
+        "--batch-tokens",
+        type=int,
+        default=16384,
+        help="padded tokens per forward pass (default 16384; lower it if memory runs out)",
+    )
+    parser.add_argument(
+        "--per-doc", action="store_true", help="also report every document (stdout and --json)"
+    )
+    parser.add_argument("--json", metavar="OUT", help="write the results to this JSON file")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available) | cuda | cpu")
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "fp32"],
+        default="auto",
+        help="forward precision: bf16 autocast or fp32 (auto: bf16 on CUDA, fp32 on CPU); "
+        "the NLL is always taken in fp32",
+    )
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """``kha-train eval``: score every requested text, print a table, write ``--json``."""
+    import torch
+
+    from kha_train.config import AttnBackend, ConfigError
+    from kha_train.tools.weights_io import load_source_config
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(
+            "kha-train eval runs in one process (it does not shard the work over ranks): run it "
+            "without torchrun"
+        )
+    sources = [_parse_named(s, "--source", "NAME=PATH") for s in args.sources]
+    datas = [_parse_data(d, args.split) for d in args.data]
+    if args.split not in ("val", "train"):
+        raise ConfigError(f"--split must be val or train, got {args.split!r}")
+    if args.max_docs is not None and args.max_docs < 1:
+        raise ConfigError(f"--max-docs must be >= 1, got {args.max_docs}")
+    if args.batch_tokens < 1:
+        raise ConfigError(f"--batch-tokens must be >= 1, got {args.batch_tokens}")
+    ckpt = resolve_checkpoint(Path(args.checkpoint))
+    cfg = load_source_config(ckpt, args.config, args.overrides)
+    window = args.window or cfg.data.seq_len
+    stride = args.stride if args.stride is not None else window // 2
+    check_window(window, stride)
+    device = torch.device(
+        args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    )
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    if device.type != "cuda" and cfg.model.attn_backend not in (AttnBackend.auto, "math"):
+        print(f"note: model.attn_backend={cfg.model.attn_backend.value} needs CUDA; using auto")
+        cfg.model.attn_backend = AttnBackend.auto
+
+    # Everything about the text is checked before the model is loaded.
+    plan = plan_sources(
+        cfg,
+        run_val=not args.no_val,
+        sources=sources,
+        datas=datas,
+        split=args.split,
+        tokenizer=args.tokenizer,
+        text_field=args.text_field,
+        txt_sample_by=args.txt_sample_by,
+    )
+    settings = {
+        "window": window,
+        "stride": stride,
+        "score_first": args.score_first,
+        "device": str(device),
+        "precision": "bf16" if bf16 else "fp32",
+        "tokenizer": plan.tokenizer.path if plan.tokenizer else None,
+        "tokenizer_hash": plan.tokenizer.hash if plan.tokenizer else None,
+        "max_docs": args.max_docs,
+    }
+    try:
+        results = _score_plan(plan, ckpt, cfg, device, args, window, stride, bf16)
+    finally:
+        if plan.work_dir is not None:
+            shutil.rmtree(plan.work_dir, ignore_errors=True)
+    report = build_report(ckpt, cfg, settings, results, per_doc=args.per_doc)
+    print_report(report, per_doc=args.per_doc)
+    if args.json:
+        write_json(Path(args.json), report)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _score_plan(
+    plan: Plan, ckpt: Path, cfg: Config, device: torch.device, args: argparse.Namespace,
+    window: int, stride: int, bf16: bool,
+) -> list[SourceResult]:  # fmt: skip
+    """Load the model, then score every item of ``plan``."""
+    from kha_train.tools.weights_io import load_model
+
+    model = load_model(cfg.model, ckpt, device)
+    model.eval()
+    results = []
+    for item in plan.items:
+        docs = item.documents(score_first=args.score_first, max_docs=args.max_docs)
+        scores = score_documents(
+            model, docs, window=window, stride=stride, batch_tokens=args.batch_tokens, bf16=bf16
+        )
+        result = SourceResult(item.name, item.kind, item.path, item.split)
+        for i, s in enumerate(scores):
+            result.add(i, s, per_doc=args.per_doc)
+        if result.docs == 0:
+            raise _no_documents(item)
+        results.append(result)
+    return results
+
+
+def _parse_named(value: str, option: str, form: str) -> tuple[str, str]:
+    from kha_train.config import ConfigError
+
+    name, sep, path = value.partition("=")
+    if not sep or not name.strip() or not path.strip():
+        raise ConfigError(
+            f"{option} {value!r}: write {form}, e.g. {option} wiki=data/wiki.jsonl (the name "
+            "labels the figures)"
+        )
+    return name.strip(), path.strip()
+
+
+def _parse_data(value: str, split: str) -> tuple[str, str]:
+    if "=" in value and not Path(value).exists():
+        return _parse_named(value, "--data", "[NAME=]DIR")
+    return f"{Path(value).name or value}:{split}", value
+
+
+def check_window(window: int, stride: int) -> None:
+    from kha_train.config import ConfigError
+
+    if window < 2:
+        raise ConfigError(f"--window must be >= 2 tokens, got {window}")
+    if not 1 <= stride < window:
+        raise ConfigError(
+            f"--stride {stride} must be in [1, window={window}): a window must overlap the "
+            "previous one by at least one token, or the token where it starts goes unscored"
+        )
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """The weights ``path`` names: a run directory becomes its newest complete checkpoint
+    (``checkpoints/`` inside it, else ``checkpoint.dir`` of its ``config.yaml``); a checkpoint
+    folder or a file is returned as is (weights_io checks it)."""
+    from kha_train.config import ConfigError, load_config
+    from kha_train.training.checkpoint import latest_checkpoint
+
+    if not path.is_dir() or (path / ".metadata").is_file():
+        return path
+    places = [path / "checkpoints"]
+    if (path / "config.yaml").is_file():
+        try:
+            ckpt_dir = load_config(path / "config.yaml").checkpoint.dir
+        except ConfigError:
+            ckpt_dir = None
+        if ckpt_dir:
+            places.append(Path(ckpt_dir))
+    for place in places:
+        found = latest_checkpoint(place)
+        if found is not None:
+            return found
+    raise ConfigError(
+        f"{path} is neither a checkpoint folder (it has no .metadata) nor a run directory with a "
+        f"complete checkpoint (looked in {', '.join(map(str, dict.fromkeys(places)))}): give a "
+        "run directory whose training saved a checkpoint, a step_XXXXXXX folder, or a weights "
+        "file with --config"
+    )
+
+
+# -- what to score ---------------------------------------------------------------------------
+
+
+@dataclass
+class Document:
+    """One document as the model reads it, and the bytes of the text its scored tokens spell."""
+
+    ids: list[int]  # token ids, ending with EOS
+    nbytes: int
+
+
+@dataclass
+class EvalItem:
+    """One named text to score: a split of a prepared dataset, or a raw-text source."""
+
+    name: str
+    kind: str  # "dataset" | "text"
+    path: str
+    split: str | None
+    index: DatasetIndex | None = None  # datasets
+    source: Any = None  # raw text: the SourceSpec
+    tokenizer: LoadedTokenizer | None = None
+    work_dir: str | None = None  # raw text: where datasets keeps its Arrow cache
+
+    def documents(self, *, score_first: bool, max_docs: int | None) -> Iterator[Document]:
+        assert self.tokenizer is not None
+        if self.kind == "dataset":
+            assert self.index is not None and self.split is not None
+            return dataset_documents(
+                self.index, self.split, self.tokenizer, score_first=score_first, max_docs=max_docs
+            )
+        return source_documents(
+            self.source, self.tokenizer, self.work_dir, score_first=score_first, max_docs=max_docs
+        )
+
+
+@dataclass
+class Plan:
+    items: list[EvalItem]
+    tokenizer: LoadedTokenizer | None  # the run's tokenizer (None: only --data with their own)
+    work_dir: str | None = None  # scratch folder of raw-text sources (Arrow cache); delete after
+
+
+def plan_sources(
+    cfg: Config,
+    *,
+    run_val: bool = True,
+    sources: Sequence[tuple[str, str]] = (),
+    datas: Sequence[tuple[str, str]] = (),
+    split: str = "val",
+    tokenizer: str | None = None,
+    text_field: str = "text",
+    txt_sample_by: str = "document",
+) -> Plan:
+    """Check every requested text against the model and the run's tokenizer; return what to
+    score. Raises :class:`DataError` / :class:`ConfigError` with the fix."""
+    import tempfile
+
+    from kha_train.config import ConfigError
+    from kha_train.data.errors import DataError
+    from kha_train.data.shards import read_index
+    from kha_train.data.sources import SourceSpec, resolve_local_files
+
+    if not (run_val or sources or datas):
+        raise ConfigError("nothing to score: drop --no-val, or add --source NAME=PATH / --data DIR")
+    names = ([RUN_VAL] if run_val else []) + [n for n, _ in sources] + [n for n, _ in datas]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(
+            f"two texts to score are named {', '.join(dupes)}: give each --source / --data its "
+            f"own NAME ({RUN_VAL!r} is the run's val split)"
+        )
+    vocab = cfg.model.vocab_size
+    dataset = cfg.data.dataset
+    run_index = None
+    if dataset and dataset != "???" and (Path(dataset) / "index.json").is_file():
+        run_index = read_index(dataset)
+    elif run_val:
+        raise DataError(
+            f"the run's dataset data.dataset={dataset} is not a prepared dataset here (no "
+            "index.json): pass data.dataset=DIR after the checkpoint, or --no-val to score only "
+            "--source / --data"
+        )
+    if run_index is not None:
+        _check_index_vocab(run_index, vocab)
+    tok = _run_tokenizer(cfg, tokenizer, run_index)
+    run_hash = run_index.tokenizer_hash if run_index is not None else tok.hash if tok else None
+    if tok is not None:
+        if tok.vocab_size > vocab:
+            raise DataError(
+                f"tokenizer {tok.path} has {tok.vocab_size} ids but the model has "
+                f"model.vocab_size={vocab}: it is not the tokenizer the model was trained with. "
+                "Pass --tokenizer with the run's tokenizer (the tokenizer.json of its dataset)"
+            )
+        if run_index is not None and tok.hash != run_index.tokenizer_hash:
+            raise DataError(
+                f"tokenizer {tok.path} (hash {tok.hash}) is not the one the run's dataset "
+                f"{run_index.directory} was prepared with (hash {run_index.tokenizer_hash}): "
+                f"pass --tokenizer {run_index.directory / 'tokenizer.json'}, or fix data.tokenizer"
+            )
+    items: list[EvalItem] = []
+    work = ""
+    if run_val:
+        assert run_index is not None
+        _check_split(run_index, "val", "data.dataset", "pass --no-val")
+        items.append(
+            EvalItem(RUN_VAL, "dataset", str(run_index.directory), "val", run_index,
+                     tokenizer=_need_tokenizer(tok, run_index, RUN_VAL))
+        )  # fmt: skip
+    for name, path in datas:
+        index = read_index(path)
+        _check_index_vocab(index, vocab)
+        if run_hash is not None and index.tokenizer_hash != run_hash:
+            raise DataError(
+                f"--data {path} was tokenized with tokenizer {index.tokenizer_hash} "
+                f"({index.raw['tokenizer'].get('path')}), the model with {run_hash}: its token ids "
+                "mean other text to this model. Prepare the text with the run's tokenizer "
+                f"(`kha-train data prepare --tokenizer {tok.path if tok else 'RUN_TOKENIZER'} "
+                "--out NEW_DIR`) or score the raw text with --source NAME=PATH"
+            )
+        _check_split(index, split, f"--data {path}", "use another --split or dataset")
+        items.append(
+            EvalItem(name, "dataset", str(index.directory), split, index,
+                     tokenizer=tok if tok is not None else _own_tokenizer(index, name))
+        )  # fmt: skip
+    if sources:
+        if tok is None:
+            raise DataError(
+                "no tokenizer for --source text: pass --tokenizer with the run's tokenizer.json "
+                "(data.tokenizer is unset and data.dataset holds no tokenizer.json)"
+            )
+        work = tempfile.mkdtemp(prefix="kha-eval-")
+        for name, path in sources:
+            resolve_local_files(path)  # missing / empty / unsupported files: one error now
+            spec = SourceSpec(spec=path, text_field=text_field, txt_sample_by=txt_sample_by)
+            items.append(EvalItem(name, "text", path, None, source=spec, tokenizer=tok,
+                                  work_dir=work))  # fmt: skip
+    return Plan(items, tok, work if sources else None)
+
+
+def _check_index_vocab(index: DatasetIndex, vocab: int) -> None:
+    from kha_train.data.errors import DataError
+
+    if index.vocab_size > vocab:
+        raise DataError(
+            f"{index.path}: the dataset's tokenizer has {index.vocab_size} ids but the model has "
+            f"model.vocab_size={vocab}: it was prepared with another tokenizer than the model's; "
+            "score a dataset prepared with the run's tokenizer"
+        )
+
+
+def _check_split(index: DatasetIndex, split: str, what: str, fix: str) -> None:
+    from kha_train.data.errors import DataError
+
+    info = index.splits.get(split)
+    if info is None or info.tokens == 0:
+        hint = " (prepare it with --val-fraction > 0)" if split == "val" else ""
+        raise DataError(f"{what}: {index.path} has no {split} documents{hint}; {fix}")
+
+
+def _run_tokenizer(
+    cfg: Config, explicit: str | None, run_index: DatasetIndex | None
+) -> LoadedTokenizer | None:
+    """--tokenizer, else data.tokenizer, else the tokenizer.json of the run's dataset; with the
+    dataset's EOS token when the dataset is known."""
+    from kha_train.data.errors import DataError
+    from kha_train.data.tokenizer import TOKENIZER_FILE, load_tokenizer
+
+    eos = run_index.raw["tokenizer"].get("eos_token") if run_index is not None else None
+    for path, option in ((explicit, "--tokenizer"), (cfg.data.tokenizer, "data.tokenizer")):
+        if path:
+            if not Path(path).exists():
+                raise DataError(f"{option} {path} does not exist: point it at the run's tokenizer")
+            return load_tokenizer(path, eos)
+    if run_index is not None and (run_index.directory / TOKENIZER_FILE).is_file():
+        return load_tokenizer(run_index.directory / TOKENIZER_FILE, eos)
+    return None
+
+
+def _need_tokenizer(tok: LoadedTokenizer | None, index: DatasetIndex, name: str) -> LoadedTokenizer:
+    return tok if tok is not None else _own_tokenizer(index, name)
+
+
+def _own_tokenizer(index: DatasetIndex, name: str) -> LoadedTokenizer:
+    """A prepared dataset's own tokenizer.json (bits per byte decode the tokens to text)."""
+    from kha_train.data.errors import DataError
+    from kha_train.data.tokenizer import TOKENIZER_FILE, load_tokenizer
+
+    path = index.directory / TOKENIZER_FILE
+    if not path.is_file():
+        raise DataError(
+            f"{name}: {index.directory} holds no {TOKENIZER_FILE}, and bits per byte needs it to "
+            "decode the tokens: pass --tokenizer with the tokenizer it was prepared with"
+        )
+    tok = load_tokenizer(path, index.raw["tokenizer"].get("eos_token"))
+    if tok.hash != index.tokenizer_hash:
+        raise DataError(
+            f"{path} is not the tokenizer {index.path} was prepared with (hash {tok.hash}, index "
+            f"{index.tokenizer_hash}): pass --tokenizer with the right one"
+        )
+    return tok
+
+
+def _no_documents(item: EvalItem) -> Exception:
+    from kha_train.data.errors import DataError
+
+    what = f"column {item.source.text_field!r} of " if item.kind == "text" else ""
+    return DataError(
+        f"{item.name}: {what}{item.path} holds no document with at least one token to predict: "
+        "check the path" + (" and --text-field" if item.kind == "text" else "")
+    )
+
+
+# -- documents -------------------------------------------------------------------------------
+
+
+def _scored_bytes(tok: LoadedTokenizer, ids: Sequence[int], total: int, score_first: bool) -> int:
+    """Bytes of the text the scored tokens spell: all of it, or all but the first token's."""
+    if score_first or not ids:
+        return total
+    first = len(tok.decode(ids[:1]).encode("utf-8"))
+    return max(total - first, 0)
+
+
+def text_documents(
+    texts: Iterable[str], tok: LoadedTokenizer, *, score_first: bool = False
+) -> Iterator[Document]:
+    """Raw texts tokenized as ``data prepare`` does (ids + EOS, no special-token template);
+    bytes from the text itself."""
+    batch: list[str] = []
+
+    def flush() -> Iterator[Document]:
+        for text, ids in zip(batch, tok.encode_batch(batch)):
+            nbytes = _scored_bytes(tok, ids, len(text.encode("utf-8")), score_first)
+            yield Document(([tok.eos_id] if score_first else []) + ids + [tok.eos_id], nbytes)
+        batch.clear()
+
+    for text in texts:
+        batch.append(text)
+        if len(batch) >= ENCODE_BATCH:
+            yield from flush()
+    yield from flush()
+
+
+def source_documents(
+    spec: Any,
+    tok: LoadedTokenizer,
+    work_dir: str | os.PathLike[str] | None,
+    *,
+    score_first: bool = False,
+    max_docs: int | None = None,
+) -> Iterator[Document]:
+    """The non-empty documents of a raw-text source (kha_train.data.sources), tokenized."""
+    import tempfile
+
+    from kha_train.data.sources import iter_texts, open_source, progress_bars
+
+    progress_bars(False)
+    work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="kha-eval-"))
+    opened = open_source(spec, work)
+    yield from text_documents(iter_texts(opened, max_docs), tok, score_first=score_first)
+
+
+def dataset_documents(
+    index: DatasetIndex,
+    split: str,
+    tok: LoadedTokenizer,
+    *,
+    score_first: bool = False,
+    max_docs: int | None = None,
+) -> Iterator[Document]:
+    """The documents of a prepared split: the token stream cut after every EOS. Bytes: each
+    document decoded without its EOS (EOS spells no text)."""
+    import numpy as np
+
+    from kha_train.data.shards import TokenStream
+
+    stream = TokenStream(index, split)
+    eos = index.eos_id
+    carry = np.empty(0, dtype=np.int64)
+    n = 0
+    for start in range(0, len(stream), READ_TOKENS):
+        ids = np.concatenate([carry, stream.read(start, min(start + READ_TOKENS, len(stream)))])
+        ends = np.flatnonzero(ids == eos) + 1
+        lo = 0
+        for hi in ends.tolist():
+            if max_docs is not None and n >= max_docs:
+                return
+            yield _dataset_document(ids[lo:hi].tolist(), tok, eos, score_first)
+            n += 1
+            lo = hi
+        carry = ids[lo:]
+    if len(carry) and (max_docs is None or n < max_docs):  # a stream not ending with EOS
+        yield _dataset_document(carry.tolist(), tok, eos, score_first)
+
+
+def _dataset_document(
+    ids: list[int], tok: LoadedTokenizer, eos: int, score_first: bool
+) -> Document:
+    body = ids[:-1] if ids and ids[-1] == eos else ids
+    total = len(tok.decode(body).encode("utf-8"))
+    nbytes = _scored_bytes(tok, body, total, score_first)
+    return Document(([eos] if score_first else []) + ids, nbytes)
+
+
+# -- scoring ---------------------------------------------------------------------------------
+
+
+def sliding_windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """How a document of ``n`` tokens is read: ``(start, end, first)`` per window, the model
+    reading tokens [start, end) and scoring tokens [first, end) (token t predicted from the
+    tokens before it in the window). Every token but the first is scored exactly once."""
+    if n <= window:
+        return [(0, n, 1)]
+    out = [(0, window, 1)]
+    end = window
+    while end < n:
+        new_end = min(end + stride, n)
+        out.append((new_end - window, new_end, end))
+        end = new_end
+    return out
+
+
+@dataclass
+class DocScore:
+    nll: float  # summed over the scored tokens, nats
+    tokens: int  # scored tokens (predictions)
+    nbytes: int
+    token_nll: torch.Tensor | None = None  # [tokens] fp32: the NLL of tokens 1..n-1 in order
+
+
+def score_documents(
+    model: nn.Module,
+    docs: Iterable[Document | Sequence[int]],
+    *,
+    window: int,
+    stride: int,
+    batch_tokens: int = 16384,
+    bf16: bool = False,
+    keep_token_nll: bool = False,
+) -> Iterator[DocScore]:
+    """The NLL of every scored token of each document, in document order (see the module
+    docstring). ``docs``: :class:`Document`s, or bare id lists (then ``nbytes`` is 0)."""
+    check_window(window, stride)
+    group: list[Document] = []
+    tokens = 0
+    for d in docs:
+        doc = d if isinstance(d, Document) else Document(list(d), 0)
+        if len(doc.ids) < 2:
+            continue  # nothing to predict
+        group.append(doc)
+        tokens += len(doc.ids)
+        if tokens >= FLUSH_BATCHES * batch_tokens:
+            yield from _score_group(
+                model, group, window, stride, batch_tokens, bf16, keep_token_nll
+            )
+            group, tokens = [], 0
+    if group:
+        yield from _score_group(model, group, window, stride, batch_tokens, bf16, keep_token_nll)
+
+
+def _score_group(
+    model: nn.Module,
+    docs: list[Document],
+    window: int,
+    stride: int,
+    batch_tokens: int,
+    bf16: bool,
+    keep: bool,
+) -> Iterator[DocScore]:
+    import torch
+    import torch.nn.functional as F
+
+    device = next(model.parameters()).device
+    ids = [torch.tensor(d.ids, dtype=torch.long) for d in docs]
+    nll = [torch.zeros(len(d.ids) - 1, dtype=torch.float32) for d in docs]  # token t at t - 1
+    jobs = [
+        (i, *w) for i, d in enumerate(docs) for w in sliding_windows(len(d.ids), window, stride)
+    ]
+    jobs.sort(key=lambda j: j[2] - j[1], reverse=True)  # similar lengths together: less padding
+    b = 0
+    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+        while b < len(jobs):
+            T = jobs[b][2] - jobs[b][1]
+            batch = jobs[b : b + max(1, batch_tokens // T)]
+            b += len(batch)
+            inputs = torch.zeros(len(batch), T, dtype=torch.long)  # right padding: never read
+            for r, (i, s, e, _) in enumerate(batch):
+                inputs[r, : e - s] = ids[i][s:e]
+            logits = model(inputs.to(device))  # (B, T, V)
+            for r, (i, s, e, f) in enumerate(batch):
+                # Position p predicts token s + p + 1: tokens [f, e) come from positions [f-s-1, e-s-1).
+                row = logits[r, f - s - 1 : e - s - 1].float()
+                target = ids[i][f:e].to(device)
+                nll[i][f - 1 : e - 1] = F.cross_entropy(row, target, reduction="none").cpu()
+    for d, x in zip(docs, nll):
+        yield DocScore(float(x.double().sum()), len(x), d.nbytes, x if keep else None)
+
+
+# -- results ---------------------------------------------------------------------------------
+
+
+def figures(nll: float, tokens: int, nbytes: int) -> dict[str, Any]:
+    """Loss (mean NLL per token, nats), perplexity and bits per byte of a sum of NLLs."""
+    loss = nll / tokens if tokens else float("nan")
+    return {
+        "tokens": tokens,
+        "bytes": nbytes,
+        "nll": nll,
+        "loss": loss,
+        "perplexity": math.exp(loss) if loss < 700 else float("inf"),
+        "bpb": nll / (math.log(2) * nbytes) if nbytes else None,
+    }
+
+
+@dataclass
+class SourceResult:
+    name: str
+    kind: str
+    path: str
+    split: str | None
+    docs: int = 0
+    tokens: int = 0
+    nbytes: int = 0
+    nll: float = 0.0
+    per_doc: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, i: int, s: DocScore, per_doc: bool = False) -> None:
+        self.docs += 1
+        self.tokens += s.tokens
+        self.nbytes += s.nbytes
+        self.nll += s.nll
+        if per_doc:
+            self.per_doc.append({"doc": i, **figures(s.nll, s.tokens, s.nbytes)})
+
+    def to_dict(self, per_doc: bool) -> dict[str, Any]:
+        out = {"name": self.name, "kind": self.kind, "path": self.path, "split": self.split,
+               "docs": self.docs, **figures(self.nll, self.tokens, self.nbytes)}  # fmt: skip
+        if per_doc:
+            out["per_doc"] = self.per_doc
+        return out
+
+
+def build_report(
+    ckpt: Path, cfg: Config, settings: dict[str, Any], results: list[SourceResult], per_doc: bool
+) -> dict[str, Any]:
+    from kha_train.training.checkpoint_checks import STEP_DIR
+
+    m = STEP_DIR.match(ckpt.name)
+    totals = SourceResult("overall", "all", "", None)
+    for r in results:
+        totals.docs += r.docs
+        totals.tokens += r.tokens
+        totals.nbytes += r.nbytes
+        totals.nll += r.nll
+    overall = totals.to_dict(False)
+    for key in ("name", "kind", "path", "split"):
+        overall.pop(key)
+    return {
+        "model": {
+            "checkpoint": str(ckpt),
+            "step": int(m.group(1)) if m and ckpt.is_dir() else None,
+            "name": cfg.name,
+            "vocab_size": cfg.model.vocab_size,
+        },
+        "settings": settings,
+        "sources": [r.to_dict(per_doc) for r in results],
+        "overall": overall,
+    }
+
+
+def print_report(report: dict[str, Any], per_doc: bool = False, file: Any = None) -> None:
+    file = file or sys.stdout
+    m, st = report["model"], report["settings"]
+    step = f" (step {m['step']})" if m["step"] is not None else ""
+    print(
+        f"eval {m['checkpoint']}{step}: window {st['window']}, stride {st['stride']}, "
+        f"{st['device']} {st['precision']}",
+        file=file,
+    )
+    rows = [(s["name"], s) for s in report["sources"]] + [("overall", report["overall"])]
+    width = max(len(n) for n, _ in rows)
+    head = f"{'source':<{width}}  {'docs':>7}  {'tokens':>11}  {'bytes':>12}  {'loss':>7}  "
+    print(head + f"{'ppl':>9}  {'bpb':>6}", file=file)
+    for name, s in rows:
+        print(f"{name:<{width}}  {_line(s)}", file=file)
+        if per_doc and "per_doc" in s:
+            for d in s["per_doc"]:
+                print(f"{'  doc ' + str(d['doc']):<{width}}  {_line({**d, 'docs': 1})}", file=file)
+
+
+def _line(s: dict[str, Any]) -> str:
+    bpb = f"{s['bpb']:6.4f}" if s["bpb"] is not None else f"{'-':>6}"
+    return (
+        f"{s['docs']:>7,}  {s['tokens']:>11,}  {s['bytes']:>12,}  {s['loss']:7.4f}  "
+        f"{s['perplexity']:9.3f}  {bpb}"
+    )
+
+
+def write_json(path: Path, report: dict[str, Any]) -> None:
+    """Write ``report`` atomically (a temporary file, renamed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(path)
