@@ -1,4 +1,5 @@
 # Quickstart:  make train  (set up, then train the tiny KHA MoE on the embedded corpus)
+#              make sample / make eval  (text from that model; its held-out bits per byte)
 #              make test   (set up, then lint and run the test suite)
 # The virtualenv is created once and reused. It sees system site-packages, so a machine that
 # already has torch >= 2.11 (a GPU image) keeps it; otherwise torch==2.13.0 is installed (a CPU
@@ -12,7 +13,7 @@ CONFIG ?= configs/tiny/kha_moe.yaml
 DATA   ?= data/builtin
 ARGS   ?=
 
-.PHONY: setup train test lint format clean-runs
+.PHONY: setup train sample eval test lint format clean-runs
 
 setup: $(STAMP)
 
@@ -35,6 +36,15 @@ $(DATA)/index.json: $(DATA)/tokenizer.json
 
 train: $(STAMP) $(DATA)/index.json
 	$(KHA) train $(CONFIG) $(ARGS)
+
+RUN    ?= runs/tiny-kha-moe
+PROMPT ?= The tokenizer
+
+sample: $(STAMP)   # text from the model `make train` trained
+	$(KHA) generate $(RUN) --prompt "$(PROMPT)" --max-new-tokens 60 --seed 0 $(ARGS)
+
+eval: $(STAMP)     # its held-out loss and bits per byte
+	$(KHA) eval $(RUN) $(ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
