@@ -213,3 +213,30 @@ def test_run_dir_under_a_regular_file_is_a_clear_error(tmp_path: Path) -> None:
         StorageError, match=r"Not a directory.*Fix: a part of the path is a regular"
     ):
         RunLock(tmp_path / "file" / "run")
+
+
+@pytest.mark.parametrize(
+    ("code", "fix"),
+    [
+        (errno.EROFS, "the filesystem is mounted read-only: choose a writable logging.run_dir"),
+        (errno.EACCES, "give your user write access to it, or choose another logging.run_dir"),
+        (errno.ENOSPC, "free space on that disk"),
+    ],
+)
+def test_read_only_or_forbidden_run_directory_is_one_error_with_the_fix(
+    tmp_path: Path, monkeypatch, code: int, fix: str
+) -> None:
+    # As root no permission stops a write, so the OS error is injected where the lock opens its
+    # file: the first thing a trainer writes in its run directory.
+    from kha_train.fs import StorageError
+    from kha_train.training import runlock
+
+    def refuse(path, *args, **kwargs):
+        raise OSError(code, os.strerror(code), str(path))
+
+    monkeypatch.setattr(runlock.os, "open", refuse)
+    with pytest.raises(StorageError) as e:
+        RunLock(tmp_path / "run")
+    msg = str(e.value)
+    assert msg.startswith(f"could not use the run directory {tmp_path / 'run' / '.lock'}: ")
+    assert os.strerror(code) in msg and f"Fix: {fix}" in msg
