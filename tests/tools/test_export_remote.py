@@ -163,6 +163,11 @@ def test_family_logits_and_greedy_generate(family, tmp_path) -> None:
             pad_token_id=0,
         )
     assert torch.equal(gen.sequences, want_ids)
+    # kha-train generate (greedy, our KV cache) gives the same tokens as HF generate.
+    from kha_train.tools.generate import generate
+
+    ours_new = generate(model, tokens[:, :6].tolist(), NEW_TOKENS)
+    assert ours_new == gen.sequences[:, 6:].tolist()
     assert steps == [10, 6] + [1] * (NEW_TOKENS - 1)
     for got, want in zip(gen.logits, want_steps, strict=True):
         torch.testing.assert_close(got, want, atol=1e-4 * scale, rtol=1e-4)
