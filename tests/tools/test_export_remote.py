@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from model.model_helpers import make_cfg
 
-from kha_train.config import KHAConfig, MEAConfig, MLAConfig, ModelConfig, MoEConfig
+from kha_train.config import MEAConfig, MLAConfig, ModelConfig
 from kha_train.model.transformer import Transformer
 from kha_train.tools.export import REMOTE_CLASS, ExportError, export_hf
 
@@ -33,32 +34,6 @@ def _one_thread():
 MLA_TINY = MLAConfig(kv_lora_rank=12, q_lora_rank=10, rope_head_dim=4)
 
 
-def _cfg(moe: bool = True, kha: str = "none", targets=("v",), moe_kw=None, **kw) -> ModelConfig:
-    """3 layers at width 32 (4 query / 2 KV heads x 8, vocab 97); MoE: 4 experts top-2 of FFN 16,
-    layer 0 dense."""
-    moe_cfg = MoEConfig(
-        **(
-            dict(num_experts=4, top_k=2, expert_ffn_size=16, first_k_dense=1, **(moe_kw or {}))
-            if moe
-            else {}
-        )
-    )
-    base = dict(
-        vocab_size=97,
-        hidden_size=32,
-        num_layers=3,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-        ffn_size=48,
-        rope_theta=10000.0,
-        attn_backend="math",
-        moe=moe_cfg,
-        kha=KHAConfig(variant=kha, targets=list(targets)),
-    )
-    return ModelConfig(**{**base, **kw})
-
-
 def _model(cfg: ModelConfig, router_bias: bool = False) -> Transformer:
     """A random model whose norms, KHA, HLC and head mixes are away from their init (so a wrong
     mapping shows), and, with router_bias, a random selection bias that decides routing."""
@@ -78,26 +53,34 @@ def _model(cfg: ModelConfig, router_bias: bool = False) -> Transformer:
 
 FAMILIES = {
     # name: (config, non-zero router bias, exported class)
-    "dense": (_cfg(moe=False), False, "Qwen3ForCausalLM"),
-    "moe": (_cfg(tie_embeddings=False), False, "Qwen3MoeForCausalLM"),
-    "moe_router_bias": (_cfg(), True, REMOTE_CLASS),
-    "kha_linear": (_cfg(kha="linear", targets=("q", "k", "v")), False, "Qwen3MoeForCausalLM"),
-    "kha_mlp": (_cfg(kha="mlp"), True, REMOTE_CLASS),  # the quickstart model's kind
-    "kha_mlp_qkv_dense": (_cfg(moe=False, kha="mlp", targets=("q", "k", "v")), False, REMOTE_CLASS),
-    "kha_gate": (_cfg(kha="gate", tie_embeddings=False), False, REMOTE_CLASS),
+    "dense": (make_cfg(moe=False), False, "Qwen3ForCausalLM"),
+    "moe": (make_cfg(tie_embeddings=False), False, "Qwen3MoeForCausalLM"),
+    "moe_router_bias": (make_cfg(), True, REMOTE_CLASS),
+    "kha_linear": (make_cfg(kha="linear", targets=("q", "k", "v")), False, "Qwen3MoeForCausalLM"),
+    "kha_mlp": (make_cfg(kha="mlp"), True, REMOTE_CLASS),  # the quickstart model's kind
+    "kha_mlp_qkv_dense": (
+        make_cfg(moe=False, kha="mlp", targets=("q", "k", "v")),
+        False,
+        REMOTE_CLASS,
+    ),
+    "kha_gate": (make_cfg(kha="gate", tie_embeddings=False), False, REMOTE_CLASS),
     "shared_sigmoid": (
-        _cfg(moe_kw={"num_shared_experts": 1, "score_func": "sigmoid", "norm_topk_prob": False}),
+        make_cfg(
+            moe_kw={"num_shared_experts": 1, "score_func": "sigmoid", "norm_topk_prob": False}
+        ),
         True,
         REMOTE_CLASS,
     ),
-    "gta": (_cfg(attention="gta", kha="mlp", targets=("q", "k", "v")), True, REMOTE_CLASS),
+    "gta": (make_cfg(attention="gta", kha="mlp", targets=("q", "k", "v")), True, REMOTE_CLASS),
     "mla": (
-        _cfg(attention="mla", qk_norm=False, mla=MLA_TINY, kha="linear", targets=("q", "k", "v")),
+        make_cfg(
+            attention="mla", qk_norm=False, mla=MLA_TINY, kha="linear", targets=("q", "k", "v")
+        ),
         True,
         REMOTE_CLASS,
     ),
     "mla_no_q_latent": (
-        _cfg(
+        make_cfg(
             moe=False,
             attention="mla",
             qk_norm=False,
@@ -106,13 +89,13 @@ FAMILIES = {
         False,
         REMOTE_CLASS,
     ),
-    "mea": (_cfg(attention="mea", kha="mlp"), True, REMOTE_CLASS),
+    "mea": (make_cfg(attention="mea", kha="mlp"), True, REMOTE_CLASS),
     "mea_virtual": (
-        _cfg(attention="mea", mea=MEAConfig(cached_kv_heads=1), kha="linear", targets=("k",)),
+        make_cfg(attention="mea", mea=MEAConfig(cached_kv_heads=1), kha="linear", targets=("k",)),
         False,
         REMOTE_CLASS,
     ),
-    "talking_heads": (_cfg(attention="talking_heads", kha="mlp"), False, REMOTE_CLASS),
+    "talking_heads": (make_cfg(attention="talking_heads", kha="mlp"), False, REMOTE_CLASS),
 }
 
 
@@ -176,7 +159,7 @@ def test_family_logits_and_greedy_generate(family, tmp_path) -> None:
 def test_remote_export_keeps_our_names_and_the_bias_in_fp32(tmp_path) -> None:
     from safetensors import safe_open
 
-    model = _model(_cfg(kha="mlp"), router_bias=True)
+    model = _model(make_cfg(kha="mlp"), router_bias=True)
     export_hf(model, tmp_path / "hf")  # bf16
     with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
         bias = f.get_tensor("model.layers.1.ffn.router.expert_bias")
@@ -198,7 +181,7 @@ def test_remote_export_keeps_our_names_and_the_bias_in_fp32(tmp_path) -> None:
 
 def test_forced_classes(tmp_path) -> None:
     # --hf-class remote for a model the stock class holds: KHA-Linear kept as trained.
-    model = _model(_cfg(kha="linear", targets=("q",)))
+    model = _model(make_cfg(kha="linear", targets=("q",)))
     tokens = torch.randint(0, 97, (1, 7), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ours = model(tokens)
@@ -208,9 +191,9 @@ def test_forced_classes(tmp_path) -> None:
         torch.testing.assert_close(_load(tmp_path / "r")(tokens).logits, ours, atol=1e-5, rtol=1e-4)
     # --hf-class stock where it is not exact: refused, naming the reason and the way out.
     with pytest.raises(ExportError, match=r"(?s)KHA-MLP / gate.*export without it"):
-        export_hf(_model(_cfg(kha="mlp")), tmp_path / "s", hf_class="stock")
+        export_hf(_model(make_cfg(kha="mlp")), tmp_path / "s", hf_class="stock")
     with pytest.raises(ExportError, match="--drop-router-bias asks for the stock"):
-        export_hf(_model(_cfg(attention="gta")), tmp_path / "s", drop_router_bias=True)
+        export_hf(_model(make_cfg(attention="gta")), tmp_path / "s", drop_router_bias=True)
     with pytest.raises(ExportError, match="keeps the bias"):
         export_hf(model, tmp_path / "s", hf_class="remote", drop_router_bias=True)
     assert not (tmp_path / "s").exists()
