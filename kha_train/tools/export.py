@@ -229,21 +229,11 @@ def hf_config(m: ModelConfig, dtype: str = "bfloat16", run_cfg: Config | None = 
         from transformers import Qwen3MoeConfig as ConfigClass
     else:
         from transformers import Qwen3Config as ConfigClass
-    kw: dict[str, Any] = dict(
-        vocab_size=m.vocab_size,
-        hidden_size=m.hidden_size,
-        intermediate_size=m.ffn_size,
-        num_hidden_layers=m.num_layers,
-        num_attention_heads=m.num_heads,
-        num_key_value_heads=m.num_kv_heads,
-        head_dim=m.head_dim,
-        rms_norm_eps=m.norm_eps,
-        tie_word_embeddings=m.tie_embeddings,
+    kw = _common_hf_fields(m, dtype, run_cfg)
+    kw.update(
         hidden_act="silu",
         attention_bias=False,
         use_sliding_window=False,
-        initializer_range=m.init_std,
-        dtype=dtype,
         architectures=[
             "Qwen3MoeForCausalLM" if m.moe.num_experts else "Qwen3ForCausalLM",
         ],
@@ -266,6 +256,25 @@ def hf_config(m: ModelConfig, dtype: str = "bfloat16", run_cfg: Config | None = 
             # The coefficient training used; 0 when it balanced without an aux loss.
             router_aux_loss_coef=m.moe.aux_loss_coef if aux else 0.0,
         )
+    return ConfigClass(**kw)
+
+
+def _common_hf_fields(m: ModelConfig, dtype: str, run_cfg: Config | None) -> dict[str, Any]:
+    """The transformers config fields every exported class shares: sizes, norm, init, tying,
+    dtype, and from the run (if given) the trained length and the tokenizer's EOS / pad ids."""
+    kw: dict[str, Any] = dict(
+        vocab_size=m.vocab_size,
+        hidden_size=m.hidden_size,
+        intermediate_size=m.ffn_size,
+        num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_heads,
+        num_key_value_heads=m.num_kv_heads,
+        head_dim=m.head_dim,
+        rms_norm_eps=m.norm_eps,
+        initializer_range=m.init_std,
+        tie_word_embeddings=m.tie_embeddings,
+        dtype=dtype,
+    )
     if run_cfg is not None:
         kw["max_position_embeddings"] = run_cfg.data.seq_len  # the length it was trained at
         tok = _dataset_tokenizer_info(run_cfg)
@@ -273,7 +282,7 @@ def hf_config(m: ModelConfig, dtype: str = "bfloat16", run_cfg: Config | None = 
             kw["eos_token_id"] = tok["eos_id"]
         if tok.get("pad_id") is not None:
             kw["pad_token_id"] = tok["pad_id"]
-    return ConfigClass(**kw)
+    return kw
 
 
 def hf_state_dict(
@@ -385,25 +394,15 @@ def remote_config(m: ModelConfig, dtype: str = "bfloat16", run_cfg: Config | Non
             return [plain(v) for v in x]
         return x.value if hasattr(x, "value") else x
 
-    kw: dict[str, Any] = dict(
-        vocab_size=m.vocab_size,
-        hidden_size=m.hidden_size,
-        num_hidden_layers=m.num_layers,
-        num_attention_heads=m.num_heads,
-        num_key_value_heads=m.num_kv_heads,
-        head_dim=m.head_dim,
-        intermediate_size=m.ffn_size,
+    kw = _common_hf_fields(m, dtype, run_cfg)
+    kw.update(
         rope_theta=float(m.rope_theta),
-        rms_norm_eps=m.norm_eps,
         qk_norm=m.qk_norm,
         attention=plain(m.attention),
         kha=plain(asdict(m.kha)),
         moe=plain(asdict(m.moe)),
         mla=plain(asdict(m.mla)),
         mea=plain(asdict(m.mea)),
-        initializer_range=m.init_std,
-        tie_word_embeddings=m.tie_embeddings,
-        dtype=dtype,
         architectures=[REMOTE_CLASS],
         auto_map={
             "AutoConfig": "configuration_kha.KhaConfig",
@@ -411,13 +410,6 @@ def remote_config(m: ModelConfig, dtype: str = "bfloat16", run_cfg: Config | Non
             "AutoModelForCausalLM": f"modeling_kha.{REMOTE_CLASS}",
         },
     )
-    if run_cfg is not None:
-        kw["max_position_embeddings"] = run_cfg.data.seq_len
-        tok = _dataset_tokenizer_info(run_cfg)
-        if tok.get("eos_id") is not None:
-            kw["eos_token_id"] = tok["eos_id"]
-        if tok.get("pad_id") is not None:
-            kw["pad_token_id"] = tok["pad_id"]
     return KhaConfig(**kw)
 
 
