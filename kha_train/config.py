@@ -154,6 +154,53 @@ class DataConfig:
     prefetch: int = 2  # micro-batches prepared ahead by a background thread (0: synchronous)
 
 
+class ClipMode(enum.StrEnum):
+    global_norm = "global_norm"  # scale all gradients by min(1, grad_clip / global norm)
+    zclip = "zclip"  # z-score of the global norm against its EMA (optim.zclip; Kumar et al. 2025)
+    adagc = "adagc"  # each tensor against the EMA of its own norm (optim.adagc; Wang et al. 2025)
+
+
+@dataclass
+class ZClipConfig:
+    """optim.clip_mode=zclip (ZClip, arXiv:2504.02507; defaults are those of the authors' code,
+    github.com/bluorion-com/ZClip): after ``warmup`` steps the global grad norm g has an EMA
+    mean m and variance v; when z = (g - m) / sqrt(v) > z_threshold, g is clipped to
+    m + z_threshold^2 sqrt(v) / z, and the EMA takes that value instead of g. optim.grad_clip
+    (> 0) stays a hard cap on top, and is the clip during the warmup."""
+
+    alpha: float = 0.97  # EMA factor of the mean and variance of the grad norm
+    z_threshold: float = 2.5  # a norm more than this many EMA stds above the EMA mean is clipped
+    warmup: int = 25  # applied steps whose grad norms initialise the EMA (mean and variance)
+
+
+@dataclass
+class AdaGCConfig:
+    """optim.clip_mode=adagc (AdaGC, arXiv:2502.11034; defaults are those of the authors'
+    PyTorch code, github.com/lishuai-97/AdaGC): each parameter tensor's gradient is clipped to
+    ratio x gamma, gamma the EMA of that tensor's clipped grad norm (norms over all shards).
+    During the first ``warmup`` steps every gradient is clipped by the global norm to
+    optim.grad_clip instead, and gamma starts at the smallest clipped norm of each tensor."""
+
+    ratio: float = 1.04  # lambda_rel: a tensor's norm is clipped to ratio x its EMA
+    beta: float = 0.99  # EMA factor of each tensor's clipped grad norm
+    warmup: int = 100  # applied steps of global-norm clipping before the per-tensor rule
+
+
+@dataclass
+class SkipStepConfig:
+    """Skip an update whose loss or grad norm spikes (OLMo-core's skip-step AdamW; defaults as
+    there), decided on the device without a host sync. See docs/training.md, "Spike defenses"."""
+
+    enabled: bool = False  # the paper configs turn it on
+    window: int = 128  # statistics over the loss and grad norm of the last N applied steps
+    z_threshold: float = 6.0  # skip when loss or grad norm > mean + z_threshold x std (n - 1)
+    min_history: int = 64  # applied steps in the window before any skip (OLMo-core: window / 2)
+    # After this many spikes skipped in a row, the next spike is applied and the window starts
+    # over: the weights do not change while steps are skipped, so a longer streak means the
+    # model (not its data) moved, and skipping cannot end it.
+    max_in_row: int = 16
+
+
 @dataclass
 class OptimConfig:
     lr: float = 3e-4  # peak learning rate
@@ -161,7 +208,13 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
-    grad_clip: float = 1.0  # global grad-norm clip; 0 disables
+    # Global grad-norm clip (0 disables); with clip_mode=zclip a hard cap on top of ZClip and its
+    # clip during the warmup; with clip_mode=adagc the clip of AdaGC's warmup (its lambda_abs).
+    grad_clip: float = 1.0
+    clip_mode: ClipMode = ClipMode.global_norm
+    zclip: ZClipConfig = field(default_factory=ZClipConfig)  # read only when clip_mode=zclip
+    adagc: AdaGCConfig = field(default_factory=AdaGCConfig)  # read only when clip_mode=adagc
+    skip_step: SkipStepConfig = field(default_factory=SkipStepConfig)
     # Parameters whose name contains any of these substrings get no weight decay. Default:
     # norms, biases, embeddings, and the head-mixing matrices that start at the identity (KHA,
     # MEA's hlc_k/hlc_v, talking heads' logit_mix/weight_mix): decay would pull them toward
@@ -274,6 +327,23 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalConfig:
+    """In-loop evaluation (training/evaluator.py): loss and bits per byte of held-out texts,
+    scored like `kha-train eval` (documents alone, long ones by a sliding window)."""
+
+    # name -> text: raw text (.txt / .jsonl / .parquet, optionally .gz, a folder or a glob;
+    # tokenized with the run's tokenizer) or a prepared dataset directory (its val split, which
+    # must share the run's tokenizer). Logged as eval/<name>/loss and eval/<name>/bpb. {}: off.
+    sets: dict[str, str] = field(default_factory=dict)
+    every: int = 1000  # steps between evaluations (also one at the end); 0: only at the end
+    max_tokens: int = 1_000_000  # per set: whole documents are read until this many tokens
+    window: int | None = None  # tokens the model reads at once (default data.seq_len)
+    stride: int | None = None  # tokens between sliding windows in [1, window) (default window/2)
+    batch_rows: int | None = None  # windows per forward pass (default train.micro_batch_size)
+    text_field: str = "text"  # column of .jsonl / .parquet sets
+
+
+@dataclass
 class Config:
     name: str = "run"  # run name: the run directory and the W&B run name
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -284,6 +354,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # ----------------------------------------------------------------------------------------------

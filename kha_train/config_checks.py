@@ -235,6 +235,7 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     if peak is not None and not _positive_finite(peak):
         errs.append(f"logging.peak_tflops must be a positive number of TFLOP/s, got {peak}")
     errs += _train_loop_errors(cfg)
+    errs += _eval_errors(cfg)
     if errs:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errs))
     return cfg
@@ -267,6 +268,32 @@ def _optim_errors(o: OptimConfig) -> list[str]:
         )
     if not (_positive_finite(o.eps) and o.eps < 1):
         errs.append(f"optim.eps={o.eps} must be in (0, 1) (typical: 1e-8)")
+    return errs
+
+
+def _eval_errors(cfg: Config) -> list[str]:
+    """eval.*: counters and the window (the texts are checked when the trainer reads them)."""
+    e, errs = cfg.eval, []
+    if e.every < 0 or e.max_tokens < 1:
+        errs.append(
+            f"eval.every must be >= 0 (0: at the end only) and eval.max_tokens >= 1, got "
+            f"{e.every} and {e.max_tokens}"
+        )
+    window = e.window if e.window is not None else cfg.data.seq_len
+    stride = e.stride if e.stride is not None else window // 2
+    if window < 2 or not 1 <= stride < window:
+        errs.append(
+            f"eval.window={window} must be >= 2 and eval.stride={stride} in [1, window): windows "
+            "must overlap by at least one token"
+        )
+    if e.batch_rows is not None and e.batch_rows < 1:
+        errs.append(f"eval.batch_rows must be >= 1, got {e.batch_rows}")
+    for name, text in e.sets.items():
+        if not name or "/" in name or not str(text).strip():
+            errs.append(
+                f"eval.sets.{name}={text!r}: a set needs a name without '/' (it becomes "
+                "eval/<name>/loss) and a path"
+            )
     return errs
 
 

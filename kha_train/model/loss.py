@@ -49,6 +49,34 @@ def chunked_cross_entropy(
     )
 
 
+@torch.no_grad()
+def chunked_token_nll(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Per-token cross entropy (fp32, no gradient) of logits = hidden @ weight^T: [N], 0 where
+    ``labels`` is ``ignore_index``. For evaluation: one chunk of logits alive at a time, like
+    :func:`chunked_cross_entropy`, where a full [N, V] logits tensor would not fit."""
+    if torch.is_autocast_enabled(hidden.device.type):
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    elif weight.dtype != hidden.dtype:
+        weight = weight.to(hidden.dtype)
+    valid = labels != ignore_index  # (N,)
+    targets = torch.where(valid, labels, torch.zeros_like(labels))
+    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            end = min(start + chunk_tokens, hidden.shape[0])
+            logits = (hidden[start:end] @ weight.T).float()  # (n, V)
+            y = targets[start:end, None]
+            out[start:end] = torch.logsumexp(logits, dim=-1) - logits.gather(1, y).squeeze(1)
+    return out * valid
+
+
 def _chunk_nll_and_grad(
     h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, scale: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:

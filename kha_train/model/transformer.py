@@ -26,7 +26,12 @@ from kha_train.model.attn_talking import TalkingHeadsAttention
 from kha_train.model.ffn import SwiGLU
 from kha_train.model.init import trunc_normal_
 from kha_train.model.kv_cache import KVCache, LayerCache
-from kha_train.model.loss import DEFAULT_CHUNK_TOKENS, IGNORE_INDEX, chunked_cross_entropy
+from kha_train.model.loss import (
+    DEFAULT_CHUNK_TOKENS,
+    IGNORE_INDEX,
+    chunked_cross_entropy,
+    chunked_token_nll,
+)
 from kha_train.model.moe.layer import MoELayer
 from kha_train.model.norms import RMSNorm
 from kha_train.model.rope import RotaryEmbedding
@@ -96,6 +101,9 @@ class Transformer(nn.Module):
     else the scalar training loss: mean next-token cross entropy (fp32) over labels != IGNORE_INDEX,
     plus the Switch aux loss when model.moe.balancing=aux_loss (also kept, detached, in
     ``last_aux_loss`` for logging). ``labels[t]`` is the target of position t (already shifted).
+    With ``reduction="none"`` (evaluation) it returns each position's NLL [B, T] instead, fp32,
+    0 where labels == IGNORE_INDEX; no aux loss and no gradient. It is a forward argument, not a
+    method, so that FSDP2's forward hooks gather the sharded weights.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -178,11 +186,14 @@ class Transformer(nn.Module):
         labels: torch.Tensor | None = None,
         cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,
+        reduction: str = "mean",
     ) -> torch.Tensor:
         if cache is not None:  # inference only: no loss over a cache
             if labels is not None:
                 raise ValueError("forward with a KV cache computes logits: pass no labels")
             return self.forward_cached(input_ids, cache, attention_mask)
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
         B, T = input_ids.shape
         h = self.embed_tokens(input_ids)  # (B, T, D)
         rope = self.rope(T)  # cos, sin: (T, rope_dim/2) each
@@ -191,6 +202,12 @@ class Transformer(nn.Module):
         h = self.norm(h)
         if labels is None:
             return h @ self.head_weight.to(h.dtype).T  # (B, T, V)
+        if reduction == "none":  # evaluation: each position's NLL, no aux loss, no gradient
+            nll = chunked_token_nll(
+                h.reshape(B * T, -1), self.head_weight, labels.reshape(B * T),
+                self.loss_chunk_tokens, IGNORE_INDEX,
+            )  # fmt: skip
+            return nll.view(B, T)  # (B, T) fp32, 0 where labels == IGNORE_INDEX
         loss = chunked_cross_entropy(
             h.reshape(B * T, -1),
             self.head_weight,

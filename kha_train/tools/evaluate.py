@@ -28,31 +28,22 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kha_train.tools.eval_scoring import (
-    Document,
-    SourceResult,
-    build_report,
-    check_window,
-    print_report,
-    score_documents,
-    write_json,
-)
+from kha_train.tools.eval_report import SourceResult, build_report, print_report, write_json
 
 if TYPE_CHECKING:
     import torch
 
     from kha_train.config import Config
+    from kha_train.data.documents import Document
     from kha_train.data.shards import DatasetIndex
     from kha_train.data.tokenizer import LoadedTokenizer
 
 RUN_VAL = "val"  # the name of the run's own val split in the results
-ENCODE_BATCH = 256  # raw-text documents tokenized per call
-READ_TOKENS = 1 << 20  # tokens read from a prepared split per call
 
 
 # -- the command line ------------------------------------------------------------------------
@@ -163,6 +154,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from kha_train.config import AttnBackend, ConfigError
     from kha_train.tools.weights_io import load_source_config
+    from kha_train.training.scoring import check_window
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError(
@@ -230,6 +222,7 @@ def _score_plan(
 ) -> list[SourceResult]:  # fmt: skip
     """Load the model, then score every item of ``plan``."""
     from kha_train.tools.weights_io import load_model
+    from kha_train.training.scoring import score_documents
 
     model = load_model(cfg.model, ckpt, device)
     model.eval()
@@ -312,6 +305,8 @@ class EvalItem:
     work_dir: str | None = None  # raw text: where datasets keeps its Arrow cache
 
     def documents(self, *, score_first: bool, max_docs: int | None) -> Iterator[Document]:
+        from kha_train.data.documents import dataset_documents, source_documents
+
         assert self.tokenizer is not None
         if self.kind == "dataset":
             assert self.index is not None and self.split is not None
@@ -498,95 +493,3 @@ def _no_documents(item: EvalItem) -> Exception:
         f"{item.name}: {what}{item.path} holds no document with at least one token to predict: "
         "check the path" + (" and --text-field" if item.kind == "text" else "")
     )
-
-
-# -- documents -------------------------------------------------------------------------------
-
-
-def _scored_bytes(tok: LoadedTokenizer, ids: Sequence[int], total: int, score_first: bool) -> int:
-    """Bytes of the text the scored tokens spell: all of it, or all but the first token's."""
-    if score_first or not ids:
-        return total
-    first = len(tok.decode(ids[:1]).encode("utf-8"))
-    return max(total - first, 0)
-
-
-def text_documents(
-    texts: Iterable[str], tok: LoadedTokenizer, *, score_first: bool = False
-) -> Iterator[Document]:
-    """Raw texts tokenized as ``data prepare`` does (ids + EOS, no special-token template);
-    bytes from the text itself."""
-    batch: list[str] = []
-
-    def flush() -> Iterator[Document]:
-        for text, ids in zip(batch, tok.encode_batch(batch)):
-            nbytes = _scored_bytes(tok, ids, len(text.encode("utf-8")), score_first)
-            yield Document(([tok.eos_id] if score_first else []) + ids + [tok.eos_id], nbytes)
-        batch.clear()
-
-    for text in texts:
-        batch.append(text)
-        if len(batch) >= ENCODE_BATCH:
-            yield from flush()
-    yield from flush()
-
-
-def source_documents(
-    spec: Any,
-    tok: LoadedTokenizer,
-    work_dir: str | os.PathLike[str] | None,
-    *,
-    score_first: bool = False,
-    max_docs: int | None = None,
-) -> Iterator[Document]:
-    """The non-empty documents of a raw-text source (kha_train.data.sources), tokenized."""
-    import tempfile
-
-    from kha_train.data.sources import iter_texts, open_source, progress_bars
-
-    progress_bars(False)
-    work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="kha-eval-"))
-    opened = open_source(spec, work)
-    yield from text_documents(iter_texts(opened, max_docs), tok, score_first=score_first)
-
-
-def dataset_documents(
-    index: DatasetIndex,
-    split: str,
-    tok: LoadedTokenizer,
-    *,
-    score_first: bool = False,
-    max_docs: int | None = None,
-) -> Iterator[Document]:
-    """The documents of a prepared split: the token stream cut after every EOS. Bytes: each
-    document decoded without its EOS (EOS spells no text)."""
-    import numpy as np
-
-    from kha_train.data.shards import TokenStream
-
-    stream = TokenStream(index, split)
-    eos = index.eos_id
-    carry = np.empty(0, dtype=np.int64)
-    n = 0
-    for start in range(0, len(stream), READ_TOKENS):
-        ids = np.concatenate([carry, stream.read(start, min(start + READ_TOKENS, len(stream)))])
-        ends = np.flatnonzero(ids == eos) + 1
-        lo = 0
-        for hi in ends.tolist():
-            if max_docs is not None and n >= max_docs:
-                return
-            yield _dataset_document(ids[lo:hi].tolist(), tok, eos, score_first)
-            n += 1
-            lo = hi
-        carry = ids[lo:]
-    if len(carry) and (max_docs is None or n < max_docs):  # a stream not ending with EOS
-        yield _dataset_document(carry.tolist(), tok, eos, score_first)
-
-
-def _dataset_document(
-    ids: list[int], tok: LoadedTokenizer, eos: int, score_first: bool
-) -> Document:
-    body = ids[:-1] if ids and ids[-1] == eos else ids
-    total = len(tok.decode(body).encode("utf-8"))
-    nbytes = _scored_bytes(tok, body, total, score_first)
-    return Document(([eos] if score_first else []) + ids, nbytes)

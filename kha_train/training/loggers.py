@@ -20,7 +20,7 @@ from typing import Any, TextIO
 
 from kha_train.config import ConfigError, WandbMode
 from kha_train.fs import storage_error
-from kha_train.training.metrics import flatten, format_duration
+from kha_train.training.metrics import flatten, format_duration, metric_prefix
 from kha_train.training.wandb_log import WandbLogger, resolve_wandb_mode
 
 # ----------------------------------------------------------------------------------------------
@@ -110,12 +110,20 @@ class ConsoleLogger:
 
 
 def format_record(r: dict[str, Any], total_steps: int) -> str:
-    """One human line for a train or val record."""
+    """One human line for a train, val or eval record."""
     step = r.get("step", 0)
     width = len(str(total_steps))
     parts = [f"step {step:>{width}}/{total_steps}"]
     if r.get("type") == "val":
         parts.append(f"val_loss {r['val_loss']:.4f}")
+        return " | ".join(parts)
+    if r.get("type") == "eval":
+        for key in r:
+            if key.endswith("/loss"):
+                name = key[: -len("/loss")]
+                bpb = r.get(f"{name}/bpb")
+                parts.append(f"eval {name} loss {r[key]:.4f}" + (f" bpb {bpb:.4f}" if bpb else ""))
+        parts.append(f"{r['seconds']:.1f} s ({r['share']:.1%} of the time since the last)")
         return " | ".join(parts)
 
     def add(key: str, fmt: str) -> None:
@@ -235,7 +243,7 @@ class TensorBoardLogger:
         self.writer = SummaryWriter(log_dir=str(log_dir))
 
     def log(self, step: int, record: dict[str, Any]) -> None:
-        prefix = "val/" if record.get("type") == "val" else "train/"
+        prefix = metric_prefix(record)
         for k, v in flatten(record).items():
             if k != "step":
                 self.writer.add_scalar(prefix + k, v, step)

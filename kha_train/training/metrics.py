@@ -209,3 +209,8 @@ def flatten(record: dict[str, Any]) -> dict[str, float]:
             for i, x in enumerate(v):
                 out[f"{k}/layer_{i}"] = float(x)
     return out
+
+
+def metric_prefix(record: dict[str, Any]) -> str:
+    """The W&B / TensorBoard namespace of a record's metrics: val/, eval/ or train/."""
+    return {"val": "val/", "eval": "eval/"}.get(record.get("type", ""), "train/")

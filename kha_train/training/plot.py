@@ -9,8 +9,9 @@ from kha_train.training.loggers import read_jsonl
 
 
 def plot_loss(metrics_path: str | os.PathLike[str], out_png: str | os.PathLike[str]) -> Path | None:
-    """Draw train loss (and val loss) against step from ``metrics.jsonl``; mark spikes with red
-    crosses and skipped steps with grey lines. Returns the PNG path, or None without data."""
+    """Draw train loss (and val loss, and the loss of each ``eval.sets`` text) against step from
+    ``metrics.jsonl``; mark spikes with red crosses and skipped steps with grey lines. Returns
+    the PNG path, or None without data."""
     records = read_jsonl(metrics_path) if Path(metrics_path).exists() else []
     train = [
         (r["step"], r["loss"]) for r in records if r.get("type") == "train" and _num(r.get("loss"))
@@ -20,6 +21,12 @@ def plot_loss(metrics_path: str | os.PathLike[str], out_png: str | os.PathLike[s
         for r in records
         if r.get("type") == "val" and _num(r.get("val_loss"))
     ]
+    evals: dict[str, list[tuple[int, float]]] = {}
+    for r in records:
+        if r.get("type") == "eval":
+            for key, value in r.items():
+                if key.endswith("/loss") and _num(value):
+                    evals.setdefault(key[: -len("/loss")], []).append((r["step"], value))
     spikes = [r for r in records if r.get("type") == "spike"]
     skipped = [r["step"] for r in records if r.get("type") == "nonfinite"]
     if not train and not val:
@@ -35,6 +42,8 @@ def plot_loss(metrics_path: str | os.PathLike[str], out_png: str | os.PathLike[s
         ax.plot(*zip(*train), label="train loss (logging steps)", color="tab:blue", lw=1.5)
     if val:
         ax.plot(*zip(*val), "o-", label="val loss", color="tab:orange", ms=4)
+    for name, points in evals.items():
+        ax.plot(*zip(*points), "s--", label=f"eval {name} loss", ms=4)
     loss_spikes = [(s["step"], s["loss"]) for s in spikes if _num(s.get("loss"))]
     if loss_spikes:
         ax.scatter(*zip(*loss_spikes), marker="x", color="red", s=60, zorder=5,

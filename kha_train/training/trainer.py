@@ -12,7 +12,8 @@
 preemption signal, or too many non-finite steps in a row. Each is ``step.train_step`` (the same
 function the benchmark times) at the schedule's learning rate; its results stay on the device
 until the monitor (``monitor.py``) reads them at a logging step, checkpoint or validation.
-Validation: ``validation.py``.
+Validation (the loss of the val split): ``validation.py``; evaluation (loss and bits per byte of
+the ``eval.sets`` texts): ``evaluator.py``.
 
 No host-device sync in the hot loop; the only per-step cross-rank exchange is a one-int gloo
 all-reduce of the preemption flag (host memory: it does not wait for the GPU).
@@ -34,6 +35,7 @@ from kha_train.training import distributed as D
 from kha_train.training.build import build_loaders, build_model, config_snapshot, resume_path
 from kha_train.training.checkpoint import CheckpointManager
 from kha_train.training.checkpoint_checks import check_free_space, stray_entries
+from kha_train.training.evaluator import build_evaluator
 from kha_train.training.loggers import RunLoggers
 from kha_train.training.metrics import WindowTimer
 from kha_train.training.monitor import NonFiniteError, StepMonitor
@@ -89,6 +91,9 @@ class Trainer:
         loaders = build_loaders(cfg, self.env)
         self.loader, self.val_loader = loaders.train, loaders.val
         self.val_batches = loaders.val_batches
+        # The eval texts are read now: a bad path or tokenizer fails before the model exists.
+        self.evaluator = build_evaluator(cfg, self.loader.index, self.env.rank, self.env.world_size)
+        self._eval_clock = time.perf_counter()  # when the last evaluation ended
         self.model = build_model(
             cfg.model, cfg.parallel, cfg.train.precision, self.device, seed=cfg.train.seed,
             compile_loss=cfg.parallel.compile_loss,
@@ -253,6 +258,20 @@ class Trainer:
         self.log.log({"type": "val", "step": self.step, "val_loss": val})
         return val
 
+    def evaluate(self) -> dict[str, Any] | None:
+        """Loss and bits per byte of every ``eval.sets`` text (``evaluator.py``), logged with the
+        time it took and its share of the wall time since the previous evaluation."""
+        if self.evaluator is None:
+            return None
+        self.log.activity(f"evaluating at step {self.step}")
+        figures = self.evaluator.evaluate(self.model)
+        now = time.perf_counter()
+        figures["share"] = figures["seconds"] / max(now - self._eval_clock, 1e-9)
+        self._eval_clock = now
+        self.log.activity("training")
+        self.log.log({"type": "eval", "step": self.step, **figures})
+        return figures
+
     # -- the loop ---------------------------------------------------------------------------------
 
     def train(self) -> int:
@@ -268,6 +287,7 @@ class Trainer:
         self._stop_signal = None
         previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
         self._last_saved = self.step if self.step > 0 else -1
+        self._eval_clock = time.perf_counter()
         stopped = False
         first_step = self.step + 1  # logged at once: the first line comes after one step
         try:
@@ -290,6 +310,8 @@ class Trainer:
                     self.monitor.log_window(self.step, timer, self.log, self.model)
                 if cfg.train.val_every and self.step % cfg.train.val_every == 0:
                     self.validate()
+                if cfg.eval.every and self.step % cfg.eval.every == 0:
+                    self.evaluate()
                 if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
                     self.save_checkpoint()
                 self.ckpt.poll()
@@ -303,8 +325,11 @@ class Trainer:
                     f"stop requested ({self._stop_signal or 'signal on another rank'}) at step "
                     f"{self.step}: saving a checkpoint and exiting"
                 )
-            elif cfg.train.val_every == 0 or self.step % cfg.train.val_every:
-                self.validate()  # the final validation
+            else:  # the final validation and evaluation, unless this step just had them
+                if cfg.train.val_every == 0 or self.step % cfg.train.val_every:
+                    self.validate()
+                if cfg.eval.every == 0 or self.step % cfg.eval.every:
+                    self.evaluate()
             if self._last_saved != self.step:
                 self.save_checkpoint(blocking=True)
             self.ckpt.wait()

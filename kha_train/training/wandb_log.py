@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from kha_train.config import WandbMode
-from kha_train.training.metrics import flatten
+from kha_train.training.metrics import flatten, metric_prefix
 
 
 def wandb_api_key_available() -> bool:
@@ -116,7 +116,7 @@ class WandbLogger:
         if self.run is None:
             return
         try:
-            prefix = "val/" if record.get("type") == "val" else "train/"
+            prefix = metric_prefix(record)
             self.run.log(
                 {prefix + k: v for k, v in flatten(record).items() if k != "step"}, step=step
             )

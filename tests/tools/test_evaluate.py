@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from kha_train.config import ConfigError, load_config
 from kha_train.data.errors import DataError
 from kha_train.model import Transformer
-from kha_train.tools.eval_scoring import score_documents, sliding_windows
+from kha_train.training.scoring import score_documents, sliding_windows
 from kha_train.tools.evaluate import add_eval_arguments, run_eval
 
 VOCAB = 320

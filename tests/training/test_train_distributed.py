@@ -46,10 +46,16 @@ def train_here(cfg: dict) -> None:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_dataset) -> Path:
-    """One rank, 6 steps, checkpoints at 3 and 6."""
+    """One rank, 6 steps, checkpoints at 3 and 6, evaluation at 3 and 6."""
     run = tmp_path_factory.mktemp("ref") / "run"
-    train_here(tiny_config(run, tiny_dataset, schedule=SCHEDULE))
+    train_here(tiny_config(run, tiny_dataset, schedule=SCHEDULE, eval=_eval(tiny_dataset)))
     return run
+
+
+def _eval(dataset: Path) -> dict:
+    """In-loop evaluation of the val split: 2 ranks share its batches (one rank runs an empty
+    batch when their number is odd)."""
+    return {"sets": {"held": str(dataset)}, "every": 3}
 
 
 def assert_close(got: dict[int, float], want: dict[int, float], steps: range) -> None:
@@ -59,7 +65,8 @@ def assert_close(got: dict[int, float], want: dict[int, float], steps: range) ->
 
 def test_two_ranks_match_one_and_resume_on_one(tmp_path, tiny_dataset, reference) -> None:
     run = tmp_path / "two"
-    cfg = write_config(tmp_path / "two.yaml", tiny_config(run, tiny_dataset, schedule=SCHEDULE))
+    two_cfg = tiny_config(run, tiny_dataset, schedule=SCHEDULE, eval=_eval(tiny_dataset))
+    cfg = write_config(tmp_path / "two.yaml", two_cfg)
     proc = run_process(torchrun_cmd(2, "-m", "kha_train.train", str(cfg)))
     assert proc.returncode == 0, proc.stderr[-3000:]
     two, ref = losses(run), losses(reference)
@@ -68,6 +75,11 @@ def test_two_ranks_match_one_and_resume_on_one(tmp_path, tiny_dataset, reference
     # draws exactly the single-device weights.
     assert two[1] == pytest.approx(ref[1], rel=1e-6)
     assert_close(two, ref, range(1, 7))
+    evals = [(r["step"], r["held/loss"], r["held/bpb"]) for r in records(run, "eval")]
+    ref_evals = [(r["step"], r["held/loss"], r["held/bpb"]) for r in records(reference, "eval")]
+    assert [e[0] for e in evals] == [e[0] for e in ref_evals] == [3, 6]
+    for got, want in zip(evals, ref_evals):
+        assert got == pytest.approx(want, rel=TOL, abs=TOL)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
         "step_0000003",
         "step_0000006",
