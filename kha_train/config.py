@@ -298,6 +298,9 @@ class CheckpointConfig:
     keep_last: int = 3  # keep the newest K complete checkpoints
     async_save: bool = False  # write in the background while training continues
     resume: str = "none"  # none | auto (newest complete checkpoint in dir) | a checkpoint path
+    # Also write each checkpoint as a Hugging Face model (`kha-train export`, run in the
+    # background on the CPU by rank 0) to <logging.run_dir>/hf/step_XXXXXXX; keeps keep_last.
+    export_hf: bool = False
 
 
 class WandbMode(enum.StrEnum):

@@ -130,6 +130,7 @@ class CheckpointManager:
         self.env = env
         self.group = gloo_group("checkpoint")  # DCP's collectives, also from the writer thread
         self._pending: tuple[int, Path, Path, Future] | None = None
+        self._published: list[Path] = []  # rank 0: checkpoints completed since take_published()
         if env.is_main:
             try:
                 self.directory.mkdir(parents=True, exist_ok=True)
@@ -269,7 +270,14 @@ class CheckpointManager:
         else:
             tmp.rename(final)
         _fsync_dir(final.parent)
+        self._published.append(final)
         self._rotate()
+
+    def take_published(self) -> list[Path]:
+        """The checkpoints published (made complete) since the last call, oldest first; rank 0
+        only (other ranks never publish)."""
+        out, self._published = self._published, []
+        return out
 
     def _rotate(self) -> None:
         ckpts = complete_checkpoints(self.directory)

@@ -34,8 +34,9 @@ from kha_train.fs import StorageError, storage_error
 from kha_train.training import distributed as D
 from kha_train.training.build import build_loaders, build_model, config_snapshot, resume_path
 from kha_train.training.checkpoint import CheckpointManager
-from kha_train.training.checkpoint_checks import check_free_space, stray_entries
+from kha_train.training.checkpoint_checks import STEP_DIR, check_free_space, stray_entries
 from kha_train.training.evaluator import build_evaluator
+from kha_train.training.hf_export import HFExporter
 from kha_train.training.loggers import RunLoggers
 from kha_train.training.metrics import WindowTimer
 from kha_train.training.monitor import NonFiniteError, StepMonitor
@@ -104,6 +105,11 @@ class Trainer:
             self.ckpt_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save, self.env
         )
         self.monitor = StepMonitor(cfg, self.env, self.total_steps, self.run_dir)
+        self.exporter = (
+            HFExporter(self.run_dir, cfg.checkpoint.keep_last, self._export_report)
+            if cfg.checkpoint.export_hf and self.env.is_main
+            else None
+        )
         self.step = 0  # optimizer steps done
         restored = self.ckpt.restore(
             cfg.checkpoint.resume, self.model, self.optimizer, self.config_dict["model"]
@@ -211,6 +217,8 @@ class Trainer:
 
     def save_checkpoint(self, *, blocking: bool = False) -> Path:
         self._drain()
+        if self.exporter is not None:  # its checkpoint may be rotated away by this save
+            self.exporter.wait()
         self.log.activity(f"saving checkpoint step {self.step}")
         path = self.ckpt.save(
             self.step, self.model, self.optimizer, self.trainer_state(), self.config_yaml,
@@ -220,6 +228,23 @@ class Trainer:
         self._last_saved = self.step
         self.log.event({"type": "checkpoint", "step": self.step, "path": str(path)})
         return path
+
+    def _export_published(self, wait: bool = False) -> None:
+        """``checkpoint.export_hf``: start the export of newly completed checkpoints, report
+        finished ones (``hf_export.py``); ``wait``: until the last one is written."""
+        if self.exporter is None:
+            return
+        for path in self.ckpt.take_published():
+            m = STEP_DIR.match(path.name)
+            self.exporter.start(int(m.group(1)) if m else self.step, path)
+        if wait:
+            self.log.activity("exporting to Hugging Face format")
+            self.exporter.wait()
+        else:
+            self.exporter.poll()
+
+    def _export_report(self, line: str, record: dict[str, Any]) -> None:
+        self.log.event(record, echo=line)
 
     # -- one optimizer step -----------------------------------------------------------------------
 
@@ -315,6 +340,7 @@ class Trainer:
                 if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
                     self.save_checkpoint()
                 self.ckpt.poll()
+                self._export_published()
                 if D.any_rank(self._stop_signal is not None):
                     stopped = True
                     break
@@ -333,6 +359,7 @@ class Trainer:
             if self._last_saved != self.step:
                 self.save_checkpoint(blocking=True)
             self.ckpt.wait()
+            self._export_published(wait=True)
             self._finish("preempted" if stopped else "completed")
             return 0
         except NonFiniteError:
