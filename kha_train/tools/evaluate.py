@@ -156,11 +156,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from kha_train.tools.weights_io import load_source_config
     from kha_train.training.scoring import check_window
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError(
-            "kha-train eval runs in one process (it does not shard the work over ranks): run it "
-            "without torchrun"
-        )
+    sharded = int(os.environ.get("WORLD_SIZE", "1")) > 1  # under torchrun: see _score_sharded
     sources = [_parse_named(s, "--source", "NAME=PATH") for s in args.sources]
     datas = [_parse_data(d, args.split) for d in args.data]
     if args.split not in ("val", "train"):
@@ -170,6 +166,12 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.batch_tokens < 1:
         raise ConfigError(f"--batch-tokens must be >= 1, got {args.batch_tokens}")
     ckpt = resolve_checkpoint(Path(args.checkpoint))
+    if sharded and not ckpt.is_dir():
+        raise ConfigError(
+            f"{ckpt}: under torchrun kha-train eval shards a trainer checkpoint (a run directory "
+            "or a step_XXXXXXX folder) over the ranks; a weights file holds the whole model: "
+            "evaluate it without torchrun"
+        )
     cfg = load_source_config(ckpt, args.config, args.overrides)
     window = args.window or cfg.data.seq_len
     stride = args.stride if args.stride is not None else window // 2
@@ -203,11 +205,20 @@ def run_eval(args: argparse.Namespace) -> int:
         "tokenizer_hash": plan.tokenizer.hash if plan.tokenizer else None,
         "max_docs": args.max_docs,
     }
+    main = True
     try:
-        results = _score_plan(plan, ckpt, cfg, device, args, window, stride, bf16)
+        if sharded:
+            results, main, settings["device"] = _score_sharded(
+                plan, ckpt, cfg, args, window, stride, bf16
+            )
+            settings["ranks"] = int(os.environ["WORLD_SIZE"])
+        else:
+            results = _score_plan(plan, ckpt, cfg, device, args, window, stride, bf16)
     finally:
         if plan.work_dir is not None:
             shutil.rmtree(plan.work_dir, ignore_errors=True)
+    if not main:
+        return 0  # rank 0 reports
     report = build_report(ckpt, cfg, settings, results, per_doc=args.per_doc)
     print_report(report, per_doc=args.per_doc)
     if args.json:
@@ -239,6 +250,67 @@ def _score_plan(
             raise _no_documents(item)
         results.append(result)
     return results
+
+
+def _score_sharded(
+    plan: Plan, ckpt: Path, cfg: Config, args: argparse.Namespace, window: int, stride: int,
+    bf16: bool,
+) -> tuple[list[SourceResult], bool, str]:  # fmt: skip
+    """Under torchrun: the model sharded by FSDP2 as in training (a model too large for one
+    device fits), each rank scoring every ``ranks``-th batch of fixed-shape windows (FSDP2's
+    forward is a collective: a rank out of batches runs an empty one), the NLL of each document
+    summed over ranks. Returns (results, whether this is rank 0, the device)."""
+    import math
+
+    import torch
+    import torch.distributed as dist
+
+    from kha_train.config import ACMode, Precision
+    from kha_train.tools.weights_io import load_sharded_weights
+    from kha_train.training import distributed as D
+    from kha_train.training.build import build_model
+    from kha_train.training.scoring import (
+        DocScore,
+        batch_windows,
+        plan_windows,
+        token_nll,
+        window_tensors,
+    )  # fmt: skip
+
+    env = D.init_distributed(args.device)
+    try:
+        cfg.parallel.compile = False  # a few forwards: compiling would take longer
+        cfg.parallel.activation_checkpointing = ACMode.none
+        precision = Precision.bf16 if bf16 else Precision.fp32
+        model = build_model(cfg.model, cfg.parallel, precision, env.device, seed=0)
+        load_sharded_weights(model, ckpt)
+        rows = max(1, args.batch_tokens // window)
+        empty = window_tensors([], [], window, rows)
+        results = []
+        for item in plan.items:
+            docs = [d for d in item.documents(score_first=args.score_first,
+                                              max_docs=args.max_docs) if len(d.ids) >= 2]  # fmt: skip
+            ids = [d.ids for d in docs]
+            batches = batch_windows(plan_windows(ids, window, stride), rows)
+            mine = batches[env.rank :: env.world_size]
+            nll = torch.zeros(len(docs), dtype=torch.float64, device=env.device)
+            for j in range(math.ceil(len(batches) / env.world_size)):
+                if j >= len(mine):
+                    token_nll(model, *empty)
+                    continue
+                rows_nll = token_nll(model, *window_tensors(ids, mine[j], window, rows))
+                doc_of_row = torch.tensor([w.doc for w in mine[j]], device=env.device)
+                nll.index_add_(0, doc_of_row, rows_nll[: len(mine[j])].double().sum(dim=1))
+            dist.all_reduce(nll)
+            result = SourceResult(item.name, item.kind, item.path, item.split)
+            for i, (d, x) in enumerate(zip(docs, nll.tolist())):
+                result.add(i, DocScore(x, len(d.ids) - 1, d.nbytes), per_doc=args.per_doc)
+            if result.docs == 0:
+                raise _no_documents(item)
+            results.append(result)
+        return results, env.is_main, str(env.device)
+    finally:
+        D.teardown()
 
 
 def _parse_named(value: str, option: str, form: str) -> tuple[str, str]:

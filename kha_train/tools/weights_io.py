@@ -70,6 +70,21 @@ def load_model(model_cfg: ModelConfig, source: Path, device: torch.device | str)
     return model
 
 
+def load_sharded_weights(model: nn.Module, checkpoint: Path) -> None:
+    """Load the model weights of trainer checkpoint ``checkpoint`` into a model sharded by FSDP2
+    (every rank calls it; each reads its own shards)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    if not (checkpoint / ".metadata").is_file():
+        raise WeightsError(f"{checkpoint} is not a trainer checkpoint (no .metadata)")
+    ours = {k: tuple(v.shape) for k, v in get_model_state_dict(model).items()}
+    _check_shapes(checkpoint, checkpoint_model_shapes(checkpoint), ours)
+    state = {"model": get_model_state_dict(model)}
+    dcp.load(state, checkpoint_id=str(checkpoint))
+    set_model_state_dict(model, state["model"])
+
+
 def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
     """Load the weights at ``path`` (see the module docstring) into ``model``, in place."""
     path = Path(path)

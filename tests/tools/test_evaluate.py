@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from kha_train.config import ConfigError, load_config
 from kha_train.data.errors import DataError
 from kha_train.model import Transformer
-from kha_train.training.scoring import score_documents, sliding_windows
 from kha_train.tools.evaluate import add_eval_arguments, run_eval
+from kha_train.training.scoring import score_documents, sliding_windows
 
 VOCAB = 320
 MODEL_YAML = """
@@ -344,3 +344,43 @@ def test_errors(world, tmp_path) -> None:
     other_data = _prepare(tmp_path, world["texts"][:40], other, "other_data")
     with pytest.raises(DataError, match=r"was tokenized with tokenizer .* --source"):
         run_eval(_args(*base, "--data", str(other_data)))
+
+
+@pytest.mark.slow
+def test_two_ranks_shard_the_model_and_agree_with_one_process(world, tmp_path) -> None:
+    """Under torchrun the model is sharded by FSDP2 and the batches split over the ranks: the same
+    figures, per document too, as one process."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    src = tmp_path / "src.txt"
+    src.write_text("\n\n".join(world["texts"][:30]))
+    common = [str(world["run"]), "--source", f"txt={src}", "--txt-sample-by", "paragraph",
+              "--window", "16", "--stride", "5", "--per-doc", "--batch-tokens", "48"]  # fmt: skip
+    one = tmp_path / "one.json"
+    run_eval(_args(*common, "--json", str(one), "--device", "cpu"))
+    two = tmp_path / "two.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+           "-m", "kha_train.cli", "eval", *common, "--json", str(two), "--device", "cpu"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert b["settings"]["ranks"] == 2
+    for sa, sb in zip(a["sources"], b["sources"], strict=True):
+        assert (sa["name"], sa["docs"], sa["tokens"], sa["bytes"]) == (
+            sb["name"], sb["docs"], sb["tokens"], sb["bytes"],
+        )  # fmt: skip
+        assert sb["loss"] == pytest.approx(sa["loss"], rel=1e-5)
+        assert [d["loss"] for d in sb["per_doc"]] == pytest.approx(
+            [d["loss"] for d in sa["per_doc"]], rel=1e-5, abs=1e-6
+        )
+    # A weights file is the whole model: sharding it is refused with the way out.
+    bad = subprocess.run(
+        [*cmd[:6], "-m", "kha_train.cli", "eval", str(world["weights"]), "--config",
+         str(world["config"]), "--device", "cpu"],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert bad.returncode != 0 and "evaluate it without torchrun" in bad.stderr
