@@ -1,0 +1,200 @@
+"""Tables and plots of a study from its archived runs (docs/results/<study>/<run>/), for
+study.py's ``report`` command.
+
+Writes ``docs/results/<study>.md`` (one row per variant: mean over seeds, the seed spread
+(max - min), the difference to the baseline and whether it exceeds the larger of the two spreads,
+spikes, router health, speed) and PNGs beside it: training loss curves with spikes marked,
+held-out bits per byte per run, the expert-load max violation over training, and heatmaps of the
+learned KHA matrices.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+COLORS = ["tab:gray", "tab:blue", "tab:green", "tab:red", "tab:purple", "tab:orange", "tab:brown"]
+
+
+def _load(run: Path) -> dict[str, Any]:
+    r = json.loads((run / "results.json").read_text())
+    with gzip.open(run / "metrics.jsonl.gz", "rt") as f:
+        r["records"] = [json.loads(line) for line in f if line.strip()]
+    return r
+
+
+def _stats(xs: list[float]) -> tuple[float, float]:
+    return float(np.mean(xs)), float(max(xs) - min(xs)) if len(xs) > 1 else float("nan")
+
+
+def write_report(study: str, spec: dict[str, Any], runs: list[Path], results: Path) -> Path:
+    data = [_load(r) for r in runs]
+    variants = [v for v in spec["variants"] if any(d["variant"] == v for d in data)]
+    baseline = spec.get("baseline", next(iter(spec["variants"])))
+    by_variant = {v: [d for d in data if d["variant"] == v] for v in variants}
+    base = by_variant.get(baseline, [])
+    base_bpb = _stats([d["final"]["eval_bpb"] for d in base]) if base else None
+
+    lines = [f"## Study `{study}`", "", _provenance(data), ""]
+    lines += [
+        "| variant | seeds | held-out bpb (mean, spread) | held-out loss | vs baseline (bpb) | "
+        "beyond seed spread | spikes | max violation (max / last) | expert choices moved by "
+        "the bias | tokens/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for v in variants:
+        ds = by_variant[v]
+        bpb = _stats([d["final"]["eval_bpb"] for d in ds])
+        loss = _stats([d["final"]["eval_loss"] for d in ds])
+        diff, beyond = "", ""
+        if base_bpb is not None and v != baseline:
+            delta = bpb[0] - base_bpb[0]
+            spread = np.nanmax([bpb[1], base_bpb[1], 0.0])
+            diff = f"{delta:+.4f}"
+            beyond = "n/a (1 seed)" if np.isnan(bpb[1]) or np.isnan(base_bpb[1]) else (
+                "yes" if abs(delta) > spread else "no")  # fmt: skip
+        flips = [d["analysis"].get("router", {}).get("flip_fraction_mean") for d in ds]
+        flips = [f for f in flips if f is not None]
+        vio_max = max(d["max_violation_max"] or 0 for d in ds)
+        vio_last = np.mean([d["max_violation_last"] or 0 for d in ds])
+        lines.append(
+            f"| {v} | {len(ds)} | {bpb[0]:.4f} ({_fmt(bpb[1])}) | {loss[0]:.4f} ({_fmt(loss[1])}) "
+            f"| {diff} | {beyond} | {sum(d['spikes'] for d in ds)} | {vio_max:.2f} / "
+            f"{vio_last:.2f} | {np.mean(flips) if flips else float('nan'):.1%} | "
+            f"{np.mean([d['tokens_per_s'] or 0 for d in ds]) / 1e3:.0f}k |"
+        )
+    vh = [d for d in data if "virtual_heads" in d["analysis"]]
+    if vh:
+        lines += ["", "MEA, KV cache halved by `kha-train virtual-heads` (same val split):", ""]
+        lines += [
+            "| run | held-out loss | after halving | bpb | after halving |",
+            "|---|---|---|---|---|",
+        ]
+        for d in vh:
+            a = d["analysis"]["virtual_heads"]
+            lines.append(f"| {d['run']} | {d['final']['eval_loss']:.4f} | {a['eval_loss']:.4f} | "
+                         f"{d['final']['eval_bpb']:.4f} | {a['eval_bpb']:.4f} |")  # fmt: skip
+    pngs = _plots(study, data, variants, results)
+    lines += [""] + [f"![{p.stem}]({p.name})" for p in pngs]
+    out = results / f"{study}.md"
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out} and {len(pngs)} plots")
+    return out
+
+
+def _fmt(x: float) -> str:
+    return "-" if np.isnan(x) else f"{x:.4f}"
+
+
+def _provenance(data: list[dict[str, Any]]) -> str:
+    envs = {(d["environment"].get("device", "cpu"), d["environment"]["torch"],
+             d["environment"]["commit"], d["environment"]["date"]) for d in data}  # fmt: skip
+    where = "; ".join(f"{dev}, torch {t}, commit {c}, {day}" for dev, t, c, day in sorted(envs))
+    tokens = sorted({d["tokens"] for d in data})
+    return (f"{len(data)} runs, {', '.join(f'{t / 1e6:.0f}M' for t in tokens)} tokens each. "
+            f"Ran on: {where}. Held-out figures: `kha-train eval` on the corpus's val split.")  # fmt: skip
+
+
+def _plots(
+    study: str, data: list[dict[str, Any]], variants: list[str], results: Path
+) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    color = {v: COLORS[i % len(COLORS)] for i, v in enumerate(variants)}
+    out = []
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(14, 5), dpi=100)
+    for d in data:
+        train = [(r["step"], r["loss"]) for r in d["records"] if r.get("type") == "train"]
+        style = (
+            "-"
+            if d["seed"] == min(x["seed"] for x in data if x["variant"] == d["variant"])
+            else "--"
+        )
+        for a in (ax, ax2):
+            a.plot(*zip(*train), style, color=color[d["variant"]], lw=1,
+                   label=d["run"])  # fmt: skip
+        spikes = [(r["step"], r["loss"]) for r in d["records"] if r.get("type") == "spike"]
+        if spikes:
+            ax.scatter(*zip(*spikes), marker="x", color=color[d["variant"]], s=40, zorder=5)
+    steps = max(r["step"] for d in data for r in d["records"] if r.get("type") == "train")
+    ax2.set_xlim(steps * 0.5, steps)
+    tail = [
+        r["loss"]
+        for d in data
+        for r in d["records"]
+        if r.get("type") == "train" and r["step"] > steps * 0.5
+    ]
+    ax2.set_ylim(min(tail) - 0.02, np.percentile(tail, 95) + 0.02)
+    ax.set_title(f"{study}: training loss (x: spikes)")
+    ax2.set_title("second half")
+    for a in (ax, ax2):
+        a.set_xlabel("step")
+        a.grid(alpha=0.3)
+    ax.set_ylabel("loss (nats)")
+    ax2.legend(fontsize=7)
+    out.append(_save(fig, results / f"{study}_loss.png"))
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    for i, v in enumerate(variants):
+        ys = [d["final"]["eval_bpb"] for d in data if d["variant"] == v]
+        ax.scatter([i] * len(ys), ys, color=color[v], s=40)
+        ax.hlines(np.mean(ys), i - 0.3, i + 0.3, color=color[v])
+    ax.set_xticks(range(len(variants)), variants, rotation=20)
+    ax.set_ylabel("held-out bits per byte")
+    ax.set_title(f"{study}: held-out bits per byte (dots: seeds, bar: mean)")
+    ax.grid(alpha=0.3)
+    out.append(_save(fig, results / f"{study}_bpb.png"))
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    for d in data:
+        vio = [(r["step"], r["moe_max_violation_mean"]) for r in d["records"]
+               if r.get("type") == "train" and "moe_max_violation_mean" in r]  # fmt: skip
+        if vio:
+            ax.plot(*zip(*vio), color=color[d["variant"]], lw=0.8, label=d["run"])
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("max violation (mean over layers)")
+    ax.set_title(f"{study}: expert load balance over training")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    out.append(_save(fig, results / f"{study}_load.png"))
+
+    heat = [(d, results / study / d["run"] / "kha.npz") for d in data]
+    heat = [(d, p) for d, p in heat if p.is_file() and d["seed"] == min(
+        x["seed"] for x in data if x["variant"] == d["variant"])]  # fmt: skip
+    for d, path in heat:
+        mats = np.load(path)
+        names = sorted(mats.files)
+        layers = sorted({n.split(".")[1] for n in names}, key=int)
+        picks = [n for n in names if n.split(".")[1] in (layers[0], layers[-1])]
+        fig, axes = plt.subplots(1, len(picks), figsize=(3.2 * len(picks), 3.4), dpi=100,
+                                 squeeze=False)  # fmt: skip
+        dist = d["analysis"]["kha"]["distance_from_init"]
+        for a, n in zip(axes[0], picks):
+            w = mats[n] - (0 if n.endswith("w_gate") else np.eye(mats[n].shape[0]))
+            lim = np.abs(w).max() or 1.0
+            a.imshow(w, cmap="RdBu_r", vmin=-lim, vmax=lim)
+            short = n.replace("layers.", "L").replace(".attn.", " ")
+            a.set_title(f"{short}\n|W - W0| / |I| = {dist[n]:.3f}", fontsize=8)
+            a.axis("off")
+        fig.suptitle(f"{d['run']}: learned KHA matrices minus their init (I; 0 for gates), "
+                     "first and last layer")  # fmt: skip
+        out.append(_save(fig, results / f"{study}_kha_{d['run']}.png"))
+    return out
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

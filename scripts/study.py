@@ -1,0 +1,293 @@
+"""The replication study runner: train every run of a study with `kha-train train`, evaluate and
+analyse each finished run, and keep what a report needs in the repository.
+
+    python scripts/study.py status configs/study/table2.yaml
+    python scripts/study.py run    configs/study/table2.yaml [--only kha_mlp_v-s1] [--deadline-s 540]
+    python scripts/study.py report configs/study/*.yaml
+
+A study file (configs/study/*.yaml) names a kha-train config, seeds and variants (dotted config
+keys). Run ``<variant>-s<seed>`` trains that config with ``train.seed=<seed>`` and the variant's
+keys, in ``runs/study/<study>/<run>`` (``--runs``), through the same command users run, so the
+data order (``data.seed``) is the same for every run.
+
+Resumable. Each run trains with ``checkpoint.resume=auto`` and checkpoints every
+``checkpoint.every_steps``; before ``--deadline-s`` runs out the runner sends the trainer SIGTERM
+(it finishes its step, saves and exits 0) and stops, and the next call continues the run from
+there (on the same machine: the GPU machine keeps its files while it stays warm). A finished run
+is evaluated (`kha-train eval`: held-out loss and bits per byte on the val split), analysed
+(router health, learned KHA matrices: ``analyze.py``) and archived: ``results.json``,
+``metrics.jsonl.gz`` and ``kha.npz`` go to ``docs/results/<study>/<run>/`` (``--results``), small
+enough to commit. A run with an archive is done and never trained again (delete it to redo it).
+
+``report`` reads only the archives: tables (mean and spread over seeds, difference to the
+baseline and whether it exceeds the seed spread) to ``docs/results/<study>.md`` and plots to
+``docs/results/<study>_*.png`` (``report.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))  # analyze.py, report.py beside this file
+
+SAVE_MARGIN_S = 60.0  # SIGTERM this long before the deadline: the step, the save and the exit
+POLL_S = 2.0
+
+
+@dataclass
+class Run:
+    study: str
+    name: str  # <variant>-s<seed>
+    variant: str
+    seed: int
+    config: Path
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def train_args(self, run_dir: Path) -> list[str]:
+        keys = {**self.overrides, "train.seed": self.seed, "name": f"{self.study}-{self.name}",
+                "logging.run_dir": str(run_dir), "checkpoint.resume": "auto"}  # fmt: skip
+        return [str(self.config), *(f"{k}={_dotlist_value(v)}" for k, v in keys.items())]
+
+
+def _dotlist_value(v: Any) -> str:
+    if isinstance(v, list):
+        return "[" + ",".join(str(x) for x in v) + "]"
+    return str(v)
+
+
+def load_study(path: Path) -> tuple[str, list[Run], dict[str, Any]]:
+    """(study name, its runs in order: variants in file order, seeds inside, the study file)."""
+    spec = yaml.safe_load(path.read_text())
+    for key in ("study", "config", "seeds", "variants"):
+        if key not in spec:
+            raise SystemExit(f"{path}: a study file needs '{key}' (see configs/study/table2.yaml)")
+    config = (path.parent / spec["config"]).resolve()
+    if not config.is_file():
+        raise SystemExit(f"{path}: config {config} does not exist")
+    runs = [
+        Run(spec["study"], f"{variant}-s{seed}", variant, int(seed), config,
+            {**spec.get("overrides", {}), **(keys or {})})
+        for variant, keys in spec["variants"].items()
+        for seed in spec["seeds"]
+    ]  # fmt: skip
+    return spec["study"], runs, spec
+
+
+# -- state -----------------------------------------------------------------------------------
+
+
+def archive_dir(results: Path, run: Run) -> Path:
+    return results / run.study / run.name
+
+
+def is_archived(results: Path, run: Run) -> bool:
+    return (archive_dir(results, run) / "results.json").is_file()
+
+
+def trained(run_dir: Path) -> bool:
+    """The trainer finished the run (its last record is a completed end)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return False
+    ends = [r for r in _records(path) if r.get("type") == "end"]
+    return bool(ends) and ends[-1].get("status") == "completed"
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def last_step(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    steps = (
+        [r["step"] for r in _records(path) if r.get("type") == "train"] if path.is_file() else []
+    )
+    return max(steps, default=0)
+
+
+# -- commands --------------------------------------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    for study_file in args.studies:
+        name, runs, _ = load_study(Path(study_file))
+        print(f"{name} ({study_file}):")
+        for run in runs:
+            run_dir = args.runs / name / run.name
+            if is_archived(args.results, run):
+                state = "done (archived)"
+            elif trained(run_dir):
+                state = "trained, not yet evaluated"
+            elif run_dir.exists():
+                state = f"started, step {last_step(run_dir)}"
+            else:
+                state = "not started"
+            print(f"  {run.name:<28} {state}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    deadline = time.monotonic() + args.deadline_s if args.deadline_s else None
+    for study_file in args.studies:
+        _, runs, _ = load_study(Path(study_file))
+        for run in runs:
+            if args.only and run.name not in args.only:
+                continue
+            if is_archived(args.results, run):
+                continue
+            run_dir = args.runs / run.study / run.name
+            if not trained(run_dir):
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left < args.min_run_s:
+                    print(f"study: {left:.0f} s left, less than --min-run-s: stopping")
+                    return 0
+                if not train(run, run_dir, deadline):
+                    return 0  # stopped for the deadline: the next call resumes it
+            finish(run, run_dir, args.results, args.device)
+    return 0
+
+
+def train(run: Run, run_dir: Path, deadline: float | None) -> bool:
+    """Train ``run`` (resuming its checkpoint); False if stopped for the deadline."""
+    cmd = [sys.executable, "-m", "kha_train.cli", "train", *run.train_args(run_dir)]
+    print(f"study: training {run.study}/{run.name}: {' '.join(cmd[3:])}", flush=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with (run_dir / "train.log").open("a") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        stopped = False
+        while proc.poll() is None:
+            time.sleep(POLL_S)
+            if not stopped and deadline is not None and time.monotonic() > deadline - SAVE_MARGIN_S:
+                print(f"study: deadline near: SIGTERM to the trainer (pid {proc.pid})", flush=True)
+                proc.send_signal(signal.SIGTERM)  # the trainer's own pid: it saves and exits
+                stopped = True
+            if stopped and deadline is not None and time.monotonic() > deadline + 30:
+                proc.kill()
+                break
+        code = proc.wait()
+    if code != 0:
+        tail = (run_dir / "train.log").read_text(errors="replace").splitlines()[-15:]
+        raise SystemExit(f"study: {run.name} failed (exit {code}):\n" + "\n".join(tail))
+    return trained(run_dir)
+
+
+def finish(run: Run, run_dir: Path, results: Path, device: str) -> None:
+    """Evaluate and analyse a trained run, then archive what the report needs."""
+    from analyze import analyze_run
+
+    out = archive_dir(results, run)
+    out.mkdir(parents=True, exist_ok=True)
+    eval_json = run_dir / "eval.json"
+    if not eval_json.is_file():
+        cmd = [sys.executable, "-m", "kha_train.cli", "eval", str(run_dir), "--json",
+               str(eval_json), "--device", device]  # fmt: skip
+        subprocess.run(cmd, check=True, cwd=REPO)
+    analysis = analyze_run(run_dir, out / "kha.npz", device)
+    records = _records(run_dir / "metrics.jsonl")
+    with gzip.open(out / "metrics.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    shutil.copy(eval_json, out / "eval.json")
+    summary = summarize(run, records, json.loads(eval_json.read_text()), analysis)
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1) + "\n")
+    tmp.replace(out / "results.json")  # written last: its presence marks the run done
+    print(f"study: {run.study}/{run.name} done: {json.dumps(summary['final'])}", flush=True)
+
+
+def summarize(
+    run: Run, records: list[dict[str, Any]], report: dict[str, Any], analysis: dict[str, Any]
+) -> dict[str, Any]:
+    train = [r for r in records if r.get("type") == "train"]
+    val = [r for r in records if r.get("type") == "val"]
+    end = [r for r in records if r.get("type") == "end"][-1]
+    tail = train[-10:]
+    maxvio = [r["moe_max_violation_mean"] for r in train if "moe_max_violation_mean" in r]
+    speed = [r["tokens_per_s"] for r in train[len(train) // 2 :] if "tokens_per_s" in r]
+    val_split = next(s for s in report["sources"] if s["name"] == "val")
+    return {
+        "study": run.study,
+        "run": run.name,
+        "variant": run.variant,
+        "seed": run.seed,
+        "overrides": run.overrides,
+        "final": {
+            "eval_loss": val_split["loss"],
+            "eval_bpb": val_split["bpb"],
+            "val_loss": val[-1]["val_loss"] if val else None,
+            "train_loss_last100": sum(r["loss"] for r in tail) / max(len(tail), 1),
+        },
+        "steps": end["step"],
+        "tokens": end["tokens_seen"],
+        "spikes": end.get("spikes_total", 0),
+        "nonfinite_skipped": end.get("nonfinite_skipped", 0),
+        "max_violation_max": max(maxvio, default=None),
+        "max_violation_last": maxvio[-1] if maxvio else None,
+        "tokens_per_s": sorted(speed)[len(speed) // 2] if speed else None,
+        "eval": {k: val_split[k] for k in ("docs", "tokens", "bytes", "loss", "bpb")},
+        "analysis": analysis,
+        "environment": _environment(),
+    }
+
+
+def _environment() -> dict[str, Any]:
+    import torch
+
+    out: dict[str, Any] = {"torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    if torch.cuda.is_available():
+        out["device"] = torch.cuda.get_device_name(0)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                            capture_output=True, text=True)  # fmt: skip
+    out["commit"] = commit.stdout.strip() or os.environ.get("KHA_COMMIT", "unknown")
+    return out
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from report import write_report
+
+    for study_file in args.studies:
+        name, runs, spec = load_study(Path(study_file))
+        done = [archive_dir(args.results, r) for r in runs if is_archived(args.results, r)]
+        print(f"{name}: {len(done)} of {len(runs)} runs archived")
+        if done:
+            write_report(name, spec, done, args.results)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, func in (("status", cmd_status), ("run", cmd_run), ("report", cmd_report)):
+        p = sub.add_parser(name)
+        p.add_argument("studies", nargs="+", help="study files, e.g. configs/study/table2.yaml")
+        p.add_argument("--runs", type=Path, default=REPO / "runs" / "study")
+        p.add_argument("--results", type=Path, default=REPO / "docs" / "results")
+        p.set_defaults(func=func)
+        if name == "run":
+            p.add_argument("--only", nargs="*", help="run names to train (default: all)")
+            p.add_argument("--deadline-s", type=float, default=None,
+                           help="stop (saving the run in progress) before this many seconds")  # fmt: skip
+            p.add_argument("--min-run-s", type=float, default=120.0,
+                           help="do not start or resume a run with less time than this left")  # fmt: skip
+            p.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
