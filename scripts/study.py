@@ -181,6 +181,8 @@ def train(run: Run, run_dir: Path, deadline: float | None) -> bool:
                 proc.kill()
                 break
         code = proc.wait()
+    if stopped:  # saved and exited 0; or stopped before it could install its handler: resume
+        return trained(run_dir)
     if code != 0:
         tail = (run_dir / "train.log").read_text(errors="replace").splitlines()[-15:]
         raise SystemExit(f"study: {run.name} failed (exit {code}):\n" + "\n".join(tail))
