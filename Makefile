@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	else \
 		echo "installing torch==2.13.0"; $(PY) -m pip install -q torch==2.13.0; \
 	fi
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,eval]"
 	touch $(STAMP)
 
 $(DATA)/tokenizer.json: | $(STAMP)

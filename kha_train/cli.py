@@ -41,7 +41,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands whose arguments belong to another program: everything after the name is handed over.
+PASSTHROUGH = {"lm-eval": ("kha_train.tools.lm_eval_model", "main")}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in PASSTHROUGH and argv[1:] not in (["-h"], ["--help"]):
+        import importlib
+
+        module, name = PASSTHROUGH[argv[0]]
+        return int(getattr(importlib.import_module(module), name)(argv[1:]) or 0)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):

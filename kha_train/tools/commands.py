@@ -8,7 +8,9 @@ they run, so `kha-train --help` stays instant):
   before and after (virtual_heads.py);
 - `kha-train export SOURCE --out DIR`: a trained model as a Hugging Face checkpoint (export.py);
 - `kha-train eval RUN_OR_CHECKPOINT`: loss, perplexity and bits per byte (evaluate.py);
-- `kha-train generate RUN_OR_CHECKPOINT --prompt TEXT`: sampling with a KV cache (generate.py).
+- `kha-train generate RUN_OR_CHECKPOINT --prompt TEXT`: sampling with a KV cache (generate.py);
+- `kha-train lm-eval LM_EVAL_ARGS`: lm-evaluation-harness with `--model kha-train`
+  (lm_eval_model.py).
 """
 
 from __future__ import annotations
@@ -145,6 +147,20 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     add_generate_arguments(g)
     g.set_defaults(func=_run("kha_train.tools.generate", "run_generate"))
+
+    lm = subparsers.add_parser(
+        "lm-eval",
+        help="lm-evaluation-harness with --model kha-train (needs the eval extra)",
+        description=(
+            "lm-evaluation-harness's own command line (every lm_eval argument) with the "
+            "kha-train model class registered: `kha-train lm-eval run --model kha-train "
+            "--model_args path=RUN --tasks hellaswag`. Released lm-eval (through 0.5.0.dev1) "
+            "has no plugin discovery, so the plain `lm_eval` command cannot find outside models "
+            "(docs/evaluation.md, lm-eval). lm-eval's own help: `kha-train lm-eval run --help`."
+        ),
+    )
+    # Listed here for --help; cli.main hands everything after `lm-eval` to lm-eval unparsed.
+    lm.add_argument("args", nargs="*", help="lm_eval's arguments")
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
