@@ -70,7 +70,7 @@ def _dotlist_value(v: Any) -> str:
 
 
 def load_study(path: Path) -> tuple[str, list[Run], dict[str, Any]]:
-    """(study name, its runs in order: variants in file order, seeds inside, the study file)."""
+    """(study name, its runs in order (seeds, and variants in file order inside), the file)."""
     spec = yaml.safe_load(path.read_text())
     for key in ("study", "config", "seeds", "variants"):
         if key not in spec:
@@ -78,11 +78,11 @@ def load_study(path: Path) -> tuple[str, list[Run], dict[str, Any]]:
     config = (path.parent / spec["config"]).resolve()
     if not config.is_file():
         raise SystemExit(f"{path}: config {config} does not exist")
-    runs = [
+    runs = [  # every variant of the first seed first: one whole comparison as early as possible
         Run(spec["study"], f"{variant}-s{seed}", variant, int(seed), config,
             {**spec.get("overrides", {}), **(keys or {})})
-        for variant, keys in spec["variants"].items()
         for seed in spec["seeds"]
+        for variant, keys in spec["variants"].items()
     ]  # fmt: skip
     return spec["study"], runs, spec
 
@@ -253,9 +253,12 @@ def _environment() -> dict[str, Any]:
     out: dict[str, Any] = {"torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     if torch.cuda.is_available():
         out["device"] = torch.cuda.get_device_name(0)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                            capture_output=True, text=True)  # fmt: skip
-    out["commit"] = commit.stdout.strip() or os.environ.get("KHA_COMMIT", "unknown")
+    commit = os.environ.get("KHA_COMMIT")  # set where the tree is a copy without .git
+    if not commit:
+        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                             capture_output=True, text=True)  # fmt: skip
+        commit = git.stdout.strip() or "unknown"
+    out["commit"] = commit
     return out
 
 
