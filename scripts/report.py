@@ -142,7 +142,16 @@ def _plots(
     ax2.legend(fontsize=7)
     out.append(_save(fig, results / f"{study}_loss.png"))
 
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(14, 4.5), dpi=100)
+    for d in data:  # in-loop evaluation (eval.sets.val): bits per byte over training
+        pts = [(r["step"], r["val/bpb"]) for r in d["records"]
+               if r.get("type") == "eval" and r.get("val/bpb")]  # fmt: skip
+        if pts:
+            ax2.plot(*zip(*pts), "o-", color=color[d["variant"]], ms=3, lw=1, label=d["run"])
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("held-out bits per byte (in-loop, first 500k tokens)")
+    ax2.grid(alpha=0.3)
+    ax2.legend(fontsize=7)
     for i, v in enumerate(variants):
         ys = [d["final"]["eval_bpb"] for d in data if d["variant"] == v]
         ax.scatter([i] * len(ys), ys, color=color[v], s=40)
