@@ -194,7 +194,7 @@ class SkipStepConfig:
     enabled: bool = False  # the paper configs turn it on
     window: int = 128  # statistics over the loss and grad norm of the last N applied steps
     z_threshold: float = 6.0  # skip when loss or grad norm > mean + z_threshold x std (n - 1)
-    min_history: int = 64  # applied steps in the window before any skip (OLMo-core: window / 2)
+    min_history: int = 64  # applied steps held before any skip (OLMo-core: max(20, window / 2))
     # After this many spikes skipped in a row, the next spike is applied and the window starts
     # over: the weights do not change while steps are skipped, so a longer streak means the
     # model (not its data) moved, and skipping cannot end it.
@@ -312,6 +312,10 @@ class WandbMode(enum.StrEnum):
 
 @dataclass
 class SpikeConfig:
+    """Spike detection for the logs (training/spikes.py): it flags, it never skips (that is
+    optim.skip_step, which uses the same z-score; with it on, skipped steps stay out of both
+    windows)."""
+
     window: int = 128  # running statistics over the last N steps
     z_threshold: float = 6.0  # a spike: value > mean + z_threshold * std of the window
     warmup: int = 20  # steps observed before any spike can be flagged

@@ -268,6 +268,37 @@ def _optim_errors(o: OptimConfig) -> list[str]:
         )
     if not (_positive_finite(o.eps) and o.eps < 1):
         errs.append(f"optim.eps={o.eps} must be in (0, 1) (typical: 1e-8)")
+    return errs + _spike_defense_errors(o)
+
+
+def _spike_defense_errors(o: OptimConfig) -> list[str]:
+    """optim.zclip, optim.adagc (checked whatever optim.clip_mode is) and optim.skip_step."""
+    errs = []
+    z, a, s = o.zclip, o.adagc, o.skip_step
+    if not (0 < z.alpha < 1 and _positive_finite(z.z_threshold) and z.warmup >= 2):
+        errs.append(
+            f"optim.zclip.alpha must be in (0, 1), z_threshold > 0 and warmup >= 2 (its steps "
+            f"give the first mean and variance), got {z.alpha}, {z.z_threshold} and {z.warmup} "
+            "(ZClip's defaults: 0.97, 2.5, 25)"
+        )
+    if not (math.isfinite(a.ratio) and a.ratio >= 1 and 0 <= a.beta < 1 and a.warmup >= 1):
+        errs.append(
+            f"optim.adagc.ratio must be >= 1 (below 1 every tensor's gradient would shrink step "
+            f"after step), beta in [0, 1) and warmup >= 1, got {a.ratio}, {a.beta} and "
+            f"{a.warmup} (AdaGC's defaults: 1.04, 0.99, 100)"
+        )
+    if s.window < 2 or not _positive_finite(s.z_threshold):
+        errs.append(
+            f"optim.skip_step.window must be >= 2 and z_threshold > 0, got {s.window} and "
+            f"{s.z_threshold}"
+        )
+    elif not 2 <= s.min_history <= s.window:
+        errs.append(
+            f"optim.skip_step.min_history={s.min_history} must be in [2, optim.skip_step.window="
+            f"{s.window}]: a standard deviation needs 2 values, the window holds {s.window}"
+        )
+    if s.max_in_row < 1:
+        errs.append(f"optim.skip_step.max_in_row must be >= 1, got {s.max_in_row}")
     return errs
 
 

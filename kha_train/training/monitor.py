@@ -1,11 +1,16 @@
 """What the optimizer steps leave behind, read on the host: ``StepMonitor``.
 
-Each step's global loss, grad norm and ok flag go into a device buffer (``history.py``). A drain
-(at logging steps, checkpoints and validation) reads them in one transfer and feeds the spike
-detector, counts and logs the skipped non-finite steps (aborting after
-``train.max_nonfinite_in_row`` in a row), and adds the finite ones to the logging window, from
-which the logging step's record is made. Everything here is identical on every rank: the values
-are global.
+Each step's global loss, grad norm and finite flag go into a device buffer (``history.py``), its
+spike-guard flags and z-scores into another. A drain (at logging steps, checkpoints and
+validation) reads them and feeds the spike detector, counts and logs the skipped non-finite steps
+(aborting after ``train.max_nonfinite_in_row`` in a row) and the steps the spike guard skipped
+(``spike_skip`` records) or gave in to (``spike_guard_reset``), and adds the finite ones to the
+logging window, from which the logging step's record is made. Everything here is identical on
+every rank: the values are global.
+
+The monitor also holds the step's device-side defenses, the spike guard (``spike_guard.py``) and
+the clipper (``clipping.py``): the trainer hands them to ``train_step``, and their state is
+checkpointed with the rest of the monitor's (:meth:`StepMonitor.state_dict`).
 """
 
 from __future__ import annotations
@@ -17,11 +22,13 @@ import torch
 from torch import nn
 
 from kha_train.config import Config
+from kha_train.training.clipping import build_clipper, load_clip_state
 from kha_train.training.distributed import DistEnv
 from kha_train.training.history import StepHistory
 from kha_train.training.loggers import RunLoggers
 from kha_train.training.metrics import LossWindow, WindowTimer, moe_record, peak_flops, train_record
 from kha_train.training.schedule import lr_at
+from kha_train.training.spike_guard import RESET, build_guard, skipped_for_spike, spike_metrics
 from kha_train.training.spikes import SpikeDetector
 from kha_train.training.step import StepResult
 
@@ -38,23 +45,45 @@ class StepMonitor:
         self.skipped_total = 0  # non-finite steps skipped (host copy, updated at drains)
         self.in_row = 0  # consecutive non-finite steps at the last drain
         self.history = StepHistory(cfg.logging.log_every, env.device)
+        # Per history row: the step's spike-guard flags and its z-scores of loss and grad norm.
+        self._verdicts = torch.zeros(cfg.logging.log_every, 3, device=env.device)
+        self.guard = build_guard(cfg.optim.skip_step, env.device)  # None: optim.skip_step off
+        self.clipper = build_clipper(cfg.optim, env.device)
+        self.spike_skipped_total = 0  # steps the guard skipped (host copy, updated at drains)
+        self.spike_skipped_in_window = 0  # ... since the last logging step
+        self.guard_resets = 0  # times the guard gave in after max_in_row skipped spikes
         self.window = LossWindow()  # host sums over the logging window (drains may split it)
         self.last_counts: torch.Tensor | None = None  # expert counts of the latest step
         self.flops_per_token = _model_flops(cfg)
         self.peak_flops = peak_flops(env.device, cfg.logging.peak_tflops)
 
     def state_dict(self) -> dict[str, Any]:
-        """The spike windows and non-finite counters (JSON-able). Call after :meth:`drain`."""
+        """The spike windows, non-finite and skip counters, the spike guard's and the clipper's
+        state (JSON-able). Call after :meth:`drain`; reads the device state (a host sync)."""
         return {
             "spikes": self.detector.state_dict(),
             "nonfinite": {"skipped_total": self.skipped_total, "in_row": self.in_row},
+            "spike_skip": {
+                "skipped_total": self.spike_skipped_total,
+                "resets": self.guard_resets,
+                "guard": None if self.guard is None else self.guard.state_dict(),
+            },
+            "clip": self.clipper.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`. A checkpoint from before the spike guard, or without it
+        on, starts the guard fresh; a changed ``optim.clip_mode`` starts the new clipper fresh."""
         self.detector.load_state_dict(state["spikes"])
         self.skipped_total = int(state["nonfinite"]["skipped_total"])
         self.in_row = int(state["nonfinite"]["in_row"])
         self.history = StepHistory(self.cfg.logging.log_every, self.env.device, self.in_row)
+        skip = state.get("spike_skip") or {}
+        self.spike_skipped_total = int(skip.get("skipped_total", 0))
+        self.guard_resets = int(skip.get("resets", 0))
+        if self.guard is not None and skip.get("guard") is not None:
+            self.guard.load_state_dict(skip["guard"])
+        load_clip_state(self.clipper, state.get("clip"))
 
     def record(self, step: int, result: StepResult, sample_ids: torch.Tensor, log: RunLoggers):
         """Keep optimizer step ``step`` (1-based) on the device; drains first when full."""
@@ -63,23 +92,35 @@ class StepMonitor:
         # The loop drains at least every log_every steps; stepping by hand drains when full.
         if self.history.full:
             self.drain(step - 1, log)
-        self.history.record(step, result.loss, result.grad_norm, result.ok, sample_ids)
+        self._verdicts[len(self.history)] = torch.cat([result.flags.float().view(1), result.z])
+        self.history.record(step, result.loss, result.grad_norm, result.finite, sample_ids)
 
     def drain(self, step: int, log: RunLoggers) -> None:
         """Read the steps since the last drain (up to ``step``): feed the spike detector, record
         skipped steps, and add to the logging window. A host sync; a collective if any step
         spiked or was skipped (every rank takes that branch together)."""
-        if not len(self.history):
+        n = len(self.history)
+        if not n:
             return
         drained = self.history.drain()  # the host sync
-        spikes, bad = [], []
-        for v in drained.steps:
-            if v.ok:
-                spikes.extend(self.detector.observe(v.step, v.loss, v.grad_norm))
+        verdicts = self._verdicts[:n].tolist()
+        spikes, bad, skips, resets = [], [], [], []
+        for v, (flags, z_loss, z_gnorm) in zip(drained.steps, verdicts, strict=True):
+            if v.ok:  # finite
+                skipped, reset = skipped_for_spike(int(flags)), bool(int(flags) & RESET)
+                spikes.extend(
+                    self.detector.observe(
+                        v.step, v.loss, v.grad_norm, accepted=not skipped, restart=reset
+                    )
+                )
                 self.window.add(v.loss, v.grad_norm)
+                if skipped:
+                    skips.append((v, int(flags), z_loss, z_gnorm))
+                if reset:
+                    resets.append((v, int(flags), z_loss, z_gnorm))
             else:
                 bad.append(v)
-        if spikes or bad:  # every rank takes this branch together: the values are global
+        if spikes or bad or skips or resets:  # every rank takes this branch together
             ids = self.history.gather_sample_ids(self.env.world_size, self.env.device)
             for s in spikes:
                 s.sample_ids = ids[s.step]
@@ -91,7 +132,11 @@ class StepMonitor:
                     echo=f"step {v.step}: non-finite loss {v.loss} / grad norm {v.grad_norm}: "
                     "update skipped (weights and optimizer state unchanged)",
                 )  # fmt: skip
+            self._log_guard(log, ids, skips, resets)
         self.skipped_total += len(bad)
+        self.spike_skipped_total += len(skips)
+        self.spike_skipped_in_window += len(skips)
+        self.guard_resets += len(resets)
         self.window.skipped += len(bad)
         self.in_row = drained.in_row
         limit = self.cfg.train.max_nonfinite_in_row
@@ -120,6 +165,10 @@ class StepMonitor:
         rec["nonfinite_skipped"] = self.skipped_total
         rec["nonfinite_in_window"] = self.window.skipped
         rec["spikes_total"] = self.detector.num_spikes
+        if self.guard is not None:
+            rec["spike_skipped"] = self.spike_skipped_total
+            rec["spike_skipped_in_window"] = self.spike_skipped_in_window
+        self.spike_skipped_in_window = 0
         if self.last_counts is not None:
             rec.update(moe_record(self.last_counts))
         aux = getattr(model, "last_aux_loss", None)
@@ -127,6 +176,41 @@ class StepMonitor:
             rec["aux_loss"] = float(aux)
         self.window = LossWindow()
         log.log(rec)
+
+    def _log_guard(
+        self,
+        log: RunLoggers,
+        ids: dict[int, list[int]],
+        skips: list[tuple[Any, int, float, float]],
+        resets: list[tuple[Any, int, float, float]],
+    ) -> None:
+        """``spike_skip`` and ``spike_guard_reset`` records (metrics.jsonl and the console)."""
+        g = self.cfg.optim.skip_step
+        for kind, entries in (("spike_skip", skips), ("spike_guard_reset", resets)):
+            for v, flags, z_loss, z_gnorm in entries:
+                rec = {
+                    "type": kind, "step": v.step, "metrics": spike_metrics(flags),
+                    "loss": v.loss, "grad_norm": v.grad_norm, "loss_z": z_loss,
+                    "grad_norm_z": z_gnorm, "sample_ids": ids[v.step],
+                }  # fmt: skip
+                what = " and ".join(
+                    f"{m.replace('_', ' ')} {rec[m]:.4g} (z={rec[m + '_z']:.1f})"
+                    for m in rec["metrics"]
+                )
+                if kind == "spike_skip":
+                    echo = (
+                        f"step {v.step}: {what} above {g.z_threshold:g} std of the last applied "
+                        "steps: update skipped (weights, optimizer state and expert biases "
+                        "unchanged)"
+                    )
+                else:
+                    rec["skipped_in_row"] = g.max_in_row
+                    echo = (
+                        f"step {v.step}: {what} is a spike, but {g.max_in_row} were skipped in "
+                        "a row before it: applied, and the spike guard restarts its statistics "
+                        f"(no skipping for {g.min_history} steps)"
+                    )
+                log.event(rec, echo=echo)
 
 
 def _model_flops(cfg: Config) -> float | None:

@@ -13,6 +13,11 @@ Names are matched after removing the wrapper prefixes that activation checkpoint
 Implementation (``optim.implementation``): ``fused`` is one kernel over all parameters and can
 skip a non-finite step on the device without a host sync (see ``step.py``); ``foreach`` is the
 multi-tensor fallback. ``auto`` picks fused on CUDA and foreach on CPU.
+
+Also the gradient arithmetic the step and ``clipping.py`` share, on the device and correct for
+FSDP2's sharded (DTensor) gradients: the global grad norm, each tensor's norm, and scaling the
+gradients by one factor (through the fused kernel's ``grad_scale`` where it can) or by one
+factor per tensor.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Partial, Replicate
 
 from kha_train.config import OptimConfig
 
@@ -119,6 +124,57 @@ def clip_gradients(
         optimizer.grad_scale = torch.clamp((grad_norm + 1e-6) / max_norm, min=1.0)  # type: ignore[attr-defined]
     else:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, grad_norm, foreach=True)
+
+
+def clip_gradients_to(
+    optimizer: torch.optim.Optimizer,
+    params: list[torch.Tensor],
+    grad_norm: torch.Tensor,
+    max_norm: torch.Tensor,
+) -> None:
+    """:func:`clip_gradients` to a limit decided on the device (a () fp32 tensor; inf: no
+    clipping), as ZClip decides it (``clipping.py``)."""
+    if is_fused(optimizer):
+        optimizer.grad_scale = torch.clamp((grad_norm + 1e-6) / max_norm, min=1.0)  # type: ignore[attr-defined]
+    else:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, grad_norm, foreach=True)  # type: ignore[arg-type]
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def tensor_grad_norms(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of each gradient over all its shards: (n,) fp32 on the device, no sync.
+
+    Each rank takes the norms of its local shards (one foreach kernel); the squares of sharded
+    DTensors are summed over the mesh dimensions they are sharded on, one all-reduce per
+    distinct (mesh, placements) (with FSDP2: one all-reduce of n floats). Replicated dimensions
+    (HSDP's replicas) hold the same values and are not summed."""
+    norms = torch._foreach_norm([_local(g) for g in grads])
+    groups: dict[object, list[int]] = {}
+    for i, g in enumerate(grads):
+        key = (g.device_mesh, tuple(g.placements)) if isinstance(g, DTensor) else None
+        groups.setdefault(key, []).append(i)
+    out: list[torch.Tensor] = list(norms)
+    for key, idx in groups.items():
+        if key is None:
+            continue
+        mesh, placements = key
+        if any(p.is_partial() for p in placements):
+            raise ValueError(f"per-tensor gradient norms of partial DTensors: {placements}")
+        sq = torch.stack([norms[i] for i in idx]).float().square()
+        sums = [Partial() if p.is_shard() else Replicate() for p in placements]
+        total = DTensor.from_local(sq, mesh, sums, run_check=False).full_tensor().sqrt()
+        for j, i in enumerate(idx):  # views, in the original order (no index tensor: no copy)
+            out[i] = total[j]
+    return torch.stack(out).float()
+
+
+def scale_gradients_each(grads: list[torch.Tensor], coefs: list[torch.Tensor]) -> None:
+    """grads[i] *= coefs[i] (0-dim tensors) in place, on each rank's local shards: one foreach
+    pass."""
+    torch._foreach_mul_([_local(g) for g in grads], coefs)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

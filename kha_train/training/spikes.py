@@ -9,6 +9,15 @@ of that step's batch, so the offending data can be looked up.
 
 Non-finite values are not observed here (the trainer skips and counts those steps).
 
+With the spike guard on (``optim.skip_step``, ``spike_guard.py``), the detector follows the
+guard's window: a step the guard skipped is flagged (its record says ``skipped``) but not added
+to the windows, and a guard reset empties them, as it empties the guard's. The test is the same
+(value > mean + z_threshold x std, std with n - 1, of the window before the value) and so are
+the default window (128) and threshold (6), so with equal settings both flag the same steps (up
+to the last bit of float rounding: the guard computes on the device); only the detector's warmup
+is shorter (20 against the guard's min_history 64): it logs, it does not skip. Without the guard
+every finite value enters the windows.
+
 The detector is ``Stateful``: its windows and counters are checkpointed, so a resumed run flags
 exactly what the uninterrupted run would have.
 """
@@ -35,6 +44,7 @@ class Spike:
     loss: float
     grad_norm: float
     sample_ids: list[int] = field(default_factory=list)  # global sample indices of the batch
+    skipped: bool = False  # the spike guard skipped this step (its update was not applied)
 
     def to_dict(self) -> dict[str, Any]:
         return {"type": "spike", **asdict(self)}
@@ -53,9 +63,20 @@ class SpikeDetector:
         self.spikes_by_metric: dict[str, int] = {m: 0 for m in METRICS}
 
     def observe(
-        self, step: int, loss: float, grad_norm: float, sample_ids: list[int] | None = None
+        self,
+        step: int,
+        loss: float,
+        grad_norm: float,
+        sample_ids: list[int] | None = None,
+        *,
+        accepted: bool = True,
+        restart: bool = False,
     ) -> list[Spike]:
-        """Feed one step's values; return the spikes they contain (zero, one or two)."""
+        """Feed one step's values; return the spikes they contain (zero, one or two).
+
+        ``accepted=False``: the spike guard skipped the step: check it, do not add it to the
+        windows. ``restart``: the guard restarted its window at this step: check it, then empty
+        the windows and start them with it."""
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             return []
         values = {"loss": loss, "grad_norm": grad_norm}
@@ -79,10 +100,17 @@ class SpikeDetector:
                             loss=loss,
                             grad_norm=grad_norm,
                             sample_ids=list(sample_ids or []),
+                            skipped=not accepted,
                         )
                     )
-            window.append(value)
-        self._seen += 1
+        if restart:
+            for window in self._values.values():
+                window.clear()
+            self._seen = 0
+        if accepted:
+            for metric in METRICS:
+                self._values[metric].append(values[metric])
+            self._seen += 1
         self.num_spikes += len(spikes)
         for s in spikes:
             self.spikes_by_metric[s.metric] += 1

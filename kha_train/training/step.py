@@ -7,23 +7,27 @@
         mean loss over every target token of the global batch (= 1 / micro-batches when, as
         with the packed loader, every position has a target)
     loss  = sum over ranks of sum_i loss_i * w_i / ranks       (all-reduce on the device)
-    gnorm = global gradient norm; clip to grad_clip
-    ok    = loss and gnorm are finite                          (a device tensor)
+    gnorm = global gradient norm (before clipping)
+    ok    = loss and gnorm are finite, and, with a spike guard, not a spike (a device tensor;
+            ``spike_guard.py``)
+    clip  (``clipping.py``: global norm to grad_clip by default, or ZClip / AdaGC, whose state
+            moves only if ok)
     AdamW step at ``lr``, applied only if ok (see "non-finite steps")
     MoE: counts of the step (all micro-batches) summed over ranks -> expert-bias update (if ok)
 
 Gradients are reduced (and parameters resharded) only after the last micro-batch when
 ``parallel.defer_grad_sync`` says so (:func:`~kha_train.training.parallel.set_micro_batch_sync`).
 
-No host-device sync: loss, grad norm, the ok flag and the counts come back as device tensors
-(:class:`StepResult`); the trainer keeps them in a small history buffer until a logging step.
+No host-device sync: loss, grad norm, the ok flag, the skip flags and the counts come back as
+device tensors (:class:`StepResult`); the trainer keeps them in a small history buffer until a
+logging step.
 
 Non-finite steps: with the fused AdamW (the default on CUDA) the flag goes in as the kernel's
 ``found_inf`` argument: the kernel leaves parameters, both moments and the step count untouched
 when it is set, decided on the device, no sync. The foreach implementation has no such input, so
 there the flag is read on the host once per step (free on CPU; a sync per step on GPU, so prefer
 fused there). The MoE bias update gets counts x ok, and a step with zero counts does not move
-the bias.
+the bias. A step skipped by the spike guard takes the same path (ok is false).
 """
 
 from __future__ import annotations
@@ -39,8 +43,10 @@ from kha_train.config import ParallelConfig
 from kha_train.data.loader import Batch
 from kha_train.model import collect_expert_counts, moe_layers, update_expert_bias
 from kha_train.model.loss import IGNORE_INDEX
-from kha_train.training.optim import clip_gradients, global_grad_norm, is_fused, set_lr
+from kha_train.training.clipping import Clipper, GlobalNormClip
+from kha_train.training.optim import global_grad_norm, is_fused, set_lr
 from kha_train.training.parallel import set_micro_batch_sync
+from kha_train.training.spike_guard import NONFINITE, SpikeGuard, finite_verdict
 
 LossFn = Callable[[Batch], torch.Tensor]
 
@@ -51,8 +57,17 @@ class StepResult:
 
     loss: torch.Tensor  # () fp32: mean loss over every target token of the global batch
     grad_norm: torch.Tensor  # () global gradient norm, before clipping
-    ok: torch.Tensor  # () bool: loss and grad norm finite, so the update was applied
+    ok: torch.Tensor  # () bool: the update was applied (finite, and not skipped as a spike)
     counts: torch.Tensor | None  # (n_moe_layers, E) expert assignments of the step; None: dense
+    # () int32: why the step was skipped, spike_guard.NONFINITE | LOSS_SPIKE | GRAD_NORM_SPIKE,
+    # and RESET (a spike applied after max_in_row skipped ones); 0: a normal step
+    flags: torch.Tensor
+    z: torch.Tensor  # (2,) fp32: the guard's z-scores of loss and grad norm (0 without a guard)
+
+    @property
+    def finite(self) -> torch.Tensor:
+        """() bool: loss and grad norm were finite."""
+        return (self.flags & NONFINITE) == 0
 
 
 def token_weights(micro_batches: Sequence[Batch], world_size: int) -> torch.Tensor:
@@ -73,12 +88,16 @@ def train_step(
     grad_clip: float,
     lr: float,
     compute_loss: LossFn | None = None,
+    guard: SpikeGuard | None = None,
+    clipper: Clipper | None = None,
 ) -> StepResult:
     """One optimizer step of ``model`` on this rank's ``micro_batches`` (module docstring).
 
     ``compute_loss(batch)`` is the micro-batch's scalar loss, by default
     ``model(batch.input_ids, batch.labels)`` (the trainer passes its overridable hook, the
-    benchmark its autocast baseline). ``grad_clip`` <= 0 disables clipping."""
+    benchmark its autocast baseline). ``clipper`` (``clipping.py``) defaults to global-norm
+    clipping to ``grad_clip`` (<= 0: none); ``guard`` (``spike_guard.py``), if given, skips
+    spikes."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     weights = token_weights(micro_batches, world)  # (A,)
     loss_sum = torch.zeros((), device=weights.device)
@@ -94,8 +113,9 @@ def train_step(
 
     params = [p for p in model.parameters() if p.requires_grad]
     grad_norm = global_grad_norm(params)
-    clip_gradients(optimizer, params, grad_norm, grad_clip)
-    ok = torch.isfinite(loss) & torch.isfinite(grad_norm)
+    verdict = finite_verdict(loss, grad_norm) if guard is None else guard.step(loss, grad_norm)
+    ok = verdict.ok
+    (clipper or GlobalNormClip(grad_clip)).clip(optimizer, params, grad_norm, ok)
 
     set_lr(optimizer, lr)
     if is_fused(optimizer):
@@ -111,4 +131,4 @@ def train_step(
         if world > 1:
             dist.all_reduce(counts)
         update_expert_bias(model, counts * ok)  # zero counts: bias unchanged
-    return StepResult(loss, grad_norm, ok, counts)
+    return StepResult(loss, grad_norm, ok, counts, verdict.flags, verdict.z)

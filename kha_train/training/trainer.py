@@ -253,7 +253,8 @@ class Trainer:
         return self.model(batch.input_ids, batch.labels)
 
     def _step(self, micro_batches: list[Any]) -> StepResult:
-        """One optimizer step (``step.train_step``), recorded in the history."""
+        """One optimizer step (``step.train_step``), recorded in the history. A step the spike
+        guard skips still counts: the schedule, tokens seen and the data position move on."""
         lr = lr_at(
             self.step, peak_lr=self.cfg.optim.lr, total_steps=self.total_steps,
             cfg=self.cfg.schedule,
@@ -261,6 +262,7 @@ class Trainer:
         result = train_step(
             self.model, self.optimizer, micro_batches, parallel=self.cfg.parallel,
             grad_clip=self.cfg.optim.grad_clip, lr=lr, compute_loss=self.compute_loss,
+            guard=self.monitor.guard, clipper=self.monitor.clipper,
         )  # fmt: skip
         ids = torch.cat([b.sample_ids for b in micro_batches])
         self.monitor.record(self.step + 1, result, ids, self.log)
@@ -376,6 +378,7 @@ class Trainer:
         summary = {
             "status": status, "step": self.step, "tokens_seen": self.step * self.tokens_per_step,
             "nonfinite_skipped": self.monitor.skipped_total,
+            "spike_skipped": self.monitor.spike_skipped_total,
             "spikes_total": self.monitor.detector.num_spikes,
         }  # fmt: skip
         self.log.event({"type": "end", **summary})
