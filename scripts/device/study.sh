@@ -1,0 +1,34 @@
+#!/bin/bash
+# One device call of the replication study (docs/results.md): install the carried wheels, unpack
+# the corpus once (its parts: scripts/device/ship_part.sh, then data/pack/study.tar.xz.001
+# carried by the first call of this script), then train / evaluate study runs until the
+# deadline; the archives come back as $OUT/results.tgz.
+# Usage: bash scripts/device/study.sh DEADLINE_S MIN_RUN_S [REF] [STUDY.yaml ...]
+#   REF: first measure the in-loop evaluation's cost on the reference config (evaluation.md).
+# Carry: .whl (omegaconf + antlr4 wheels), .kha_commit (the commit, for the archives).
+set -u
+export PYTHONUNBUFFERED=1 KHA_COMMIT=$(cat .kha_commit 2>/dev/null || echo unknown)
+deadline=$1; min_run=$2; shift 2
+ref=""; [ "${1:-}" = REF ] && { ref=1; shift; }
+studies=${*:-configs/study/table2.yaml}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD
+if [ ! -f data/study/index.json ]; then
+  [ -f data/pack/study.tar.xz.001 ] && cp data/pack/study.tar.xz.001 /tmp/pack/
+  python3 scripts/pack_corpus.py unpack /tmp/pack --out data/study || exit 1
+fi
+start=$(date +%s)
+if [ -n "$ref" ]; then  # in-loop eval cost on the reference config (docs/evaluation.md)
+  timeout 300 python3 -m kha_train.cli train configs/paper/table5/moe_a0.44b_kha_mlp.yaml \
+    data.dataset=data/builtin train.max_steps=40 train.micro_batch_size=6 train.global_batch_tokens=122880 \
+    eval.sets.gutenberg=data/eval_ref eval.every=20 logging.run_dir=/tmp/ref checkpoint.dir=/tmp/ckpt_ref \
+    logging.wandb=disabled train.val_batches=0 train.val_every=0 logging.log_every=5 > $OUT/ref.log 2>&1
+  echo "ref exit $?"; grep -E "eval |step +(5|20|40)/" $OUT/ref.log | tail -6; rm -rf /tmp/ckpt_ref
+fi
+used=$(( $(date +%s) - start ))
+python3 scripts/study.py run $studies --results /tmp/results \
+  --deadline-s $(( deadline - used )) --min-run-s $min_run 2>&1 | tee -a $OUT/study.log | grep -v "^step" | tail -30
+python3 scripts/study.py status $studies --results /tmp/results
+for r in runs/study/*/*/; do n=$(basename $r); grep -E "^step +[0-9]+/" $r/train.log | tail -2 | sed "s/^/$n: /"; done
+tar czf $OUT/results.tgz -C /tmp results 2>/dev/null
+tar czf $OUT/runs_logs.tgz runs/study/*/*/metrics.jsonl runs/study/*/*/train.log 2>/dev/null; ls -la $OUT
