@@ -1,17 +1,24 @@
-"""Every YAML under configs/ loads and validates; the paper configs have the paper's sizes."""
+"""Every YAML under configs/ loads and validates (every run of every study file too); the paper
+configs have the paper's sizes."""
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from kha_train.config import KHAVariant, load_config
 from kha_train.config_checks import validate
 from kha_train.model.flops import param_counts
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-ALL = sorted(CONFIGS.rglob("*.yaml"))
+STUDIES = sorted(
+    p for p in CONFIGS.rglob("*.yaml") if "study" in (yaml.safe_load(p.read_text()) or {})
+)
+ALL = sorted(set(CONFIGS.rglob("*.yaml")) - set(STUDIES))  # kha-train configs
 
 # (total, active) from the paper: Table 5 and section 4.3 (main run).
 PAPER_SIZES = {
@@ -37,6 +44,21 @@ def test_config_loads_and_validates(path: Path) -> None:
     world_sizes = (8, 64) if "paper" in path.parts else (1,)
     for ws in world_sizes:
         validate(cfg, world_size=ws)
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_run_of_a_study_file_is_a_valid_config(path: Path) -> None:
+    """configs/study/*.yaml (scripts/study.py): each run's config with its keys loads and
+    validates, so a typo in a variant fails here, not on the GPU."""
+    spec = importlib.util.spec_from_file_location("study", CONFIGS.parent / "scripts" / "study.py")
+    study = importlib.util.module_from_spec(spec)
+    sys.modules["study"] = study  # its dataclasses look their module up there
+    spec.loader.exec_module(study)
+    _, runs, _ = study.load_study(path)
+    assert runs
+    for run in runs:
+        args = run.train_args(Path("/tmp/unused"))
+        validate(load_config(args[0], args[1:], notes=[]))
 
 
 def _paper_size(path: Path) -> tuple[float, float] | None:
