@@ -257,6 +257,9 @@ class TrainConfig:
     val_every: int = 0  # validation every N steps (0: only at the end, if a val split exists)
     val_batches: int = 8  # micro-batches per validation pass (0 with val_every=0: no validation)
     max_nonfinite_in_row: int = 5  # abort after this many consecutive non-finite steps
+    # Bitwise-reproducible runs on one GPU type: torch's deterministic kernels, a fixed cuBLAS
+    # workspace, no cuDNN autotuning (training/determinism.py; the cost: docs/training.md).
+    deterministic: bool = False
 
 
 class ACMode(enum.StrEnum):

@@ -9,8 +9,12 @@ they run, so `kha-train --help` stays instant):
 - `kha-train export SOURCE --out DIR`: a trained model as a Hugging Face checkpoint (export.py);
 - `kha-train eval RUN_OR_CHECKPOINT`: loss, perplexity and bits per byte (evaluate.py);
 - `kha-train generate RUN_OR_CHECKPOINT --prompt TEXT`: sampling with a KV cache (generate.py);
+- `kha-train replay RUN_DIR --step N`: the steps around a spike re-run from the checkpoint
+  before it: does it recur? (replay.py);
 - `kha-train lm-eval LM_EVAL_ARGS`: lm-evaluation-harness with `--model kha-train`
-  (lm_eval_model.py).
+  (lm_eval_model.py);
+- `kha-train spikes RUN_DIR`: every loss spike of a run, what was done about it, and the decoded
+  samples of the highest loss in the worst ones (spikes_report.py).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import importlib
 from collections.abc import Callable
 
 from kha_train.tools import evaluate
+from kha_train.tools.replay import add_replay_arguments
 
 # The weights a model tool reads (tools/weights_io.py).
 SOURCE_HELP = (
@@ -148,6 +153,19 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     add_generate_arguments(g)
     g.set_defaults(func=_run("kha_train.tools.generate", "run_generate"))
 
+    r = subparsers.add_parser(
+        "replay",
+        help="re-run the steps around a loss spike from the checkpoint before it",
+        description=(
+            "Restore the run's newest checkpoint before --step, train to --step + --after with "
+            "the run's config into RUN_DIR/replay/step_XXXXXXX, and compare with the run: does "
+            "the spike recur (its data causes it) or not (a transient)? Bitwise with "
+            "train.deterministic=true. See docs/training.md."
+        ),
+    )
+    add_replay_arguments(r)
+    r.set_defaults(func=_run("kha_train.tools.replay", "run_replay"))
+
     lm = subparsers.add_parser(
         "lm-eval",
         help="lm-evaluation-harness with --model kha-train (needs the eval extra)",
@@ -161,6 +179,26 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     # Listed here for --help; cli.main hands everything after `lm-eval` to lm-eval unparsed.
     lm.add_argument("args", nargs="*", help="lm_eval's arguments")
+
+    sp = subparsers.add_parser(
+        "spikes",
+        help="every loss spike of a run, what was done, and its worst samples decoded",
+        description=(
+            "Read RUN_DIR/metrics.jsonl and print every loss or grad-norm spike (step, what "
+            "spiked, loss, grad norm, z-scores, action: logged, skipped, guard reset or rolled "
+            "back), then for the worst explained spikes the samples of the highest loss in "
+            "their batch, decoded (scored when the spike was seen: logging.spikes.explain_*). "
+            "No model or GPU is needed."
+        ),
+    )
+    sp.add_argument("run_dir", help="a run directory (logging.run_dir) or its metrics.jsonl")
+    sp.add_argument(
+        "--top", type=int, default=5, help="spike steps whose samples are printed (default 5)"
+    )
+    sp.add_argument(
+        "--json", metavar="OUT", help="also write the report as JSON to OUT (-: stdout, alone)"
+    )
+    sp.set_defaults(func=_run("kha_train.tools.spikes_report", "run_spikes"))
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:

@@ -35,6 +35,7 @@ from kha_train.training import distributed as D
 from kha_train.training.build import build_loaders, build_model, config_snapshot, resume_path
 from kha_train.training.checkpoint import CheckpointManager
 from kha_train.training.checkpoint_checks import STEP_DIR, check_free_space, stray_entries
+from kha_train.training.determinism import make_deterministic
 from kha_train.training.evaluator import build_evaluator
 from kha_train.training.hf_export import HFExporter
 from kha_train.training.loggers import RunLoggers
@@ -54,6 +55,8 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 class Trainer:
     def __init__(self, cfg: Config, *, console: TextIO | None = None) -> None:
         validate(cfg, D.env_world_size())
+        if cfg.train.deterministic:
+            make_deterministic()  # before any CUDA work
         self.cfg = cfg
         self.env = D.init_distributed(cfg.train.device)
         self.device = self.env.device
@@ -370,6 +373,17 @@ class Trainer:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+
+    def run_steps(self, until: int) -> None:
+        """Train up to optimizer step ``until`` and drain the monitor: no validation, evaluation,
+        checkpoint or end record (``kha-train replay`` re-runs a stretch of a run with it)."""
+        timer = WindowTimer()
+        while self.step < min(until, self.total_steps):
+            self._step(self.loader.next_step())
+            timer.step()
+            if self.step % self.cfg.logging.log_every == 0:
+                self.monitor.log_window(self.step, timer, self.log, self.model)
+        self._drain()
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._stop_signal = signal.Signals(signum).name
