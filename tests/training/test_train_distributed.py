@@ -3,7 +3,6 @@ resume across rank counts, HSDP, preemption signals, kill -9 during a save."""
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import subprocess
@@ -14,34 +13,23 @@ from pathlib import Path
 import pytest
 from train_helpers import (
     REPO,
-    build,
     losses,
     records,
     run_process,
     subprocess_env,
     tiny_config,
     torchrun_cmd,
+    train_here,
     write_config,
 )
 
-from kha_train.training import distributed as D
 from kha_train.training.checkpoint import MARKER, latest_checkpoint
-from kha_train.training.trainer import Trainer
 
 pytestmark = pytest.mark.slow
 
 # A constant schedule after warmup makes runs of different planned lengths comparable.
 SCHEDULE = {"kind": "constant", "warmup_steps": 2}
 TOL = 1e-5  # fp32: the sum over ranks runs in another order than the sum over micro-batches
-
-
-def train_here(cfg: dict) -> None:
-    trainer = Trainer(build(cfg), console=io.StringIO())
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
-        D.teardown()
 
 
 @pytest.fixture(scope="module")

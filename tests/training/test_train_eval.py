@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from train_helpers import build, records, tiny_config
+from train_helpers import build, records, tiny_config, train_here
 
 from kha_train.config import ConfigError
 from kha_train.config_checks import validate
@@ -36,15 +36,6 @@ def _texts(path: Path) -> Path:
     return path
 
 
-def _train(cfg: dict) -> None:
-    trainer = Trainer(build(cfg), console=io.StringIO())
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
-        D.teardown()
-
-
 def _cli_eval(run: Path, *extra: str) -> dict:
     parser = argparse.ArgumentParser()
     add_eval_arguments(parser)
@@ -57,7 +48,7 @@ def test_in_loop_eval_matches_kha_train_eval(tmp_path, tiny_dataset) -> None:
     texts = _texts(tmp_path / "texts.jsonl")
     run = tmp_path / "run"
     sets = {"zen": str(texts), "held": str(tiny_dataset)}
-    _train(tiny_config(run, tiny_dataset, eval={"sets": sets, "every": 4}))
+    train_here(tiny_config(run, tiny_dataset, eval={"sets": sets, "every": 4}))
     evals = records(run, "eval")
     assert [r["step"] for r in evals] == [4, 6]  # every 4 steps, and at the end (step 6)
     for r in evals:

@@ -4,15 +4,12 @@ keep_last kept; a failed export is a warning, not the end of the run."""
 
 from __future__ import annotations
 
-import io
 import json
 
 import torch
-from train_helpers import build, records, tiny_config
+from train_helpers import build, records, tiny_config, train_here
 
-from kha_train.training import distributed as D
 from kha_train.training.hf_export import HFExporter
-from kha_train.training.trainer import Trainer
 
 
 def test_every_checkpoint_is_exported_and_loads(tmp_path, tiny_dataset) -> None:
@@ -22,12 +19,7 @@ def test_every_checkpoint_is_exported_and_loads(tmp_path, tiny_dataset) -> None:
 
     run = tmp_path / "run"
     cfg = tiny_config(run, tiny_dataset, checkpoint={"export_hf": True, "keep_last": 1})
-    trainer = Trainer(build(cfg), console=io.StringIO())
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
-        D.teardown()
+    train_here(cfg)
     exports = records(run, "export")
     assert [r["step"] for r in exports] == [3, 6]  # checkpoints at 3 and 6
     assert sorted(p.name for p in (run / "hf").iterdir()) == ["export.log", "step_0000006"]

@@ -6,7 +6,6 @@ error."""
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import shutil
 from pathlib import Path
@@ -14,13 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from train_helpers import build, records, tiny_config
+from train_helpers import records, tiny_config, train_here
 
 from kha_train.config import ConfigError
 from kha_train.data.order import GlobalOrder
 from kha_train.data.shards import read_index
 from kha_train.tools.replay import add_replay_arguments, run_replay
-from kha_train.training import distributed as D
 from kha_train.training.trainer import Trainer
 
 SPIKE_STEP = 14
@@ -30,16 +28,6 @@ SECTIONS = dict(
     checkpoint={"every_steps": 4, "keep_last": 5},
     logging={"spikes": {"window": 16, "warmup": 6, "z_threshold": 3.0}},
 )
-
-
-def _train(cfg: dict, trainer_cls: type = Trainer) -> None:
-    trainer = trainer_cls(build(cfg), console=io.StringIO())
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
-        D.teardown()
-        torch.use_deterministic_algorithms(False)  # train.deterministic is process-wide
 
 
 def _replay(run: Path, step: int) -> dict:
@@ -79,7 +67,7 @@ def test_a_data_spike_recurs_and_the_replay_is_exact(tmp_path, tiny_dataset) -> 
     base = tiny_config(tmp_path / "unused", tiny_dataset, **SECTIONS)
     data = _poisoned_copy(tiny_dataset, tmp_path, SPIKE_STEP, base)
     run = tmp_path / "run"
-    _train(tiny_config(run, data, **SECTIONS))
+    train_here(tiny_config(run, data, **SECTIONS))
     assert any(r["step"] == SPIKE_STEP for r in records(run, "spike")), records(run, "spike")
     report = _replay(run, SPIKE_STEP)
     assert report["from_checkpoint"] == 12 and report["recurs"] is True
@@ -99,7 +87,7 @@ class _Glitch(Trainer):
 
 def test_a_transient_spike_does_not_recur(tmp_path, tiny_dataset) -> None:
     run = tmp_path / "run"
-    _train(tiny_config(run, tiny_dataset, **SECTIONS), _Glitch)
+    train_here(tiny_config(run, tiny_dataset, **SECTIONS), _Glitch)
     assert any(r["step"] == SPIKE_STEP for r in records(run, "spike"))
     report = _replay(run, SPIKE_STEP)
     assert report["recurs"] is False and "does not recur" in report["verdict"]

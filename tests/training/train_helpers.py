@@ -88,6 +88,26 @@ def build(cfg: dict[str, Any]):
     return build_config([("test", cfg)])
 
 
+def train_here(cfg: dict[str, Any], trainer_cls: type | None = None) -> None:
+    """Train ``cfg`` to the end in this process (``trainer_cls``: a Trainer subclass that
+    injects faults), then free everything a run holds, the process group and torch's
+    deterministic switch (``train.deterministic`` is process-wide) included."""
+    import io
+
+    import torch
+
+    from kha_train.training import distributed as D
+    from kha_train.training.trainer import Trainer
+
+    trainer = (trainer_cls or Trainer)(build(cfg), console=io.StringIO())
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+        D.teardown()
+        torch.use_deterministic_algorithms(False)
+
+
 def records(run_dir: Path, kind: str = "train") -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
     recs = [json.loads(line) for line in path.read_text().splitlines()]
