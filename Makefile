@@ -27,6 +27,7 @@ $(STAMP): pyproject.toml
 		echo "installing torch==2.13.0"; $(PY) -m pip install -q torch==2.13.0; \
 	fi
 	$(PY) -m pip install -q -e ".[dev,eval]"
+	$(PY) -c "from kha_train.tools.lm_eval_hook import install_pth; install_pth()"  # lm_eval --model kha-train
 	touch $(STAMP)
 
 $(DATA)/tokenizer.json: | $(STAMP)

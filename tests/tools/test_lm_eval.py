@@ -21,6 +21,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 
 from kha_train.config import ConfigError, load_config  # noqa: E402
 from kha_train.model import Transformer  # noqa: E402
+from kha_train.tools.lm_eval_hook import PTH_FILE, PTH_LINE, install_pth  # noqa: E402
 from kha_train.tools.lm_eval_model import MODEL_NAME, TARGET, KhaTrainLM  # noqa: E402
 
 TASKS = Path(__file__).with_name("lm_eval_tasks")
@@ -315,11 +316,17 @@ def test_hf_backend_on_the_export_gives_the_same_results(both) -> None:
 
 
 @pytest.mark.slow
-def test_the_command_line_with_the_registered_name(world, both, tmp_path) -> None:
-    """As a user runs it: lm-eval's own command line (through our module, which registers the
-    model first), ``--model kha-train --model_args path=...`` on a weights file + config."""
+def test_the_plain_lm_eval_command_finds_the_model(world, both, tmp_path) -> None:
+    """As a user runs it: lm-eval's own `lm_eval` script, ``--model kha-train --model_args
+    path=...`` on a weights file + config (kha_train_lm_eval.pth registers the name: make setup
+    installs it into the virtualenv, a regular install of the package brings it)."""
+    import sysconfig
+
+    pth = Path(sysconfig.get_paths()["purelib"]) / PTH_FILE
+    assert pth.is_file(), f"{pth} is missing: run `make setup` (or install_pth())"
     out = tmp_path / "out"
-    args = [sys.executable, "-m", "kha_train.cli", "lm-eval", "--model", MODEL_NAME,
+    lm_eval_script = Path(sys.executable).with_name("lm_eval")
+    args = [str(lm_eval_script), "--model", MODEL_NAME,
             "--model_args", f"path={world['weights']},config={world['config']}",
             "--tasks", "kha_tiny_mc", "--include_path", str(TASKS), "--device", "cpu",
             "--batch_size", "auto", "--output_path", str(out)]  # fmt: skip
@@ -330,6 +337,41 @@ def test_the_command_line_with_the_registered_name(world, both, tmp_path) -> Non
     acc = json.loads(result.read_text())["results"]["kha_tiny_mc"]["acc,none"]
     assert acc == both[0]["results"]["kha_tiny_mc"]["acc,none"]
     assert "kha_tiny_mc" in proc.stdout and "acc" in proc.stdout  # lm-eval's table
+
+
+def test_the_startup_hook_adds_kha_train_beside_lm_evals_models(tmp_path) -> None:
+    """The .pth line, processed as Python processes a site directory: after `lm_eval.models` is
+    imported, `kha-train` resolves to our class and lm-eval's own `hf` is still there; with
+    KHA_TRAIN_NO_LM_EVAL_HOOK=1 the registry is lm-eval's alone; setup.py writes the same line."""
+    repo = Path(__file__).resolve().parents[2]
+    install_pth(str(tmp_path))
+    assert (tmp_path / PTH_FILE).read_text() == PTH_LINE
+    assert f"PTH = {PTH_FILE!r}" in (repo / "setup.py").read_text().replace('"', "'")
+    # -S: no site directory is processed (so not the virtualenv's own copy of the .pth); this
+    # process's path is given by hand, then the test's folder is processed as a site directory.
+    path = [p for p in sys.path if p]
+    code = (
+        f"import site, sys; sys.path += {path!r}; site.addsitedir({str(tmp_path)!r}); "
+        "from lm_eval.api.registry import get_model, model_registry; import lm_eval.models; "
+        "print('kha-train' in model_registry, 'hf' in model_registry); "
+        "print(get_model('kha-train').__name__ if 'kha-train' in model_registry else '-')"
+    )
+    env = {**os.environ, **OFFLINE, "PYTHONPATH": str(repo)}
+    env.pop("KHA_TRAIN_NO_LM_EVAL_HOOK", None)
+    on = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
+                        env=env, timeout=120)  # fmt: skip
+    assert on.returncode == 0, on.stderr[-2000:]
+    assert on.stdout.split() == ["True", "True", "KhaTrainLM"]
+    off = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
+                         env={**env, "KHA_TRAIN_NO_LM_EVAL_HOOK": "1"}, timeout=120)  # fmt: skip
+    assert off.stdout.split() == ["False", "True", "-"]
+
+
+def test_kha_train_lm_eval_hands_its_arguments_to_lm_eval(world, capsys) -> None:
+    from kha_train.cli import main
+
+    assert main(["lm-eval", "--model", MODEL_NAME, "--model_args", "path=/no/such/run"]) == 2
+    assert "no such run directory" in capsys.readouterr().err
 
 
 def test_the_command_line_gives_one_error_line_naming_the_fix(world, tmp_path, capsys) -> None:
