@@ -152,6 +152,14 @@ class DataConfig:
     seed: int = 1234  # seed of the per-epoch shuffle of the global sample order
     tokenizer: str | None = None  # if set, its hash must match the dataset's (catches mixups)
     prefetch: int = 2  # micro-batches prepared ahead by a background thread (0: synchronous)
+    # Train data never read: "steps:FIRST-LAST" (the batches optimizer steps FIRST..LAST, 1-based,
+    # would take, counted from the run's data position when the range is first applied) or
+    # "samples:FIRST-LAST" (global sample indices: positions in the shuffled global order,
+    # docs/data.md); both inclusive, a single number for one step or sample. The loader state in
+    # each checkpoint holds the resolved ranges (with those rollbacks add, train.rollback), so a
+    # resume stays exact; the run's config.yaml lists them all as samples: ranges, so a rerun
+    # from it reads the same data. Ranges already trained on cannot be added on a resume.
+    skip_ranges: list[str] = field(default_factory=list)
 
 
 class ClipMode(enum.StrEnum):
@@ -240,9 +248,47 @@ class ScheduleConfig:
     decay_fraction: float = 0.2  # wsd only: final fraction of steps spent decaying
 
 
+@dataclass
+class RollbackConfig:
+    """Roll back to the last checkpoint before persistent spikes, skip their data and go on, in
+    the same process, on every rank (training/rollback.py; docs/training.md, "Spike defenses").
+    Triggers are evaluated at drains (logging steps, and before checkpoints), from the global
+    per-step loss, grad norm and spike-guard verdicts, so every rank decides alike. With no
+    checkpoint before the spike window, the trigger is logged (rollback_unavailable) and
+    training goes on."""
+
+    enabled: bool = False  # the paper configs turn it on
+    # Trigger 1: at least max_spikes spiking steps among the last `window` steps. A spiking step
+    # is non-finite, skipped or applied-after-a-streak by the spike guard (optim.skip_step), or
+    # flagged by the logged detector (logging.spikes). 0: off.
+    max_spikes: int = 8
+    window: int = 128  # steps over which spiking steps are counted
+    # Trigger 2: the smoothed loss (an EMA over applied steps) stays above (1 + loss_rise) x its
+    # lowest value so far for loss_rise_steps applied steps in a row; the window then starts
+    # after the step of that lowest value. A fraction (0.1: 10% above); 0: off.
+    loss_rise: float = 0.0
+    loss_rise_steps: int = 100  # K: applied steps in a row above the margin
+    loss_smoothing: float = 0.99  # EMA factor of the smoothed loss (about 1 / (1 - x) steps)
+    loss_rise_warmup: int = 1000  # applied steps before trigger 2 is armed (fast early descent)
+    # What a rollback does: restore the newest checkpoint before the window's first step, skip
+    # the batches of the window (its first step to the step that triggered) plus skip_margin
+    # more global batches after them, and train on from the checkpoint's step.
+    skip_margin: int = 0
+    lr_factor: float = 1.0  # learning rate x this for lr_steps steps after each rollback
+    lr_steps: int = 0  # 0: the schedule is unchanged
+    # A trigger after this many rollbacks stops the run with an error (exit code != 0), leaving
+    # every checkpoint in place. 0: stop at the first trigger (detect only).
+    max_rollbacks: int = 3
+
+
 class Precision(enum.StrEnum):
     bf16 = "bf16"  # bf16 compute, fp32 master weights, fp32 gradient reduction
     fp32 = "fp32"  # everything fp32 (CPU tests, exact-resume checks)
+    # bf16 as above, with the GEMMs of the large dense projections in FP8 (torchao float8
+    # training; parallel.fp8 says which and how). Needs torchao (pip install 'kha-train[fp8]')
+    # and a GPU of compute capability >= 8.9 (Ada, Hopper, Blackwell). Checkpoints are the same
+    # as bf16's: a run can resume across bf16 and fp8.
+    fp8 = "fp8"
 
 
 @dataclass
@@ -257,6 +303,7 @@ class TrainConfig:
     val_every: int = 0  # validation every N steps (0: only at the end, if a val split exists)
     val_batches: int = 8  # micro-batches per validation pass (0 with val_every=0: no validation)
     max_nonfinite_in_row: int = 5  # abort after this many consecutive non-finite steps
+    rollback: RollbackConfig = field(default_factory=RollbackConfig)
     # Bitwise-reproducible runs on one GPU type: torch's deterministic kernels, a fixed cuBLAS
     # workspace, no cuDNN autotuning (training/determinism.py; the cost: docs/training.md).
     deterministic: bool = False
@@ -266,6 +313,35 @@ class ACMode(enum.StrEnum):
     none = "none"
     full = "full"  # checkpoint every transformer block
     every_n = "every_n"  # checkpoint every ac_every_n-th block
+
+
+class Fp8Recipe(enum.StrEnum):
+    tensorwise = "tensorwise"  # one scale per tensor, cuBLAS FP8 GEMMs: the fastest
+    rowwise = "rowwise"  # one scale per row, CUTLASS GEMMs: finer; slower than bf16 below 8192
+
+
+@dataclass
+class Fp8Config:
+    """How train.precision=fp8 converts the model (training/fp8.py: torchao float8 training,
+    applied by parallelize before activation checkpointing, compile and FSDP2). Converted: the
+    nn.Linear projections inside the transformer blocks (attention's q/k/v/o and the other
+    variants' projections, dense SwiGLU FFNs, shared experts) whose in and out features are both
+    >= min_dim and multiples of 16. Never converted: the embedding, the LM head and loss, norms,
+    the router, the KHA / MEA / talking-heads matrices and the routed experts (grouped GEMM)."""
+
+    recipe: Fp8Recipe = Fp8Recipe.tensorwise  # how scales are taken (Fp8Recipe above)
+    # Both dimensions at least this. 1024 converts q and o (hidden 1152 or 2048 x 4096) and
+    # leaves k and v (x 512), as torchao's tensorwise heuristic would; FP8 gained 1.02-1.08x
+    # at hidden 1152 and 1.23-1.31x at 2048 on an H200 (forward + backward of one GEMM).
+    min_dim: int = 1024
+    # FSDP2 all-gathers the converted weights in FP8 (half of bf16's bytes; tensorwise only),
+    # their scales computed in one pass per step (training/step.py). Pays where parameters are
+    # sharded; with one GPU there is nothing to gather. A projection whose weight has a KHA part
+    # folded in (KHA-Linear's q/k/v, KHA-MLP on V's o) is gathered in bf16 still.
+    fsdp_fp8_all_gather: bool = False
+    # Cast to FP8 and back but multiply in high precision: runs on any device, no speed-up.
+    # For CPU tests and numerics checks (skips the GPU check).
+    emulate: bool = False
 
 
 @dataclass
@@ -292,6 +368,7 @@ class ParallelConfig:
     # costs a full-size fp32 gradient per rank. null: on when nothing is sharded (dp_shard 1:
     # one GPU, or pure replication), where it costs no memory.
     defer_grad_sync: bool | None = None
+    fp8: Fp8Config = field(default_factory=Fp8Config)  # read only when train.precision=fp8
 
 
 @dataclass
@@ -322,6 +399,14 @@ class SpikeConfig:
     window: int = 128  # running statistics over the last N steps
     z_threshold: float = 6.0  # a spike: value > mean + z_threshold * std of the window
     warmup: int = 20  # steps observed before any spike can be flagged
+    # Explaining spikes (training/spike_explain.py): at the drain that finds them, the spike
+    # steps with the highest z (detector spikes and steps the spike guard skipped) have their
+    # global batch scored again (one no-grad forward over it, all ranks sharing it) and the
+    # samples with the highest loss are decoded into the spike record (`kha-train spikes`).
+    explain_top: int = 2  # spike steps explained per drain, the highest z first; 0: off
+    explain_max: int = 50  # spike steps explained per run (the cost stays bounded)
+    explain_samples: int = 3  # samples kept per explained step, the highest mean loss first
+    explain_chars: int = 500  # decoded text kept per sample (characters, from its start)
 
 
 @dataclass

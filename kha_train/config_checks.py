@@ -6,8 +6,11 @@ and the fix.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import math
+import os
+import re
 
 from kha_train.config import (
     ACMode,
@@ -15,9 +18,11 @@ from kha_train.config import (
     AttnBackend,
     Config,
     ConfigError,
+    Fp8Recipe,
     KHAVariant,
     ModelConfig,
     OptimConfig,
+    Precision,
 )
 
 # The largest optim.lr accepted: AdamW's step is about lr per weight, so anything near 1 already
@@ -28,6 +33,28 @@ FLASH_ATTN_MISSING = (
     "pip install 'kha-train[flash]' (it compiles against your torch and CUDA), or choose "
     "model.attn_backend=auto or cudnn (as fast on H100/H200)"
 )
+
+
+SKIP_RANGE = re.compile(r"^\s*(steps|samples)\s*:\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+
+
+def parse_skip_range(spec: str) -> tuple[str, int, int]:
+    """``data.skip_ranges`` entry -> (kind, first, last): kind ``steps`` (1-based) or
+    ``samples`` (global sample indices), both bounds inclusive. Raises :class:`ConfigError`."""
+    m = SKIP_RANGE.match(str(spec))
+    if m is None:
+        raise ConfigError(
+            f"data.skip_ranges entry {spec!r} is not steps:FIRST-LAST or samples:FIRST-LAST "
+            "(inclusive; e.g. steps:1200-1260, samples:10000-10499, steps:1200)"
+        )
+    kind, first = m.group(1), int(m.group(2))
+    last = int(m.group(3)) if m.group(3) is not None else first
+    if last < first or (kind == "steps" and first < 1):
+        raise ConfigError(
+            f"data.skip_ranges entry {spec!r}: FIRST must be <= LAST"
+            + (" and steps count from 1" if kind == "steps" else "")
+        )
+    return kind, first, last
 
 
 def validate_model(m: ModelConfig) -> list[str]:
@@ -231,11 +258,13 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
         errs.append("logging.spikes.window must be >= 2 and z_threshold > 0")
     if cfg.logging.spikes.warmup < 0:
         errs.append(f"logging.spikes.warmup must be >= 0, got {cfg.logging.spikes.warmup}")
+    errs += _spike_explain_errors(cfg)
     peak = cfg.logging.peak_tflops
     if peak is not None and not _positive_finite(peak):
         errs.append(f"logging.peak_tflops must be a positive number of TFLOP/s, got {peak}")
     errs += _train_loop_errors(cfg)
     errs += _eval_errors(cfg)
+    errs += _fp8_errors(cfg)
     if errs:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errs))
     return cfg
@@ -328,6 +357,20 @@ def _eval_errors(cfg: Config) -> list[str]:
     return errs
 
 
+def _spike_explain_errors(cfg: Config) -> list[str]:
+    """logging.spikes.explain_*: how many spikes get their samples scored and decoded."""
+    sp, errs = cfg.logging.spikes, []
+    for key in ("explain_top", "explain_max", "explain_chars"):
+        if getattr(sp, key) < 0:
+            errs.append(f"logging.spikes.{key} must be >= 0, got {getattr(sp, key)}")
+    if sp.explain_samples < 1:
+        errs.append(
+            f"logging.spikes.explain_samples must be >= 1, got {sp.explain_samples} (to explain "
+            "no spike, set logging.spikes.explain_top=0)"
+        )
+    return errs
+
+
 def _train_loop_errors(cfg: Config) -> list[str]:
     """train.* / data.* counters of the loop."""
     errs = []
@@ -351,7 +394,133 @@ def _train_loop_errors(cfg: Config) -> list[str]:
     ws = cfg.schedule.warmup_steps
     if ws is not None and ws < 0:
         errs.append(f"schedule.warmup_steps must be >= 0, got {ws}")
+    for spec in d.skip_ranges:
+        try:
+            parse_skip_range(spec)
+        except ConfigError as e:
+            errs.append(str(e))
+    return errs + _rollback_errors(cfg)
+
+
+def _rollback_errors(cfg: Config) -> list[str]:
+    """train.rollback.*: ranges (checked whether it is on or not), and what it needs when on."""
+    r, errs = cfg.train.rollback, []
+    if r.max_spikes < 0 or r.window < 1:
+        errs.append(
+            f"train.rollback.max_spikes must be >= 0 (0: off) and window >= 1, got "
+            f"{r.max_spikes} and {r.window}"
+        )
+    elif r.max_spikes > r.window:
+        errs.append(
+            f"train.rollback.max_spikes={r.max_spikes} can never be reached within "
+            f"train.rollback.window={r.window} steps: lower it or widen the window"
+        )
+    if not (_nonnegative_finite(r.loss_rise) and 0 <= r.loss_smoothing < 1):
+        errs.append(
+            f"train.rollback.loss_rise must be >= 0 (a fraction; 0: off) and loss_smoothing in "
+            f"[0, 1), got {r.loss_rise} and {r.loss_smoothing}"
+        )
+    if r.loss_rise_steps < 1 or r.loss_rise_warmup < 0:
+        errs.append(
+            f"train.rollback.loss_rise_steps must be >= 1 and loss_rise_warmup >= 0, got "
+            f"{r.loss_rise_steps} and {r.loss_rise_warmup}"
+        )
+    if r.skip_margin < 0 or r.lr_steps < 0 or r.max_rollbacks < 0:
+        errs.append(
+            f"train.rollback.skip_margin, lr_steps and max_rollbacks must be >= 0, got "
+            f"{r.skip_margin}, {r.lr_steps} and {r.max_rollbacks}"
+        )
+    if not (math.isfinite(r.lr_factor) and 0 < r.lr_factor <= 1):
+        errs.append(
+            f"train.rollback.lr_factor={r.lr_factor} must be in (0, 1] (1: the schedule's lr)"
+        )
+    if r.enabled:
+        if r.max_spikes == 0 and r.loss_rise == 0:
+            errs.append(
+                "train.rollback.enabled=true but both triggers are off: set "
+                "train.rollback.max_spikes > 0 and/or train.rollback.loss_rise > 0"
+            )
+        if cfg.checkpoint.every_steps == 0:
+            errs.append(
+                "train.rollback.enabled=true needs checkpoints to roll back to: set "
+                "checkpoint.every_steps > 0"
+            )
     return errs
+
+
+# FP8 training (train.precision=fp8, training/fp8.py): torchao's float8 training, in the API of
+# torchao 0.18, and FP8 tensor cores (compute capability 8.9: Ada; 9.0: Hopper; 10.0: Blackwell).
+FP8_MIN_TORCHAO = (0, 18)
+FP8_MIN_CAPABILITY = (8, 9)
+
+
+def _fp8_errors(cfg: Config) -> list[str]:
+    """parallel.fp8.* (checked whatever the precision), and what train.precision=fp8 needs."""
+    f, errs = cfg.parallel.fp8, []
+    if f.min_dim < 16:
+        errs.append(
+            f"parallel.fp8.min_dim={f.min_dim} must be >= 16 (FP8 GEMMs need dimensions that are "
+            "multiples of 16; below ~1024 they are slower than bf16)"
+        )
+    if f.fsdp_fp8_all_gather and Fp8Recipe(f.recipe) != Fp8Recipe.tensorwise:
+        errs.append(
+            f"parallel.fp8.fsdp_fp8_all_gather=true needs parallel.fp8.recipe=tensorwise (one "
+            f"scale per weight), got {Fp8Recipe(f.recipe).value}: set one of them differently"
+        )
+    if cfg.train.precision == Precision.fp8:
+        errs += fp8_support_errors(cfg.train.device, f.emulate)
+    return errs
+
+
+def fp8_support_errors(device: str = "auto", emulate: bool = False) -> list[str]:
+    """Why train.precision=fp8 cannot run here on ``device`` (train.device: auto, cuda or cpu);
+    [] when it can. Checks that torchao >= 0.18 is installed and, unless ``emulate``, that the
+    CUDA device this process would use has FP8 tensor cores. Imports torch only when asked about
+    a GPU, and allocates nothing on it."""
+    errs = []
+    if importlib.util.find_spec("torchao") is None:
+        errs.append(
+            "train.precision=fp8 needs torchao >= 0.18, which is not installed: pip install "
+            "'kha-train[fp8]' (or use train.precision=bf16)"
+        )
+    else:
+        version = _version_tuple(importlib.metadata.version("torchao"))
+        if version < FP8_MIN_TORCHAO:
+            errs.append(
+                f"train.precision=fp8 needs torchao >= 0.18, found "
+                f"{importlib.metadata.version('torchao')}: pip install -U 'kha-train[fp8]'"
+            )
+    if emulate:
+        return errs
+    fix = (
+        "use train.precision=bf16, or parallel.fp8.emulate=true to check the FP8 numerics "
+        "without FP8 hardware (no speed-up)"
+    )
+    if device == "cpu":
+        return [*errs, f"train.precision=fp8 runs FP8 GEMMs on a GPU, but train.device=cpu: {fix}"]
+    import torch
+
+    if not torch.cuda.is_available():
+        return [*errs, f"train.precision=fp8 needs a CUDA GPU and none is visible: {fix}"]
+    index = int(os.environ.get("LOCAL_RANK", "0")) % max(1, torch.cuda.device_count())
+    major, minor = torch.cuda.get_device_capability(index)
+    if (major, minor) < FP8_MIN_CAPABILITY:
+        errs.append(
+            f"train.precision=fp8 needs FP8 tensor cores (compute capability >= 8.9: Ada, "
+            f"Hopper, Blackwell), but {torch.cuda.get_device_name(index)} has {major}.{minor}: "
+            f"{fix}"
+        )
+    return errs
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    """'0.18.0+cu130' -> (0, 18, 0); parts that are not numbers end it."""
+    out = []
+    for part in re.split(r"[.+]", version):
+        if not part.isdigit():
+            break
+        out.append(int(part))
+    return tuple(out)
 
 
 def total_steps(cfg: Config) -> int:

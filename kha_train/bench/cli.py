@@ -2,12 +2,15 @@
 
     python scripts/bench.py --preset a0.44b                  # the reference workload
     kha-train bench --preset a0.44b --seq-len 8192 --micro-batch 2 --compile
+    kha-train bench --config configs/paper/main/kha.yaml --variants kha --precision bf16,fp8
 
 Each variant is timed over full optimizer steps: forward + backward of every micro-batch, global
 grad-norm clipping, fused AdamW, and the MoE bias update from the step's expert counts (real,
 unforced routing on random tokens), in the trainer's precision (fp32 master weights, bf16
-compute). It prints tokens/s, TFLOP/s, MFU (torchtitan convention, kha_train/model/flops.py)
-against the card's bf16 peak, peak memory, and a breakdown of step time from the PyTorch
+compute). With ``--precision bf16,fp8`` every variant is timed in both precisions in the same
+process (train.precision=fp8: the large dense projections' GEMMs in FP8, ``--fp8-*`` as
+parallel.fp8). It prints tokens/s, TFLOP/s, MFU (torchtitan convention,
+kha_train/model/flops.py) against the card's bf16 peak, peak memory, and a breakdown of step time from the PyTorch
 profiler. The step is the trainer's own (``kha_train.training.step.train_step``), on a model
 built by the trainer's ``build_model`` (see ``workload.py``).
 """
@@ -26,10 +29,13 @@ from kha_train.bench.settings import BenchSettings
 from kha_train.config import (
     ACMode,
     AttnBackend,
+    Fp8Config,
+    Fp8Recipe,
     KHAConfig,
     KHAVariant,
     ModelConfig,
     MoEConfig,
+    Precision,
     load_config,
 )
 
@@ -58,9 +64,17 @@ def preset_config(name: str) -> ModelConfig:
     )
 
 
-def run(mcfg: ModelConfig, s: BenchSettings, variants: list[str]) -> list[dict[str, Any]]:
-    """Build, time and profile each variant (kha: ``mcfg``; nokha: without KHA) in turn."""
+def run(
+    mcfg: ModelConfig,
+    s: BenchSettings,
+    variants: list[str],
+    precisions: list[Precision] | None = None,
+) -> list[dict[str, Any]]:
+    """Build, time and profile each variant (kha: ``mcfg``; nokha: without KHA) in each of
+    ``precisions`` (default bf16) in turn. A run that fails (out of memory, say) is reported
+    with its error and the next one runs."""
     import gc
+    import traceback
 
     import torch
 
@@ -71,54 +85,81 @@ def run(mcfg: ModelConfig, s: BenchSettings, variants: list[str]) -> list[dict[s
 
     device = torch.device("cuda")
     results = []
-    for variant in variants:
-        cfg = (
-            mcfg
-            if variant == "kha"
-            else dataclasses.replace(mcfg, kha=KHAConfig(variant=KHAVariant.none))
-        )
-        total, active = param_counts(cfg)
-        w = Workload(cfg, s, device)
-        r: dict[str, Any] = {"variant": variant, "params_b": total / 1e9, "active_b": active / 1e9}
-        r.update(time_workload(w))
-        if s.profile:
-            r["breakdown_ms"] = profile_breakdown(w)
-            r["top_kernels"] = w.top_kernels
-        results.append(r)
-        print(json.dumps({k: v for k, v in r.items() if k != "top_kernels"}), flush=True)
-        # Free this variant's memory before the next one: the compiled graphs' caches keep the
-        # model alive otherwise (a third variant in one process ran near full memory, slower).
-        del w
-        gc.collect()
-        torch._dynamo.reset()
-        torch.cuda.empty_cache()
+    for precision in precisions or [Precision.bf16]:
+        for variant in variants:
+            cfg = (
+                mcfg
+                if variant == "kha"
+                else dataclasses.replace(mcfg, kha=KHAConfig(variant=KHAVariant.none))
+            )
+            total, active = param_counts(cfg)
+            r: dict[str, Any] = {
+                "variant": variant,
+                "precision": Precision(precision).value,
+                "params_b": total / 1e9,
+                "active_b": active / 1e9,
+            }
+            w = None
+            try:
+                w = Workload(cfg, s, device, precision=Precision(precision))
+                r["fp8_linears"] = len(w.fp8_modules)
+                r.update(time_workload(w))
+                if s.profile and r["sync_check"] in ("ok", "skipped"):
+                    r["breakdown_ms"] = profile_breakdown(w)
+                    r["top_kernels"] = w.top_kernels
+            except Exception as e:  # report it, free the memory, go on with the next run
+                traceback.print_exc()
+                r["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            results.append(r)
+            print(json.dumps({k: v for k, v in r.items() if k != "top_kernels"}), flush=True)
+            # Free this run's memory before the next one: the compiled graphs' caches keep the
+            # model alive otherwise (a third variant in one process ran near full memory, slower).
+            del w
+            gc.collect()
+            torch._dynamo.reset()
+            torch.cuda.empty_cache()
     return results
 
 
 def format_table(results: list[dict[str, Any]], s: BenchSettings) -> str:
+    f = s.fp8
     lines = [
         f"seq {s.seq_len} x micro-batch {s.micro_batch} x accum {s.accum}, compile={s.compile}, "
         f"ac={s.ac.value}, mode={s.mode}, reshard={s.reshard}, defer_sync={s.defer_sync}, "
-        f"peak {s.peak_tflops:.0f} TFLOP/s",
-        f"{'variant':8} {'params':>8} {'active':>7} {'step ms':>8} {'tok/s':>9} {'TFLOP/s':>8} "
-        f"{'MFU':>6} {'mem GiB':>8}",
+        f"peak {s.peak_tflops:.0f} TFLOP/s; fp8: {Fp8Recipe(f.recipe).value}, dims >= "
+        f"{f.min_dim}, FP8 all-gather {f.fsdp_fp8_all_gather}",
+        f"{'variant':8} {'prec':>4} {'params':>8} {'active':>7} {'step ms':>8} {'tok/s':>9} "
+        f"{'TFLOP/s':>8} {'MFU':>6} {'mem GiB':>8} {'fp8 lin':>7} sync",
     ]
     for r in results:
+        head = f"{r['variant']:8} {r.get('precision', 'bf16'):>4} {r['params_b']:7.3f}B "
+        if "error" in r:
+            lines.append(head + f"{r['active_b']:6.3f}B  failed: {r['error']}")
+            continue
         lines.append(
-            f"{r['variant']:8} {r['params_b']:7.3f}B {r['active_b']:6.3f}B {r['step_ms']:8.1f} "
-            f"{r['tokens_per_s']:9.0f} {r['tflops']:8.1f} {100 * r['mfu']:5.1f}% "
-            f"{r['peak_mem_gib']:8.1f}"
+            head + f"{r['active_b']:6.3f}B {r['step_ms']:8.1f} {r['tokens_per_s']:9.0f} "
+            f"{r['tflops']:8.1f} {100 * r['mfu']:5.1f}% {r['peak_mem_gib']:8.1f} "
+            f"{r.get('fp8_linears', 0):7d} {r.get('sync_check', '-')}"
         )
-    by = {r["variant"]: r for r in results}
-    if "kha" in by and "nokha" in by:
-        ratio = by["kha"]["step_ms"] / by["nokha"]["step_ms"]
-        lines.append(f"KHA overhead: step time x{ratio:.4f} ({100 * (ratio - 1):+.2f}%)")
-    for r in results:
+    ok = [r for r in results if "error" not in r]
+    for prec in dict.fromkeys(r.get("precision", "bf16") for r in ok):
+        by = {r["variant"]: r for r in ok if r.get("precision", "bf16") == prec}
+        if "kha" in by and "nokha" in by:
+            ratio = by["kha"]["step_ms"] / by["nokha"]["step_ms"]
+            lines.append(
+                f"KHA overhead ({prec}): step time x{ratio:.4f} ({100 * (ratio - 1):+.2f}%)"
+            )
+    for variant in dict.fromkeys(r["variant"] for r in ok):
+        by = {r.get("precision", "bf16"): r for r in ok if r["variant"] == variant}
+        if "bf16" in by and "fp8" in by:
+            speedup = by["fp8"]["tokens_per_s"] / by["bf16"]["tokens_per_s"]
+            lines.append(f"FP8 speed-up ({variant}): tokens/s x{speedup:.4f} over bf16")
+    for r in ok:
         if "breakdown_ms" in r:
             parts = sorted(r["breakdown_ms"].items(), key=lambda kv: -kv[1])
             total = sum(v for _, v in parts)
             lines.append(
-                f"{r['variant']} GPU time/step {total:.1f} ms: "
+                f"{r['variant']} {r.get('precision', 'bf16')} GPU time/step {total:.1f} ms: "
                 + ", ".join(f"{k} {v:.1f} ({100 * v / total:.0f}%)" for k, v in parts)
             )
     return "\n".join(lines)
@@ -142,6 +183,29 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
         help="KHA variant of the 'kha' run (linear applies to q, k, v)",
     )
     p.add_argument("--variants", default="kha,nokha", help="comma list of kha, nokha")
+    p.add_argument(
+        "--precision",
+        default="bf16",
+        help="comma list of bf16, fp8: each variant is timed in each (train.precision)",
+    )
+    p.add_argument(
+        "--fp8-recipe",
+        choices=[r.value for r in Fp8Recipe],
+        default=Fp8Config.recipe.value,
+        help="parallel.fp8.recipe (default tensorwise)",
+    )
+    p.add_argument(
+        "--fp8-min-dim",
+        type=int,
+        default=Fp8Config.min_dim,
+        help=f"parallel.fp8.min_dim: projections with both dims >= this run FP8 GEMMs "
+        f"(default {Fp8Config.min_dim})",
+    )
+    p.add_argument(
+        "--fp8-all-gather",
+        action="store_true",
+        help="parallel.fp8.fsdp_fp8_all_gather=true (FSDP2 gathers the FP8 weights in FP8)",
+    )
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -207,6 +271,13 @@ def main(args: argparse.Namespace) -> int:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if not torch.cuda.is_available():
         raise SystemExit("kha-train bench needs a CUDA GPU")
+    precisions = [Precision(p.strip()) for p in args.precision.split(",") if p.strip()]
+    if Precision.fp8 in precisions:
+        from kha_train.config_checks import fp8_support_errors
+
+        errs = fp8_support_errors("cuda")
+        if errs:
+            raise SystemExit("kha-train bench --precision fp8: " + "; ".join(errs))
     if args.config:
         mcfg = load_config(args.config).model
     else:
@@ -234,11 +305,17 @@ def main(args: argparse.Namespace) -> int:
         defer_sync=not args.no_defer_sync,
         loss_chunk=args.loss_chunk,
         compile_loss=not args.no_compile_loss,
+        fp8=Fp8Config(
+            recipe=Fp8Recipe(args.fp8_recipe),
+            min_dim=args.fp8_min_dim,
+            fsdp_fp8_all_gather=args.fp8_all_gather,
+        ),
     )
     print(
         f"{torch.cuda.get_device_name()} | torch {torch.__version__} | {time.strftime('%Y-%m-%d')}"
     )
-    results = run(mcfg, s, [v.strip() for v in args.variants.split(",") if v.strip()])
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    results = run(mcfg, s, variants, precisions)
     print(format_table(results, s))
     if args.json:
         with open(args.json, "a") as f:
@@ -247,13 +324,18 @@ def main(args: argparse.Namespace) -> int:
                     json.dumps(
                         {
                             **r,
-                            "settings": dataclasses.asdict(s) | {"ac": s.ac.value},
+                            "settings": dataclasses.asdict(s)
+                            | {"ac": s.ac.value, "fp8": _fp8_dict(s.fp8)},
                             "device": torch.cuda.get_device_name(),
                         }
                     )
                     + "\n"
                 )
-    return 0
+    return 1 if any("error" in r for r in results) else 0
+
+
+def _fp8_dict(f: Fp8Config) -> dict[str, Any]:
+    return dataclasses.asdict(f) | {"recipe": Fp8Recipe(f.recipe).value}
 
 
 def add_commands(subparsers: Any) -> None:

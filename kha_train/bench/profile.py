@@ -63,20 +63,20 @@ def profile_breakdown(
     matches a category; backward kernels fall under their autograd node (e.g.
     ``GroupedMmBackward0``)."""
     sync()
-    loss_fn = transformer.chunked_cross_entropy
+    loss_fn = transformer.lm_head_loss
 
     def labelled_loss(*args: Any, **kwargs: Any) -> torch.Tensor:
         with torch.profiler.record_function("lm_head+loss"):
             return loss_fn(*args, **kwargs)
 
-    transformer.chunked_cross_entropy = labelled_loss  # the loss's work is all in its forward
+    transformer.lm_head_loss = labelled_loss  # the loss's work is all in its forward
     try:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(steps):
                 w.step()
             sync()
     finally:
-        transformer.chunked_cross_entropy = loss_fn
+        transformer.lm_head_loss = loss_fn
     path = trace_path or tempfile.mktemp(suffix=".json")
     prof.export_chrome_trace(path)
     with open(path) as f:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from kha_train.config import ACMode, ParallelConfig
+from kha_train.config import ACMode, Fp8Config, ParallelConfig
 
 
 @dataclasses.dataclass
@@ -28,6 +28,8 @@ class BenchSettings:
     compile_loss: bool = True  # torch.compile the LM-head + loss chunk (Transformer.compile_loss)
     # fsdp: the trainer's FSDP2 mixed precision | autocast: fp32 weights + autocast
     mode: str = "fsdp"
+    # parallel.fp8: which projections run FP8 GEMMs when a variant runs in precision fp8
+    fp8: Fp8Config = dataclasses.field(default_factory=Fp8Config)
 
     def parallel_config(self) -> ParallelConfig:
         """The trainer's parallel settings these stand for (FSDP2 ones unused in autocast)."""
@@ -37,4 +39,5 @@ class BenchSettings:
             compile=self.compile,
             reshard_after_forward=self.reshard,
             defer_grad_sync=self.defer_sync,
+            fp8=self.fp8,
         )

@@ -35,19 +35,14 @@ def sync() -> None:
 
 
 def time_workload(w: Workload) -> dict[str, Any]:
-    """Step time, tokens/s, TFLOP/s, MFU and peak memory over ``w.s.steps`` timed steps."""
+    """Step time, tokens/s, TFLOP/s, MFU and peak memory over ``w.s.steps`` timed steps, then
+    (``sync_check``) one more step under ``set_sync_debug_mode("error")``: ``sync_check`` in the
+    result is "ok", or the error a host-device synchronisation inside the step raised (after
+    the timing, so that such a finding does not cost the measurement)."""
     s = w.s
     for _ in range(s.warmup):
         w.step()
     sync()
-    if s.sync_check and torch.cuda.is_available():
-        # Any host-device synchronisation inside a step raises here.
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            w.step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        sync()
     torch.cuda.reset_peak_memory_stats()
     state_before = gpu_state()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -63,7 +58,20 @@ def time_workload(w: Workload) -> dict[str, Any]:
     tokens = s.micro_batch * s.seq_len * s.accum
     fpt = train_flops_per_token(w.cfg, s.seq_len)
     tps = tokens / (step_ms / 1e3)
+    check = "skipped"
+    if s.sync_check and torch.cuda.is_available():
+        # Any host-device synchronisation inside a step raises here.
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            w.step()
+            check = "ok"
+        except RuntimeError as e:
+            check = f"error: {str(e).splitlines()[0][:300]}"
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        sync()
     return {
+        "sync_check": check,
         "step_ms": step_ms,
         "wall_step_ms": wall / s.steps * 1e3,
         "tokens_per_s": tps,

@@ -50,7 +50,8 @@ class Workload:
     """A model + optimizer as the trainer builds them, and :meth:`step`, the trainer's step.
 
     ``precision``, ``optim`` and ``seed`` default to the benchmark's (bf16, AdamW fused at
-    lr 3e-4 with clip 1.0, seed 0); a test passes a run's to compare with the trainer."""
+    lr 3e-4 with clip 1.0, seed 0); a test passes a run's to compare with the trainer. With
+    precision fp8 the projections ``s.fp8`` selects run FP8 GEMMs (``fp8_modules``)."""
 
     def __init__(
         self,
@@ -71,6 +72,10 @@ class Workload:
         )  # fmt: skip
         if s.loss_chunk:
             self.model.loss_chunk_tokens = s.loss_chunk
+        # The projections that run FP8 GEMMs (precision fp8; none otherwise).
+        self.fp8_modules = [
+            n for n, m in self.model.named_modules() if hasattr(m, "forward_with_weight")
+        ]
         self.optim = optim or OptimConfig(lr=3e-4, implementation="fused")
         self.opt = build_optimizer(self.model, self.optim, device)
         self.batches = random_batches(mcfg.vocab_size, s.micro_batch, s.seq_len, device)

@@ -11,6 +11,12 @@ next ``global_batch_size`` global indices; rank ``r`` takes the ``r``-th contigu
 data position is the global index of the next step (``state_dict()['sample_index']``), so
 resuming is exact and works for any world size (and any global batch size).
 
+Skipped ranges (``data.skip_ranges``, and those a rollback adds with :meth:`PackedLoader.
+skip_steps`): a step takes the next global indices that are not in a skipped range, so skipped
+samples are never read. The resolved ranges (global indices, half-open) are part of the state
+and win over the config on a resume; ``data.skip_ranges`` entries the state does not know are
+resolved against the resumed position (see :meth:`PackedLoader.load_state_dict`).
+
 Validation (``split="val"``): file order, no shuffle. Micro-batch ``j`` of rank ``r`` holds
 samples ``[(j*W + r)*mb, (j*W + r + 1)*mb)``. ``eval_batches(n)`` starts from the beginning on
 every call, so every validation pass sees the same data.
@@ -21,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,7 +36,8 @@ import numpy as np
 import torch
 
 from kha_train.data.errors import DataError
-from kha_train.data.order import GlobalOrder
+from kha_train.config_checks import parse_skip_range
+from kha_train.data.order import GlobalOrder, SkipRanges
 from kha_train.data.prefetch import Prefetcher
 from kha_train.data.shards import DatasetIndex, TokenStream, read_index
 
@@ -87,15 +94,23 @@ class _BatchMaker:
         return batch.pin_memory() if self.pin else batch
 
     def train_batches(
-        self, order: GlobalOrder, start: int, gbs: int, rank: int, world_size: int, mb: int
+        self,
+        order: GlobalOrder,
+        start: int,
+        gbs: int,
+        rank: int,
+        world_size: int,
+        mb: int,
+        skips: SkipRanges,
     ) -> Iterator[Batch]:
         per_rank = gbs // world_size
         while True:
-            step = order.sample_ids(start, gbs)  # this optimizer step's samples, all ranks
+            # This optimizer step's samples, all ranks (the next gbs indices not skipped).
+            step = skips.sample_ids(order, start, gbs) if skips else order.sample_ids(start, gbs)
             mine = step[rank * per_rank : (rank + 1) * per_rank]
             for j in range(0, per_rank, mb):
                 yield self.make(mine[j : j + mb])
-            start += gbs
+            start = skips.advance(start, gbs)
 
     def eval_batches(self, n: int, rank: int, world_size: int, mb: int) -> Iterator[Batch]:
         for j in range(n):
@@ -125,6 +140,7 @@ class PackedLoader:
         prefetch: int = 2,
         expected_vocab_size: int | None = None,
         expected_tokenizer_hash: str | None = None,
+        skip_ranges: Sequence[str] = (),
     ) -> None:
         if seq_len < 1 or micro_batch_size < 1 or world_size < 1 or prefetch < 0:
             raise DataError(
@@ -155,6 +171,18 @@ class PackedLoader:
         self._sample_index = 0  # global index of the first sample of the step being yielded
         self._micro = 0  # micro-batches of that step already yielded
         self._source: Iterator[Batch] | None = None
+        self._step = 0  # optimizer steps taken (resumed from the state)
+        # Skipped ranges, each {"start", "end" (global indices, half-open), "source" (manual |
+        # rollback), "spec" (the data.skip_ranges entry) or "rollback" (its number)}.
+        self._skip_specs = [str(x).strip() for x in skip_ranges]
+        for spec in self._skip_specs:
+            parse_skip_range(spec)  # a bad entry is a ConfigError now
+        if self._skip_specs and split != "train":
+            raise DataError("skip_ranges apply to the train split only")
+        self._entries: list[dict[str, Any]] = []
+        self._skips = SkipRanges()
+        self.notes: list[str] = []  # what resolving data.skip_ranges on a resume changed
+        self._resolve_specs()
 
     @classmethod
     def from_config(
@@ -188,6 +216,7 @@ class PackedLoader:
             prefetch=d.prefetch,
             expected_vocab_size=cfg.model.vocab_size,
             expected_tokenizer_hash=tok_hash,
+            skip_ranges=d.skip_ranges if split == "train" else (),
         )
 
     def _check_expected(self, vocab_size: int | None, tok_hash: str | None) -> None:
@@ -271,14 +300,15 @@ class PackedLoader:
         if self._source is None:
             gen = self._maker.train_batches(
                 self._order, self._sample_index, self.global_batch_size, self.rank,
-                self.world_size, self.micro_batch_size,
+                self.world_size, self.micro_batch_size, self._skips,
             )  # fmt: skip
             self._source = self._start(gen)
         batch = next(self._source)
         self._micro += 1
         if self._micro == self.micro_batches_per_step:
             self._micro = 0
-            self._sample_index += self.global_batch_size
+            self._sample_index = self._skips.advance(self._sample_index, self.global_batch_size)
+            self._step += 1
         return self._to_device(batch)
 
     def next_step(self) -> list[Batch]:
@@ -327,6 +357,95 @@ class PackedLoader:
     def epoch(self) -> int:
         return self._sample_index // self.num_samples
 
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken (``next_step()`` calls, counted across resumes)."""
+        return self._step
+
+    # -- skipped ranges --------------------------------------------------------------------------
+
+    @property
+    def skip_entries(self) -> list[dict[str, Any]]:
+        """Every skipped range (copies), in the order they were added."""
+        return [dict(e) for e in self._entries]
+
+    def skipped_specs(self) -> list[str]:
+        """The skipped ranges, merged, as ``samples:FIRST-LAST`` entries (inclusive) of
+        ``data.skip_ranges``: a run started from them reads exactly this run's data."""
+        return [f"samples:{a}-{b - 1}" for a, b in self._skips.ranges]
+
+    def skip_steps(self, first: int, last: int, **info: Any) -> tuple[int, int]:
+        """Skip the batches optimizer steps ``first..last`` (1-based, inclusive; all after the
+        current step) would take; returns the range of global indices ``[start, end)``, which
+        is added with ``info`` (e.g. ``source="rollback", rollback=1``)."""
+        if self._micro:
+            raise RuntimeError("skip_steps() in the middle of an optimizer step")
+        if not self._step < first <= last:
+            raise DataError(
+                f"cannot skip the batches of steps {first}-{last}: the data position is at step "
+                f"{self._step} (only later steps can be skipped)"
+            )
+        gbs = self.global_batch_size
+        start = self._skips.advance(self._sample_index, (first - 1 - self._step) * gbs)
+        end = self._skips.end_after(start, (last - first + 1) * gbs)
+        self._add_entry({"start": start, "end": end, "source": "manual", **info})
+        return start, end
+
+    def _add_entry(self, entry: dict[str, Any]) -> None:
+        self._stop()  # the prefetch thread read ahead with the old ranges
+        self._entries.append(entry)
+        self._skips = SkipRanges((e["start"], e["end"]) for e in self._entries)
+
+    def _resolve_specs(self) -> None:
+        """Bring the skipped ranges in line with ``data.skip_ranges``: an entry the ranges do not
+        hold yet is resolved against the current position (samples: ranges first, then steps:
+        ranges in order), and must not reach back into data already trained on (unless that part
+        is skipped already); a manual range the config no longer lists is dropped if it lies
+        wholly ahead of the position (it has changed nothing yet), else kept (the past stays as
+        it was). Rollback ranges always stay."""
+        pos = self._sample_index
+        configured = set(self._skip_specs)
+        kept = []
+        for e in self._entries:
+            if (
+                e.get("source") == "manual"
+                and e.get("spec") not in configured
+                and e["start"] >= pos
+            ):
+                others = SkipRanges((x["start"], x["end"]) for x in self._entries if x is not e)
+                if not others.covers(e["start"], e["end"]):
+                    self.notes.append(
+                        f"data.skip_ranges no longer lists {e.get('spec')!r}: its samples "
+                        f"[{e['start']}, {e['end']}) are not skipped"
+                    )
+                continue
+            kept.append(e)
+        if len(kept) != len(self._entries):
+            self._entries = []
+            for e in kept:
+                self._add_entry(e)
+        known = {e.get("spec") for e in self._entries if e.get("source") == "manual"}
+        new = [(parse_skip_range(s), s) for s in dict.fromkeys(self._skip_specs) if s not in known]
+        new.sort(key=lambda x: (x[0][0] == "steps", x[0][1]))  # samples first, steps in order
+        for (kind, first, last), spec in new:
+            if kind == "steps":
+                if first <= self._step:
+                    raise DataError(
+                        f"data.skip_ranges entry {spec!r}: the run resumes at step {self._step}, "
+                        "so these batches (or some) were trained on already. Remove it, or resume "
+                        "from a checkpoint before that step (checkpoint.resume=.../step_XXXXXXX)"
+                    )
+                self.skip_steps(first, last, spec=spec)
+                continue
+            start, end = first, last + 1
+            if not self._skips.covers(start, min(end, pos)):
+                raise DataError(
+                    f"data.skip_ranges entry {spec!r}: the run's data position is global sample "
+                    f"{pos} (step {self._step}), so samples before it were trained on already. "
+                    f"Start the range at {pos} or later, or resume from an earlier checkpoint"
+                )
+            self._add_entry({"start": start, "end": end, "source": "manual", "spec": spec})
+
     def state_dict(self) -> dict[str, Any]:
         """The position after the micro-batches yielded so far (not what the prefetch thread has
         read ahead). Only valid at a step boundary."""
@@ -335,12 +454,13 @@ class PackedLoader:
                 f"state_dict() called in the middle of an optimizer step ({self._micro} of "
                 f"{self.micro_batches_per_step} micro-batches taken): save after the step"
             )
-        return {
+        state = {
             "format": STATE_FORMAT,
             "version": STATE_VERSION,
             "split": self.split,
             "sample_index": self._sample_index,
             "epoch": self.epoch,
+            "step": self._step,
             "seed": self.seed,
             "seq_len": self.seq_len,
             "num_samples": self.num_samples,
@@ -349,10 +469,16 @@ class PackedLoader:
             "global_batch_size": self.global_batch_size,
             "world_size": self.world_size,
         }
+        if self._entries:
+            state["skip_ranges"] = self.skip_entries
+        return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], *, keep_skips: bool = False) -> None:
         """Resume at ``state``'s position (any world size or global batch size). The seed of the
-        order is taken from ``state``, so the resumed run continues the same sequence."""
+        order is taken from ``state``, so the resumed run continues the same sequence. Skipped
+        ranges: those of ``state``, brought in line with ``data.skip_ranges`` (see
+        :meth:`_resolve_specs`; what changed is in :attr:`notes`); ``keep_skips``: keep this
+        loader's ranges instead (a rollback: they hold the state's, and those added since)."""
         where = f"data loader state (dataset {state.get('dataset', '?')})"
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise DataError(f"not a {STATE_FORMAT} state: {str(state)[:200]}")
@@ -377,6 +503,16 @@ class PackedLoader:
         self._order = GlobalOrder(self.num_samples, self.seed, shuffle=self.split == "train")
         self._sample_index = int(state["sample_index"])
         self._micro = 0
+        # States from before the step counter: steps of the batch size they were saved with.
+        saved_gbs = int(state.get("global_batch_size", self.global_batch_size))
+        self._step = int(state.get("step", self._sample_index // max(1, saved_gbs)))
+        if keep_skips:
+            return
+        self._entries = []
+        self._skips = SkipRanges()
+        for e in state.get("skip_ranges", []):
+            self._add_entry(dict(e))
+        self._resolve_specs()
 
     # -- lifetime --------------------------------------------------------------------------------
 

@@ -9,9 +9,17 @@ span two epochs).
 The permutation sorts the samples by a SplitMix64 hash of (seed, epoch, index) instead of using
 a library RNG, whose streams may change between numpy/torch versions: a run resumed on another
 machine must see exactly the same order.
+
+Skipped ranges (:class:`SkipRanges`: ``data.skip_ranges`` and the ranges rollbacks add) are
+ranges of global indices the loader steps over: a step takes the next ``B`` indices that are not
+skipped, so the position stays one global index (now "the next index to consider"), and adding a
+range ahead of the position changes only what comes after it.
 """
 
 from __future__ import annotations
+
+from bisect import bisect_right
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -67,3 +75,59 @@ class GlobalOrder:
             out.append(self._perm(epoch)[offset : offset + take])
             k += take
         return np.concatenate(out) if out else np.empty(0, dtype=np.int64)
+
+
+class SkipRanges:
+    """Sorted, merged, half-open ranges ``[start, end)`` of global indices that are never read."""
+
+    def __init__(self, ranges: Iterable[tuple[int, int]] = ()) -> None:
+        merged: list[list[int]] = []
+        for a, b in sorted((int(a), int(b)) for a, b in ranges):
+            if b <= a:
+                continue
+            if merged and a <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], b)
+            else:
+                merged.append([a, b])
+        self.ranges: tuple[tuple[int, int], ...] = tuple((a, b) for a, b in merged)
+        self._starts = [a for a, _ in self.ranges]
+
+    def __bool__(self) -> bool:
+        return bool(self.ranges)
+
+    def next_kept(self, pos: int) -> int:
+        """The first index >= ``pos`` that is not skipped."""
+        i = bisect_right(self._starts, pos) - 1
+        if i >= 0 and pos < self.ranges[i][1]:
+            return self.ranges[i][1]
+        return pos
+
+    def segments(self, pos: int, count: int) -> list[tuple[int, int]]:
+        """The next ``count`` kept indices from ``pos`` on, as runs ``[a, b)`` in order."""
+        out: list[tuple[int, int]] = []
+        pos = self.next_kept(pos)
+        while count > 0:
+            i = bisect_right(self._starts, pos)  # the first range after pos (pos is kept)
+            limit = self.ranges[i][0] if i < len(self.ranges) else pos + count
+            take = min(count, limit - pos)
+            out.append((pos, pos + take))
+            count -= take
+            pos = self.next_kept(pos + take)
+        return out
+
+    def end_after(self, pos: int, count: int) -> int:
+        """The index just after the last of the next ``count`` kept indices from ``pos``."""
+        return self.segments(pos, count)[-1][1] if count > 0 else self.next_kept(pos)
+
+    def advance(self, pos: int, count: int) -> int:
+        """The position after taking ``count`` kept indices from ``pos``: the next kept index."""
+        return self.next_kept(self.end_after(pos, count))
+
+    def covers(self, start: int, end: int) -> bool:
+        """Whether every index of ``[start, end)`` is skipped."""
+        return start >= end or self.next_kept(start) >= end
+
+    def sample_ids(self, order: GlobalOrder, pos: int, count: int) -> np.ndarray:
+        """Sample ids of the next ``count`` kept global indices from ``pos``."""
+        parts = [order.sample_ids(a, b - a) for a, b in self.segments(pos, count)]
+        return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)

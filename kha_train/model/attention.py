@@ -92,6 +92,17 @@ def causal_attention(
     return o[..., :d_v] if pad else o
 
 
+def project_with(proj: nn.Linear, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight^T, ``weight`` being ``proj.weight`` as it is or with a KHA part folded in.
+    Through the module where it can, so that a projection swapped for another implementation
+    (FP8 training, training/fp8.py) computes both: its forward for its own weight, its
+    ``forward_with_weight`` (if it has one) for a folded weight; else ``F.linear``."""
+    if weight is proj.weight:
+        return proj(x)
+    forward_with_weight = getattr(proj, "forward_with_weight", None)
+    return F.linear(x, weight) if forward_with_weight is None else forward_with_weight(x, weight)
+
+
 def attention_activation_bytes(d_model: int, q: int, k: int, v: int, o: int) -> int:
     """Rough bf16 bytes autograd keeps per token for an attention whose query, key, value and
     output rows are q, k, v and o values wide: the projection input, the QK-norm inputs (with
@@ -156,9 +167,9 @@ class Attention(nn.Module):
         """q, k, v heads of x [B, T, D], KHA-Linear already applied (folded into the weights)."""
         B, T, _ = x.shape
         t_q, t_k, t_v = qkv_transforms(self)
-        q = F.linear(x, t_q.fold_into_projection(self.q_proj.weight))
-        k = F.linear(x, t_k.fold_into_projection(self.k_proj.weight))
-        v = F.linear(x, t_v.fold_into_projection(self.v_proj.weight))
+        q = project_with(self.q_proj, x, t_q.fold_into_projection(self.q_proj.weight))
+        k = project_with(self.k_proj, x, t_k.fold_into_projection(self.k_proj.weight))
+        v = project_with(self.v_proj, x, t_v.fold_into_projection(self.v_proj.weight))
         q = q.view(B, T, self.num_heads, self.head_dim)  # (B, T, H, d)
         k = k.view(B, T, -1, self.head_dim)  # (B, T, Hkv, d)
         v = v.view(B, T, -1, self.head_dim)  # (B, T, Hkv, d)
@@ -178,7 +189,8 @@ class Attention(nn.Module):
         where :meth:`knock` left it out."""
         if not self.kha_v_into_output:
             return self.o_proj(o)
-        return F.linear(o, qkv_transforms(self)[2].fold_into_output(self.o_proj.weight))
+        folded = qkv_transforms(self)[2].fold_into_output(self.o_proj.weight)
+        return project_with(self.o_proj, o, folded)
 
     def norm_and_rotate(
         self, q: torch.Tensor, k: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]

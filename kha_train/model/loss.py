@@ -23,6 +23,22 @@ IGNORE_INDEX = -100
 DEFAULT_CHUNK_TOKENS = 4096
 
 
+def lm_head_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    ignore_index: int = IGNORE_INDEX,
+    compiled: bool = True,
+) -> torch.Tensor:
+    """The training loss of the LM head, the one function the Transformer calls for it: mean
+    cross entropy (fp32) of logits = hidden @ weight^T against labels, hidden [N, D], weight
+    [V, D], labels [N]. Today :func:`chunked_cross_entropy`; a fused linear-cross-entropy kernel
+    that measures faster (``scripts/bench_loss.py`` times the candidates against it) would be
+    called here instead, with the same arguments and result."""
+    return chunked_cross_entropy(hidden, weight, labels, chunk_tokens, ignore_index, compiled)
+
+
 def chunked_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,

@@ -29,8 +29,8 @@ from kha_train.model.kv_cache import KVCache, LayerCache
 from kha_train.model.loss import (
     DEFAULT_CHUNK_TOKENS,
     IGNORE_INDEX,
-    chunked_cross_entropy,
     chunked_token_nll,
+    lm_head_loss,
 )
 from kha_train.model.moe.layer import MoELayer
 from kha_train.model.norms import RMSNorm
@@ -208,7 +208,7 @@ class Transformer(nn.Module):
                 self.loss_chunk_tokens, IGNORE_INDEX,
             )  # fmt: skip
             return nll.view(B, T)  # (B, T) fp32, 0 where labels == IGNORE_INDEX
-        loss = chunked_cross_entropy(
+        loss = lm_head_loss(
             h.reshape(B * T, -1),
             self.head_weight,
             labels.reshape(B * T),

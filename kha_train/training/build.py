@@ -1,9 +1,9 @@
 """What a run is built from: the model (shared with the benchmark), the data loaders, the resume
 point and the config snapshot saved beside the checkpoints.
 
-``build_model`` follows torchtitan's recipe: model on the meta device -> parallelize (AC,
-compile, FSDP2) -> allocate -> seeded ``init_weights`` whose result does not depend on the number
-of ranks (``init_weights_like_single_device``).
+``build_model`` follows torchtitan's recipe: model on the meta device -> parallelize (FP8
+conversion with precision=fp8, AC, compile, FSDP2) -> allocate -> seeded ``init_weights`` whose
+result does not depend on the number of ranks (``init_weights_like_single_device``).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from kha_train.data.loader import PackedLoader
 from kha_train.model import Transformer
 from kha_train.training.checkpoint import complete_checkpoints, resolve_resume
 from kha_train.training.distributed import DistEnv
+from kha_train.training.fp8 import convert_to_fp8
 from kha_train.training.parallel import (
     apply_activation_checkpointing,
     apply_compile,
@@ -49,14 +50,17 @@ def build_model(
     """The model, parallelized, on ``device``, initialised from ``seed``, in train mode.
 
     ``compile_loss``: compile the LM head + loss chunk kernel on CUDA (``Transformer.
-    compile_loss``). ``fsdp=False`` leaves out FSDP2 (AC and compile still apply): plain fp32
-    parameters, for the benchmark's autocast baseline; ``precision`` is then unused."""
+    compile_loss``). ``fsdp=False`` leaves out FSDP2 (FP8 conversion, AC and compile still
+    apply): plain fp32 parameters, for the benchmark's autocast baseline; ``precision`` then only
+    says whether to convert to FP8."""
     with torch.device("meta"):
         model = Transformer(model_cfg)
     model.compile_loss = compile_loss
     if fsdp:
         parallelize(model, parallel, precision, device)
     else:
+        if precision == Precision.fp8:
+            convert_to_fp8(model, parallel.fp8, device)
         apply_activation_checkpointing(model, parallel)
         if compiles(parallel, device):
             apply_compile(model)

@@ -32,6 +32,11 @@ Async saves (``checkpoint.async_save``): the state is copied to host memory, the
 background thread over a gloo group of its own while training continues; rank 0 publishes when
 the write has finished (checked every step without blocking, and before the next save or exit).
 
+Rollbacks (``rollback.py``): :meth:`CheckpointManager.restore_before` loads the newest checkpoint
+saved before a given step (with the same checks and fallback as ``resume=auto``), and
+:meth:`CheckpointManager.discard_after` then deletes the newer ones (un-published first), which
+hold the abandoned steps.
+
 Loading reshards: a checkpoint written by N ranks loads on M ranks (DCP plans the reads from the
 saved shard layout). A checkpoint of a differently shaped model is refused with the list of
 mismatching keys and shapes before anything is read.
@@ -304,6 +309,49 @@ class CheckpointManager:
             candidates = [p for _, p in reversed(complete_checkpoints(self.directory))]
         else:
             candidates = [p for p in [resolve_resume(resume, self.directory)] if p is not None]
+        return self._restore_first(candidates, resume != "auto", model, optimizer, model_config)
+
+    def restore_before(
+        self,
+        step: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        model_config: dict[str, Any] | None = None,
+    ) -> Restored | None:
+        """A rollback (``rollback.py``): load the newest checkpoint saved before optimizer step
+        ``step`` that passes :func:`verify_checkpoint` and loads, older ones tried in turn (each
+        skip is in ``Restored.notes``); None if there is none. An in-flight async save is
+        published first. A collective: every rank takes the same decision."""
+        self.wait()
+        dist.barrier(group=self.group)  # rank 0 has published before anyone lists
+        candidates = [p for s, p in reversed(complete_checkpoints(self.directory)) if s < step]
+        return self._restore_first(candidates, False, model, optimizer, model_config)
+
+    def discard_after(self, step: int) -> list[Path]:
+        """After a rollback to checkpoint ``step``: un-publish and delete every checkpoint newer
+        than it (they hold the abandoned steps; none may be resumed); rank 0 deletes, every rank
+        returns the list once it is done."""
+        self.wait()
+        doomed = [p for s, p in complete_checkpoints(self.directory) if s > step]
+        dist.barrier(group=self.group)  # every rank has listed them before any is deleted
+        if self.env.is_main:
+            for path in doomed:
+                _unpublish_and_delete(path)
+            _fsync_dir(self.directory)
+        self._published = [p for p in self._published if p not in doomed]
+        dist.barrier(group=self.group)
+        return doomed
+
+    def _restore_first(
+        self,
+        candidates: list[Path],
+        strict: bool,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        model_config: dict[str, Any] | None,
+    ) -> Restored | None:
+        """Load the first of ``candidates`` that verifies and loads on every rank (``strict``:
+        the only one, any problem an error); None without candidates."""
         notes: list[str] = []
         for path in candidates:
             error: CheckpointError | None = None
@@ -316,7 +364,7 @@ class CheckpointManager:
             dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=self.group)
             if not failed.item():
                 return Restored(path, state, notes + warnings)
-            if resume != "auto":
+            if strict:
                 raise error or CheckpointError(f"checkpoint {path} failed to load on another rank")
             notes.append(f"skipped checkpoint {path.name}: {error or 'failed on another rank'}")
         if candidates:

@@ -330,6 +330,9 @@ class RunLoggers:
         if not self.is_main:
             return
         self.metrics.write(record)
+        if record.get("type") == "rollback" and self.wandb is not None:
+            # W&B steps only go forward: the spikes table relabels the abandoned rows instead.
+            self.wandb.mark_rolled_back(record["from_step"], record["to_step"])
         if echo:
             self.console.info(echo)
 

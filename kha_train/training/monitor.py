@@ -8,6 +8,11 @@ validation) reads them and feeds the spike detector, counts and logs the skipped
 logging window, from which the logging step's record is made. Everything here is identical on
 every rank: the values are global.
 
+At the drain that finds spikes, the worst spike steps have their batch scored again and their
+samples of the highest loss decoded into the spike record (``spike_explain.py``; a collective,
+like the rest of that branch). It needs the model: the trainer passes it to :meth:`log_window`
+(which every drain-carrying loop step calls from the first step on), or to the constructor.
+
 The monitor also holds the step's device-side defenses, the spike guard (``spike_guard.py``) and
 the clipper (``clipping.py``): the trainer hands them to ``train_step``, and their state is
 checkpointed with the rest of the monitor's (:meth:`StepMonitor.state_dict`).
@@ -15,6 +20,7 @@ checkpointed with the rest of the monitor's (:meth:`StepMonitor.state_dict`).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +34,7 @@ from kha_train.training.history import StepHistory
 from kha_train.training.loggers import RunLoggers
 from kha_train.training.metrics import LossWindow, WindowTimer, moe_record, peak_flops, train_record
 from kha_train.training.schedule import lr_at
+from kha_train.training.spike_explain import Explanation, SpikeExplainer
 from kha_train.training.spike_guard import RESET, build_guard, skipped_for_spike, spike_metrics
 from kha_train.training.spikes import SpikeDetector
 from kha_train.training.step import StepResult
@@ -38,10 +45,20 @@ class NonFiniteError(RuntimeError):
 
 
 class StepMonitor:
-    def __init__(self, cfg: Config, env: DistEnv, total_steps: int, run_dir: Path) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        env: DistEnv,
+        total_steps: int,
+        run_dir: Path,
+        model: nn.Module | None = None,
+    ) -> None:
         self.cfg, self.env, self.total_steps, self.run_dir = cfg, env, total_steps, run_dir
         sp = cfg.logging.spikes
         self.detector = SpikeDetector(sp.window, sp.z_threshold, sp.warmup)
+        # Scores spike steps' batches again (spike_explain.py); needs the model (log_window).
+        self.explainer = SpikeExplainer(cfg, env.rank, env.world_size)
+        self.model = model
         self.skipped_total = 0  # non-finite steps skipped (host copy, updated at drains)
         self.in_row = 0  # consecutive non-finite steps at the last drain
         self.history = StepHistory(cfg.logging.log_every, env.device)
@@ -69,6 +86,7 @@ class StepMonitor:
                 "guard": None if self.guard is None else self.guard.state_dict(),
             },
             "clip": self.clipper.state_dict(),
+            "spike_explain": {"explained": self.explainer.explained},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -84,6 +102,7 @@ class StepMonitor:
         if self.guard is not None and skip.get("guard") is not None:
             self.guard.load_state_dict(skip["guard"])
         load_clip_state(self.clipper, state.get("clip"))
+        self.explainer.explained = int((state.get("spike_explain") or {}).get("explained", 0))
 
     def record(self, step: int, result: StepResult, sample_ids: torch.Tensor, log: RunLoggers):
         """Keep optimizer step ``step`` (1-based) on the device; drains first when full."""
@@ -124,7 +143,9 @@ class StepMonitor:
             ids = self.history.gather_sample_ids(self.env.world_size, self.env.device)
             for s in spikes:
                 s.sample_ids = ids[s.step]
-            log.log_spikes(step, [s.to_dict() for s in spikes], self.detector.num_spikes)
+            spike_records = [s.to_dict() for s in spikes]
+            explained = self._explain(step, spike_records, skips + resets, ids)
+            log.log_spikes(step, spike_records, self.detector.num_spikes)
             for v in bad:
                 log.event(
                     {"type": "nonfinite", "step": v.step, "loss": v.loss,
@@ -132,7 +153,8 @@ class StepMonitor:
                     echo=f"step {v.step}: non-finite loss {v.loss} / grad norm {v.grad_norm}: "
                     "update skipped (weights and optimizer state unchanged)",
                 )  # fmt: skip
-            self._log_guard(log, ids, skips, resets)
+            self._log_guard(log, ids, skips, resets, explained)
+            self._echo_explained(log, explained)
         self.skipped_total += len(bad)
         self.spike_skipped_total += len(skips)
         self.spike_skipped_in_window += len(skips)
@@ -149,15 +171,23 @@ class StepMonitor:
                 "data at those ids, or resume from the last checkpoint with checkpoint.resume=auto"
             )
 
-    def log_window(self, step: int, timer: WindowTimer, log: RunLoggers, model: nn.Module) -> None:
+    def log_window(
+        self,
+        step: int,
+        timer: WindowTimer,
+        log: RunLoggers,
+        model: nn.Module,
+        lr_scale: float = 1.0,
+    ) -> None:
         """Drain, then log the window's record (loss, grad norm, lr, throughput, MoE load...)."""
+        self.model = model  # for the drains that explain spikes (also those of checkpoints)
         self.drain(step, log)
         elapsed, data_wait, steps = timer.read_and_reset()
         cfg = self.cfg
         rec = train_record(
             step=step, total_steps=self.total_steps, tokens_per_step=cfg.train.global_batch_tokens,
-            lr=lr_at(max(0, step - 1), peak_lr=cfg.optim.lr, total_steps=self.total_steps,
-                     cfg=cfg.schedule),
+            lr=lr_scale * lr_at(max(0, step - 1), peak_lr=cfg.optim.lr,
+                                total_steps=self.total_steps, cfg=cfg.schedule),
             window=self.window, elapsed_s=elapsed, data_wait_s=data_wait, timed_steps=steps,
             world_size=self.env.world_size, flops_per_token=self.flops_per_token,
             peak_flops_per_device=self.peak_flops, device=self.env.device,
@@ -177,14 +207,58 @@ class StepMonitor:
         self.window = LossWindow()
         log.log(rec)
 
+    def _explain(
+        self,
+        step: int,
+        spike_records: list[dict[str, Any]],
+        guarded: list[tuple[Any, int, float, float]],
+        ids: dict[int, list[int]],
+    ) -> dict[int, Explanation]:
+        """Score the batches of the worst spike steps of this drain again (``spike_explain.py``;
+        a collective) and put each one's top samples into its spike record of the highest z
+        (:meth:`_log_guard` gives them to the guard's record of a step the detector did not
+        flag: ``Explanation.recorded`` false). Returns step -> its explanation."""
+        if self.model is None or not self.explainer.enabled:
+            return {}
+        z: dict[int, float] = {}
+        for r in spike_records:
+            z[r["step"]] = max(z.get(r["step"], -math.inf), r["z"])
+        for v, _, z_loss, z_gnorm in guarded:
+            z[v.step] = max(z.get(v.step, -math.inf), z_loss, z_gnorm)
+        steps = self.explainer.choose(z)
+        found = self.explainer.explain(self.model, steps, ids, step)
+        for s, e in found.items():
+            mine = [r for r in spike_records if r["step"] == s]
+            if mine:
+                max(mine, key=lambda r: r["z"]).update(e.record_fields())
+                e.recorded = True
+        return found
+
+    def _echo_explained(self, log: RunLoggers, explained: dict[int, Explanation]) -> None:
+        """One console line per explained spike step: its worst sample."""
+        for s, e in sorted(explained.items()):
+            if not e.samples:
+                continue
+            top = e.samples[0]
+            text = top.get("text")
+            snippet = " ".join(text.split())[:80] if text else "(no text: see metrics.jsonl)"
+            log.info(
+                f"step {s}: sample {top['id']} has the highest loss of its batch, "
+                f"{top['loss']:.4g} (batch mean {e.batch_loss:.4g}, scored at step "
+                f"{e.scored_at_step}): {snippet!r}; all: `kha-train spikes {self.run_dir}`"
+            )
+
     def _log_guard(
         self,
         log: RunLoggers,
         ids: dict[int, list[int]],
         skips: list[tuple[Any, int, float, float]],
         resets: list[tuple[Any, int, float, float]],
+        explained: dict[int, Explanation] | None = None,
     ) -> None:
-        """``spike_skip`` and ``spike_guard_reset`` records (metrics.jsonl and the console)."""
+        """``spike_skip`` and ``spike_guard_reset`` records (metrics.jsonl and the console).
+        A step in ``explained`` that the detector did not flag gets its top samples here."""
+        explained = explained or {}
         g = self.cfg.optim.skip_step
         for kind, entries in (("spike_skip", skips), ("spike_guard_reset", resets)):
             for v, flags, z_loss, z_gnorm in entries:
@@ -210,6 +284,10 @@ class StepMonitor:
                         "a row before it: applied, and the spike guard restarts its statistics "
                         f"(no skipping for {g.min_history} steps)"
                     )
+                e = explained.get(v.step)
+                if e is not None and not e.recorded:
+                    rec.update(e.record_fields())
+                    e.recorded = True
                 log.event(rec, echo=echo)
 
 

@@ -2,14 +2,17 @@
 
 Order (each step needs the previous one's result):
 
+0. precision=fp8: swap the large dense projections for FP8 ones (training/fp8.py), first, so
+   that the wrappers, the compiled graphs and FSDP2 all see the converted modules;
 1. activation checkpointing: wrap every block (full) or every n-th block (every_n), so the
    block's activations are recomputed in backward instead of stored;
 2. ``torch.compile`` per block (after the AC wrapper, so the compiled region includes it, and
    before FSDP, so FSDP's hooks stay outside the graphs);
 3. FSDP2 ``fully_shard`` on each block, then on the root (embedding, final norm, head).
 
-Mixed precision (precision=bf16): parameters are all-gathered and computed in bf16, the sharded
-master weights and the optimizer stay fp32, gradients are reduce-scattered in fp32.
+Mixed precision (precision=bf16, and fp8 around its FP8 GEMMs): parameters are all-gathered and
+computed in bf16, the sharded master weights and the optimizer stay fp32, gradients are
+reduce-scattered in fp32.
 
 The mesh is 1-D (``dp_shard``: plain FSDP) or, with ``parallel.dp_replicate > 1``, 2-D
 (``dp_replicate`` x ``dp_shard``: HSDP, each replica shards over ``dp_shard`` ranks, e.g. one
@@ -32,6 +35,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.overrides import TorchFunctionMode
 
 from kha_train.config import ACMode, Config, ParallelConfig, Precision
+from kha_train.training.fp8 import convert_to_fp8
 
 
 def build_mesh(cfg: ParallelConfig, device: torch.device) -> DeviceMesh:
@@ -75,7 +79,7 @@ def apply_fsdp(
     model: nn.Module, mesh: DeviceMesh, precision: Precision, reshard_after_forward: bool
 ) -> None:
     """``fully_shard`` every block, then the root."""
-    if precision == Precision.bf16:
+    if precision in (Precision.bf16, Precision.fp8):
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:
         mp = MixedPrecisionPolicy()
@@ -98,12 +102,15 @@ def parallelize(
     device: torch.device,
     mesh: DeviceMesh | None = None,
 ) -> nn.Module:
-    """Apply AC -> compile -> FSDP2 to a model built on the meta device (see module doc).
+    """Apply (FP8 conversion ->) AC -> compile -> FSDP2 to a model built on the meta device
+    (see module doc).
 
     Without a ``mesh`` one is built from ``cfg`` over all ranks; a single process without a
     process group gets a one-rank group first (so benchmarks can call this directly).
     Returns the same module, sharded; call ``to_empty(device=...)`` and initialise next.
     """
+    if precision == Precision.fp8:  # first: it checks that this machine runs FP8
+        convert_to_fp8(model, cfg.fp8, device)
     if mesh is None:
         if not dist.is_initialized():
             from kha_train.training.distributed import init_distributed
@@ -127,7 +134,7 @@ def compiles(cfg: ParallelConfig, device: torch.device | str) -> bool:
 def settings_line(cfg: Config, device: torch.device | str, world_size: int) -> str:
     """The speed-relevant settings a run resolves to, for the start-of-run line and
     `kha-train info`: compile, loss compile, activation checkpointing, deferred sync, reshard,
-    attention backend, precision."""
+    attention backend, precision (with fp8: its recipe and size threshold)."""
     p, on = cfg.parallel, {True: "on", False: "off"}
     auto = {True: " (auto)", False: ""}
     ac = p.activation_checkpointing.value
@@ -140,7 +147,17 @@ def settings_line(cfg: Config, device: torch.device | str, world_size: int) -> s
         f"defer_grad_sync {on[defer]}{auto[p.defer_grad_sync is None]}, "
         f"reshard_after_forward {on[reshard]}{auto[p.reshard_after_forward is None]}, "
         f"attention {cfg.model.attn_backend.value}, precision {cfg.train.precision.value}"
+        + (fp8_settings(p) if cfg.train.precision == Precision.fp8 else "")
     )
+
+
+def fp8_settings(cfg: ParallelConfig) -> str:
+    """' (tensorwise, dims >= 1024, ...)': parallel.fp8 for the settings line."""
+    f = cfg.fp8
+    extra = (", FP8 all-gather" if f.fsdp_fp8_all_gather else "") + (
+        ", emulated" if f.emulate else ""
+    )
+    return f" ({f.recipe.value}, dims >= {f.min_dim}{extra})"
 
 
 def _shards_parameters(cfg: ParallelConfig, world: int | None = None) -> bool:

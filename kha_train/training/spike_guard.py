@@ -17,8 +17,8 @@ hides the next ones (OLMo-core keeps every value, so there one NaN also blocks t
 price: a lasting change of level would be skipped forever, because the weights do not move
 during a streak of skips and every batch then looks alike. Hence ``max_in_row``: after that many
 in a row the guard gives in, applies the step and restarts its statistics (no skipping for the
-next ``min_history`` steps). Rolling back to a checkpoint is the better answer there; it would
-hook in at the same place (:data:`RESET`).
+next ``min_history`` steps). Rolling back to a checkpoint is the better answer there: a
+:data:`RESET` step counts as a spiking step for ``train.rollback`` (rollback.py).
 
 A skipped step leaves untouched: parameters, both AdamW moments and its step count, the MoE
 expert biases, and the adaptive-clipping state (``clipping.py``). It does advance the trainer's

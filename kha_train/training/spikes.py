@@ -9,6 +9,9 @@ of that step's batch, so the offending data can be looked up.
 
 Non-finite values are not observed here (the trainer skips and counts those steps).
 
+The worst spikes are then explained by the monitor (``spike_explain.py``): their batch is scored
+again and the samples of the highest loss are decoded into the spike record (``top_samples``).
+
 With the spike guard on (``optim.skip_step``, ``spike_guard.py``), the detector follows the
 guard's window: a step the guard skipped is flagged (its record says ``skipped``) but not added
 to the windows, and a guard reset empties them, as it empties the guard's. The test is the same

@@ -44,6 +44,7 @@ from kha_train.data.loader import Batch
 from kha_train.model import collect_expert_counts, moe_layers, update_expert_bias
 from kha_train.model.loss import IGNORE_INDEX
 from kha_train.training.clipping import Clipper, GlobalNormClip
+from kha_train.training.fp8 import precompute_fp8_scales
 from kha_train.training.optim import global_grad_norm, is_fused, set_lr
 from kha_train.training.parallel import set_micro_batch_sync
 from kha_train.training.spike_guard import NONFINITE, SpikeGuard, finite_verdict
@@ -99,6 +100,9 @@ def train_step(
     clipping to ``grad_clip`` (<= 0: none); ``guard`` (``spike_guard.py``), if given, skips
     spikes."""
     world = dist.get_world_size() if dist.is_initialized() else 1
+    # FP8 all-gather (parallel.fp8): the weights' scales, after the last optimizer step or any
+    # load or rollback that changed them; a no-op for every other model (training/fp8.py).
+    precompute_fp8_scales(model)
     weights = token_weights(micro_batches, world)  # (A,)
     loss_sum = torch.zeros((), device=weights.device)
     last = len(micro_batches) - 1

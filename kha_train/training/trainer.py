@@ -9,9 +9,11 @@
     loggers (the pieces: ``build.py``).
 
 ``Trainer.train()`` runs optimizer steps until ``train.max_steps`` / ``train.total_tokens``, a
-preemption signal, or too many non-finite steps in a row. Each is ``step.train_step`` (the same
-function the benchmark times) at the schedule's learning rate; its results stay on the device
-until the monitor (``monitor.py``) reads them at a logging step, checkpoint or validation.
+preemption signal, too many non-finite steps in a row, or too many rollbacks. Each is
+``step.train_step`` (the same function the benchmark times) at the schedule's learning rate; its
+results stay on the device until the monitor (``monitor.py``) reads them at a logging step,
+checkpoint or validation. With ``train.rollback`` on, persistent spikes found at those reads
+roll the run back to an earlier checkpoint in this process (``rollback.py``, ``_roll_back``).
 Validation (the loss of the val split): ``validation.py``; evaluation (loss and bits per byte of
 the ``eval.sets`` texts): ``evaluator.py``.
 
@@ -21,6 +23,7 @@ all-reduce of the preemption flag (host memory: it does not wait for the GPU).
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import time
 from pathlib import Path
@@ -33,7 +36,7 @@ from kha_train.config_checks import total_steps, validate
 from kha_train.fs import StorageError, storage_error
 from kha_train.training import distributed as D
 from kha_train.training.build import build_loaders, build_model, config_snapshot, resume_path
-from kha_train.training.checkpoint import CheckpointManager
+from kha_train.training.checkpoint import CheckpointManager, complete_checkpoints
 from kha_train.training.checkpoint_checks import STEP_DIR, check_free_space, stray_entries
 from kha_train.training.determinism import make_deterministic
 from kha_train.training.evaluator import build_evaluator
@@ -43,6 +46,15 @@ from kha_train.training.metrics import WindowTimer
 from kha_train.training.monitor import NonFiniteError, StepMonitor
 from kha_train.training.optim import build_optimizer, is_fused, summarize_groups
 from kha_train.training.parallel import compiles, settings_line
+from kha_train.training.rollback import (
+    Decision,
+    RollbackLimitError,
+    Rollbacks,
+    agree,
+    limit_message,
+    move_abandoned,
+    trim_logs,
+)
 from kha_train.training.runlock import RunLock, RunLockedError
 from kha_train.training.schedule import lr_at
 from kha_train.training.step import StepResult, train_step
@@ -107,7 +119,8 @@ class Trainer:
         self.ckpt = CheckpointManager(
             self.ckpt_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save, self.env
         )
-        self.monitor = StepMonitor(cfg, self.env, self.total_steps, self.run_dir)
+        self.monitor = self._new_monitor()
+        self.rollbacks = Rollbacks(cfg.train.rollback, cfg.logging.spikes)
         self.exporter = (
             HFExporter(self.run_dir, cfg.checkpoint.keep_last, self._export_report)
             if cfg.checkpoint.export_hf and self.env.is_main
@@ -122,9 +135,11 @@ class Trainer:
             self._load(restored.path, restored.state)
         self._last_saved = self.step if self.step > 0 else -1  # step of the newest checkpoint
         self._stop_signal: str | None = None  # set by the signal handler during train()
+        self._refresh_snapshot()  # data.skip_ranges as the loader resolved them
         if self.env.is_main:
             try:
                 (self.run_dir / "config.yaml").write_text(self.config_yaml)
+                trim_logs(self.run_dir, len(self.rollbacks.history), resumed=resume is not None)
             except OSError as e:
                 raise storage_error(e, "write the run config", self.run_dir) from e
         self.log = RunLoggers(
@@ -137,7 +152,24 @@ class Trainer:
         self._announce(resume)
         for note in [] if restored is None else restored.notes:
             self.log.info(f"warning: {note}")
+        for note in self.loader.notes:
+            self.log.info(f"note: {note}")
         self._warn_about_storage()
+
+    def _new_monitor(self) -> StepMonitor:
+        """A fresh monitor (at start, and at a rollback before loading the checkpoint's state)."""
+        return StepMonitor(self.cfg, self.env, self.total_steps, self.run_dir, model=self.model)
+
+    def _refresh_snapshot(self) -> None:
+        """The config saved with the run and its checkpoints, with ``data.skip_ranges`` as every
+        range the loader skips (resolved to samples: ranges, those of rollbacks included), so a
+        run started from it reads the same data."""
+        specs = self.loader.skipped_specs()
+        if specs != list(self.cfg.data.skip_ranges):
+            data = dataclasses.replace(self.cfg.data, skip_ranges=specs)
+            self.config_yaml, self.config_dict = config_snapshot(
+                dataclasses.replace(self.cfg, data=data)
+            )
 
     def _warn_about_storage(self) -> None:
         """Look-alike files in the checkpoint folder, and too little room for one checkpoint."""
@@ -192,6 +224,25 @@ class Trainer:
         self.log.info("settings: " + settings_line(cfg, self.device, env.world_size))
         if resume is not None:
             self.log.info(f"resumed from {resume} at step {self.step}")
+        r = cfg.train.rollback
+        if r.enabled:
+            triggers = [f"{r.max_spikes} spiking steps within {r.window}"] if r.max_spikes else []
+            if r.loss_rise:
+                triggers.append(f"smoothed loss {r.loss_rise:.0%} up for {r.loss_rise_steps} steps")
+            done = len(self.rollbacks.history)
+            self.log.info(
+                f"rollback: on ({' or '.join(triggers)}; at most {r.max_rollbacks}, {done} done)"
+            )
+            if cfg.checkpoint.keep_last < 2:
+                self.log.info(
+                    "warning: train.rollback with checkpoint.keep_last=1: a checkpoint saved "
+                    "during a spike window replaces the only one before it, and the rollback "
+                    "then has nowhere to go. Keep 2 or more"
+                )
+        skipped = self.loader.skip_entries
+        if skipped:
+            n = sum(e["end"] - e["start"] for e in skipped)
+            self.log.info(f"data: {len(skipped)} skipped range(s), up to {n} samples")
 
     # -- checkpoint state -------------------------------------------------------------------------
 
@@ -202,21 +253,24 @@ class Trainer:
             "version": STATE_VERSION,
             "step": self.step,
             "tokens_seen": self.step * self.tokens_per_step,
-            "loader": self.loader.state_dict(),
+            "loader": self.loader.state_dict(),  # the position and every skipped range
             **self.monitor.state_dict(),  # spikes, nonfinite
+            "rollback": self.rollbacks.state_dict(),
             "world_size": self.env.world_size,
         }
 
-    def _load(self, path: Path, state: dict[str, Any]) -> None:
+    def _load(self, path: Path, state: dict[str, Any], *, rollback: bool = False) -> None:
         """Continue from the trainer state saved with checkpoint ``path`` (model and optimizer
-        are already loaded)."""
+        are already loaded). ``rollback``: keep the live run's skipped ranges and list of
+        rollbacks (they hold the checkpoint's, and those added since)."""
         if state.get("version") != STATE_VERSION:
             raise ConfigError(
                 f"{path}: trainer state version {state.get('version')}, expected {STATE_VERSION}"
             )
         self.step = int(state["step"])
-        self.loader.load_state_dict(state["loader"])
+        self.loader.load_state_dict(state["loader"], keep_skips=rollback)
         self.monitor.load_state_dict(state)
+        self.rollbacks.load_state_dict(state.get("rollback"), state, rollback=rollback)
 
     def save_checkpoint(self, *, blocking: bool = False) -> Path:
         self._drain()
@@ -261,7 +315,7 @@ class Trainer:
         lr = lr_at(
             self.step, peak_lr=self.cfg.optim.lr, total_steps=self.total_steps,
             cfg=self.cfg.schedule,
-        )  # fmt: skip
+        ) * self.rollbacks.lr_scale(self.step)  # fmt: skip
         result = train_step(
             self.model, self.optimizer, micro_batches, parallel=self.cfg.parallel,
             grad_clip=self.cfg.optim.grad_clip, lr=lr, compute_loss=self.compute_loss,
@@ -269,12 +323,95 @@ class Trainer:
         )  # fmt: skip
         ids = torch.cat([b.sample_ids for b in micro_batches])
         self.monitor.record(self.step + 1, result, ids, self.log)
+        self.rollbacks.record(self.step + 1, result)
         self.step += 1
         return result
 
     def _drain(self) -> None:
-        """Read the device history into the monitor (a host sync; see ``monitor.py``)."""
+        """Read the device history into the monitor (a host sync; see ``monitor.py``), and the
+        rollback trigger's values (a decision it takes waits for :meth:`_check_rollback`)."""
         self.monitor.drain(self.step, self.log)
+        self.rollbacks.observe()
+
+    # -- rollback ---------------------------------------------------------------------------------
+
+    def _check_rollback(self) -> bool:
+        """``train.rollback``, at a drain point of the loop (logging steps, checkpoints, the
+        end): drain, and roll back if the trigger fired (every rank together). True if it did."""
+        self._drain()
+        decision = agree(self.rollbacks.take_decision())
+        return decision is not None and self._roll_back(decision)
+
+    def _roll_back(self, d: Decision) -> bool:
+        """Restore the newest checkpoint before the spike window, skip the window's batches
+        (plus ``skip_margin``), go on from the checkpoint's step (``rollback.py``). False (and
+        the trigger cleared) if there is no checkpoint before the window."""
+        cfg = self.cfg.train.rollback
+        s, f, number = self.step, d.first_step, len(self.rollbacks.history) + 1
+        if number > cfg.max_rollbacks:
+            raise RollbackLimitError(limit_message(d, self.rollbacks.history, cfg))
+        self.log.activity(f"rolling back: {d.describe()}")
+        if self.exporter is not None:  # it may be reading a checkpoint about to be deleted
+            self.exporter.wait()
+        restored = self.ckpt.restore_before(
+            f, self.model, self.optimizer, self.config_dict["model"]
+        )
+        if restored is None:
+            self.rollbacks.give_up(s)
+            kept = [p.name for _, p in complete_checkpoints(self.ckpt.directory)]
+            self.log.event(
+                {"type": "rollback_unavailable", "step": s, "reason": d.reason,
+                 "first_step": f, "checkpoints": kept, **d.detail},
+                echo=f"step {s}: {d.describe()}, but no checkpoint before step {f} to roll back "
+                f"to (checkpoints: {', '.join(kept) or 'none'}): training goes on",
+            )  # fmt: skip
+            self.log.activity("training")
+            return False
+        old_monitor = self.monitor
+        self.monitor = self._new_monitor()
+        for attr in ("model",):  # what the trainer handed the monitor since it was built
+            if hasattr(old_monitor, attr):
+                setattr(self.monitor, attr, getattr(old_monitor, attr))
+        self._load(restored.path, restored.state, rollback=True)
+        c, last = self.step, s + cfg.skip_margin
+        start, end = self.loader.skip_steps(f, last, source="rollback", rollback=number)
+        discarded = self.ckpt.discard_after(c)
+        self._last_saved = c
+        record = {
+            "type": "rollback", "step": c, "count": number, "from_step": s, "to_step": c,
+            "reason": d.reason, "window": [f, s], "skipped_steps": [f, last],
+            "skipped_samples": [start, end],
+            "skipped_count": (last - f + 1) * self.loader.global_batch_size,
+            "checkpoint": restored.path.name, "discarded": [p.name for p in discarded],
+            **d.detail,
+        }  # fmt: skip
+        self.rollbacks.add(record, c)
+        self._refresh_snapshot()
+        moved, error = 0, None
+        if self.env.is_main:  # the abandoned steps' records to rolled_back.jsonl
+            try:
+                moved = move_abandoned(self.run_dir, c, number)
+                (self.run_dir / "config.yaml").write_text(self.config_yaml)
+            except OSError as e:
+                error = storage_error(e, "rewrite the logs after a rollback", self.run_dir)
+        if D.any_rank(error is not None):  # every rank stops, none waits in a collective
+            raise error or StorageError("rank 0 could not rewrite the logs after a rollback")
+        lr = (
+            f"; lr x{record['lr_factor']:g} until step {record['lr_until_step']}"
+            if record["lr_factor"] != 1
+            else ""
+        )
+        self.log.event(
+            {**record, "records_moved": moved},
+            echo=f"step {s}: {d.describe()}: rolled back to {restored.path.name} (rollback "
+            f"{number} of at most {cfg.max_rollbacks}); the batches of steps {f}-{last} (global "
+            f"samples {start}-{end - 1}) are skipped{lr}",
+        )
+        for note in restored.notes:
+            self.log.info(f"warning: {note}")
+        self.log.advance(c)
+        self.log.activity("training")
+        return True
 
     # -- validation -------------------------------------------------------------------------------
 
@@ -337,12 +474,25 @@ class Trainer:
                     self.log.activity("training")
                 log_now = self.step % cfg.logging.log_every == 0 or self.step == first_step
                 if log_now or self.step == self.total_steps:
-                    self.monitor.log_window(self.step, timer, self.log, self.model)
+                    self.monitor.log_window(
+                        self.step,
+                        timer,
+                        self.log,
+                        self.model,
+                        self.rollbacks.lr_scale(self.step - 1),
+                    )
+                save_now = (
+                    cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0
+                )
+                drained = log_now or save_now or self.step == self.total_steps
+                if self.rollbacks.enabled and drained and self._check_rollback():
+                    timer.read_and_reset()  # back at an earlier step, on every rank
+                    continue
                 if cfg.train.val_every and self.step % cfg.train.val_every == 0:
                     self.validate()
                 if cfg.eval.every and self.step % cfg.eval.every == 0:
                     self.evaluate()
-                if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
+                if save_now:
                     self.save_checkpoint()
                 self.ckpt.poll()
                 self._export_published()
@@ -351,7 +501,13 @@ class Trainer:
                     break
             if stopped:
                 if len(self.monitor.history):
-                    self.monitor.log_window(self.step, timer, self.log, self.model)
+                    self.monitor.log_window(
+                        self.step,
+                        timer,
+                        self.log,
+                        self.model,
+                        self.rollbacks.lr_scale(self.step - 1),
+                    )
                 self.log.info(
                     f"stop requested ({self._stop_signal or 'signal on another rank'}) at step "
                     f"{self.step}: saving a checkpoint and exiting"
@@ -370,6 +526,9 @@ class Trainer:
         except NonFiniteError:
             self._finish("nonfinite", exit_code=1)
             raise
+        except RollbackLimitError:
+            self._finish("rollback_limit", exit_code=1)
+            raise
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
@@ -382,7 +541,9 @@ class Trainer:
             self._step(self.loader.next_step())
             timer.step()
             if self.step % self.cfg.logging.log_every == 0:
-                self.monitor.log_window(self.step, timer, self.log, self.model)
+                self.monitor.log_window(
+                    self.step, timer, self.log, self.model, self.rollbacks.lr_scale(self.step - 1)
+                )
         self._drain()
 
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -394,6 +555,7 @@ class Trainer:
             "nonfinite_skipped": self.monitor.skipped_total,
             "spike_skipped": self.monitor.spike_skipped_total,
             "spikes_total": self.monitor.detector.num_spikes,
+            "rollbacks": len(self.rollbacks.history),
         }  # fmt: skip
         self.log.event({"type": "end", **summary})
         if self.env.is_main:

@@ -36,7 +36,28 @@ def resolve_wandb_mode(mode: WandbMode) -> str:
     return mode.value
 
 
-SPIKE_COLUMNS = ["step", "metric", "value", "z", "ratio", "loss", "grad_norm", "sample_ids"]
+SPIKE_COLUMNS = [
+    "step", "metric", "value", "z", "ratio", "loss", "grad_norm", "action", "top_sample",
+    "sample_ids",
+]  # fmt: skip
+TOP_SAMPLE_CHARS = 300  # of the decoded text in the table's top_sample cell
+
+
+def spike_row(s: dict[str, Any]) -> list[Any]:
+    """One row of the spikes table: the record's fields, the action (``skipped`` by the spike
+    guard, else ``logged``) and its sample of the highest loss, if the spike was explained
+    (``spike_explain.py``): id, loss and the start of its decoded text."""
+    top = (s.get("top_samples") or [None])[0]
+    cell = ""
+    if top is not None:
+        text = " ".join((top.get("text") or "").split())[:TOP_SAMPLE_CHARS]
+        cell = f"sample {top.get('id')} (loss {top.get('loss', float('nan')):.4g}): {text}"
+    derived = {
+        "action": "skipped" if s.get("skipped") else "logged",
+        "top_sample": cell,
+        "sample_ids": str(s.get("sample_ids", [])),
+    }
+    return [derived[c] if c in derived else s.get(c) for c in SPIKE_COLUMNS]
 
 
 class WandbLogger:
@@ -132,16 +153,33 @@ class WandbLogger:
         try:
             import wandb
 
-            for s in spikes:
-                self._spike_rows.append(
-                    [s[c] if c != "sample_ids" else str(s[c]) for c in SPIKE_COLUMNS]
-                )
+            self._spike_rows.extend(spike_row(s) for s in spikes)
             # Tables are immutable once logged: log the whole list again under the same key.
             self.run.log(
                 {"spikes/table": wandb.Table(columns=SPIKE_COLUMNS, data=self._spike_rows)},
                 step=step,
             )
             self.run.summary["spikes/total"] = total
+        except Exception as e:
+            self._fail("spike logging", e)
+
+    def mark_rolled_back(self, step: int, to_step: int) -> None:
+        """A rollback to the checkpoint of ``to_step``: the table's spikes after ``to_step``
+        say "rolled back"; the table is logged again at W&B step ``step`` (W&B steps only go
+        forward: give the step at which the rollback was decided, the record's ``from_step``)."""
+        at, action = SPIKE_COLUMNS.index("step"), SPIKE_COLUMNS.index("action")
+        rows = [r for r in self._spike_rows if r[at] > to_step and "rolled" not in r[action]]
+        if not rows or self.run is None:
+            return
+        for r in rows:
+            r[action] = "rolled back" if r[action] == "logged" else f"{r[action]}, rolled back"
+        try:
+            import wandb
+
+            self.run.log(
+                {"spikes/table": wandb.Table(columns=SPIKE_COLUMNS, data=self._spike_rows)},
+                step=step,
+            )
         except Exception as e:
             self._fail("spike logging", e)
 
