@@ -53,12 +53,7 @@ def chunked_cross_entropy(
     that carry no target. Returns a scalar; 0 if no position has a target. ``compiled``: on CUDA,
     run each chunk's loss and gradient through ``torch.compile`` (see ``_compiled_chunk_fn``).
     """
-    if torch.is_autocast_enabled(hidden.device.type):
-        # Run the head matmuls in the autocast dtype (bf16); the loss itself stays fp32.
-        dtype = torch.get_autocast_dtype(hidden.device.type)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-    elif weight.dtype != hidden.dtype:
-        weight = weight.to(hidden.dtype)
+    hidden, weight = _head_inputs(hidden, weight)
     with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _ChunkedCrossEntropy.apply(
         hidden, weight, labels, chunk_tokens, ignore_index, with_grad, compiled
@@ -76,11 +71,7 @@ def chunked_token_nll(
     """Per-token cross entropy (fp32, no gradient) of logits = hidden @ weight^T: [N], 0 where
     ``labels`` is ``ignore_index``. For evaluation: one chunk of logits alive at a time, like
     :func:`chunked_cross_entropy`, where a full [N, V] logits tensor would not fit."""
-    if torch.is_autocast_enabled(hidden.device.type):
-        dtype = torch.get_autocast_dtype(hidden.device.type)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-    elif weight.dtype != hidden.dtype:
-        weight = weight.to(hidden.dtype)
+    hidden, weight = _head_inputs(hidden, weight)
     valid = labels != ignore_index  # (N,)
     targets = torch.where(valid, labels, torch.zeros_like(labels))
     out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
@@ -91,6 +82,15 @@ def chunked_token_nll(
             y = targets[start:end, None]
             out[start:end] = torch.logsumexp(logits, dim=-1) - logits.gather(1, y).squeeze(1)
     return out * valid
+
+
+def _head_inputs(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden and the head weight in one dtype: autocast's (bf16) if it is on, so the head
+    matmuls run there while the loss itself stays fp32; else hidden's."""
+    if torch.is_autocast_enabled(hidden.device.type):
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        return hidden.to(dtype), weight.to(dtype)
+    return hidden, weight.to(hidden.dtype)
 
 
 def _chunk_nll_and_grad(
