@@ -11,6 +11,28 @@ import torch
 from kha_train.config import KHAConfig, ModelConfig, MoEConfig
 from kha_train.model import Transformer
 
+# The model section of the tiny run configs the tool tests write as YAML (eval, lm-eval, MEA
+# virtual heads): a 2-layer KHA-MLP MoE over a 320-token vocabulary.
+TINY_MODEL_YAML = """\
+model:
+  vocab_size: 320
+  hidden_size: 32
+  num_layers: 2
+  num_heads: 4
+  num_kv_heads: 2
+  head_dim: 8
+  ffn_size: 48
+  rope_theta: 10000.0
+  attn_backend: math
+  kha:
+    variant: mlp
+    targets: [v]
+  moe:
+    num_experts: 4
+    top_k: 2
+    expert_ffn_size: 16
+"""
+
 
 def make_cfg(
     *,

@@ -9,13 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_helpers import TINY_MODEL_YAML
 
 from kha_train.cli import main as cli_main
 from kha_train.config import load_config
 from kha_train.model import Transformer
 from kha_train.tools.weights_io import load_weights, save_weights
 
-MODEL_YAML = """
+MODEL_YAML = (
+    """
 name: vh-test
 data:
   dataset: {dataset}
@@ -24,24 +26,9 @@ train:
   micro_batch_size: 2
   global_batch_tokens: 32
   max_steps: 1
-model:
-  vocab_size: 320
-  hidden_size: 32
-  num_layers: 2
-  num_heads: 4
-  num_kv_heads: 2
-  head_dim: 8
-  ffn_size: 48
-  rope_theta: 10000.0
-  attn_backend: math
-  kha:
-    variant: mlp
-    targets: [v]
-  moe:
-    num_experts: 4
-    top_k: 2
-    expert_ffn_size: 16
 """
+    + TINY_MODEL_YAML
+)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from model_helpers import TINY_MODEL_YAML
 
 from kha_train.config import ConfigError, load_config
 from kha_train.data.errors import DataError
@@ -23,7 +24,8 @@ from kha_train.tools.evaluate import add_eval_arguments, run_eval
 from kha_train.training.scoring import score_documents, sliding_windows
 
 VOCAB = 320
-MODEL_YAML = """
+MODEL_YAML = (
+    """
 name: eval-test
 data:
   dataset: {dataset}
@@ -32,24 +34,9 @@ train:
   micro_batch_size: 2
   global_batch_tokens: 64
   max_steps: 1
-model:
-  vocab_size: 320
-  hidden_size: 32
-  num_layers: 2
-  num_heads: 4
-  num_kv_heads: 2
-  head_dim: 8
-  ffn_size: 48
-  rope_theta: 10000.0
-  attn_backend: math
-  kha:
-    variant: mlp
-    targets: [v]
-  moe:
-    num_experts: 4
-    top_k: 2
-    expert_ffn_size: 16
 """
+    + TINY_MODEL_YAML
+)
 VAL_FRACTION = 0.3
 # fp32 sums over a few hundred features: two evaluations of one function that batch or pad
 # differently agree to about 1e-6 on NLLs of order 5 (see tests/model/model_helpers.py).

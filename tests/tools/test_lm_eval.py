@@ -18,6 +18,7 @@ import torch
 lm_eval = pytest.importorskip("lm_eval")  # the `eval` extra
 
 from lm_eval.api.instance import Instance  # noqa: E402
+from model_helpers import TINY_MODEL_YAML  # noqa: E402
 
 from kha_train.config import ConfigError, load_config  # noqa: E402
 from kha_train.model import Transformer  # noqa: E402
@@ -36,25 +37,10 @@ train:
   micro_batch_size: 2
   global_batch_tokens: 64
   max_steps: 1
-model:
-  vocab_size: 320
-  hidden_size: 32
-  num_layers: 2
-  num_heads: 4
-  num_kv_heads: 2
-  head_dim: 8
-  ffn_size: 48
-  rope_theta: 10000.0
-  attn_backend: math
-  tie_embeddings: false   # a tied random model mostly repeats its last token
-  kha:
-    variant: mlp
-    targets: [v]
-  moe:
-    num_experts: 4
-    top_k: 2
-    expert_ffn_size: 16
-"""
+""" + TINY_MODEL_YAML.replace(
+    "  attn_backend: math\n",
+    "  attn_backend: math\n  tie_embeddings: false  # a tied random model mostly repeats its last token\n",
+)
 # fp32 sums over a few hundred features: the same function batched or padded differently
 # agrees to about 1e-6 per token (tests/model/model_helpers.py); a sum over ~100 tokens of
 # log-probabilities of order 5 then to ~1e-4.
