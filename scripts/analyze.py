@@ -8,7 +8,10 @@
   the gate) of every layer, saved to an .npz for the Fig. 3-style heatmaps, with their distance
   from the identity (they start at I; the gate's W at 0): ||W - W_0||_F / ||I||_F.
 - MEA runs: ``kha-train virtual-heads`` halves the cached KV heads, and ``kha-train eval`` scores
-  the converted model on the same val split (KV cache halved: the loss it costs).
+  the converted model on the same val split (KV cache halved: the loss it costs). Beside it, the
+  share of each layer's K and V projection (HLC folded in) that the kept heads hold: the
+  squared singular values over the head axis that the rank-r factorisation keeps. A share near
+  r / h means the heads are independent and no one-shot factorisation can drop one cheaply.
 """
 
 from __future__ import annotations
@@ -40,9 +43,21 @@ def analyze_run(run_dir: Path, npz_out: Path, device: str = "auto") -> dict[str,
     out: dict[str, Any] = {"checkpoint": ckpt.name}
     out["router"] = router_health(model, cfg, dev)
     out["kha"] = kha_matrices(model, npz_out)
-    if AttentionKind(cfg.model.attention) == AttentionKind.mea and cfg.model.num_kv_heads > 1:
-        out["virtual_heads"] = virtual_heads(run_dir, ckpt, cfg.model.num_kv_heads // 2, device)
+    if AttentionKind(cfg.model.attention) == AttentionKind.mea:
+        cached = cfg.model.mea.cached_kv_heads or cfg.model.num_kv_heads
+        if cached > 1:
+            out["virtual_heads"] = {
+                **virtual_heads(run_dir, ckpt, cached // 2, device),
+                "kept_energy": kept_energy(model, cached // 2),
+            }
     return out
+
+
+def kept_energy(model: torch.nn.Module, r: int) -> dict[str, list[float]]:
+    """Per layer, for K and V: the share that r cached heads keep (virtual_heads.kept_share)."""
+    from kha_train.tools.virtual_heads import kept_share
+
+    return {t: [kept_share(layer.attn, t, r) for layer in model.layers] for t in ("k", "v")}
 
 
 def _val_tokens(cfg: Any, n: int) -> torch.Tensor:

@@ -22,6 +22,7 @@ COLORS = ["tab:gray", "tab:blue", "tab:green", "tab:red", "tab:purple", "tab:ora
 
 def _load(run: Path) -> dict[str, Any]:
     r = json.loads((run / "results.json").read_text())
+    r["archive"] = run
     with gzip.open(run / "metrics.jsonl.gz", "rt") as f:
         r["records"] = [json.loads(line) for line in f if line.strip()]
     return r
@@ -31,9 +32,24 @@ def _stats(xs: list[float]) -> tuple[float, float]:
     return float(np.mean(xs)), float(max(xs) - min(xs)) if len(xs) > 1 else float("nan")
 
 
-def write_report(study: str, spec: dict[str, Any], runs: list[Path], results: Path) -> Path:
+def write_report(
+    study: str,
+    spec: dict[str, Any],
+    runs: list[Path],
+    results: Path,
+    borrowed: dict[Path, str] | None = None,
+) -> Path:
+    """``borrowed``: archives of other studies shown as the variant of the given label (their
+    own variant and run names are replaced; study.py's ``borrowed``)."""
     data = [_load(r) for r in runs]
-    variants = [v for v in spec["variants"] if any(d["variant"] == v for d in data)]
+    for path, label in (borrowed or {}).items():
+        d = _load(path)
+        d["run"] = f"{label}-s{d['seed']}"
+        d["variant"] = label
+        d["borrowed"] = True  # its KHA heatmaps are drawn by its own study's report
+        data.append(d)
+    order = [*(borrowed or {}).values(), *spec["variants"]]
+    variants = list(dict.fromkeys(v for v in order if any(d["variant"] == v for d in data)))
     baseline = spec.get("baseline", next(iter(spec["variants"])))
     by_variant = {v: [d for d in data if d["variant"] == v] for v in variants}
     base = by_variant.get(baseline, [])
@@ -71,13 +87,16 @@ def write_report(study: str, spec: dict[str, Any], runs: list[Path], results: Pa
     if vh:
         lines += ["", "MEA, KV cache halved by `kha-train virtual-heads` (same val split):", ""]
         lines += [
-            "| run | held-out loss | after halving | bpb | after halving |",
-            "|---|---|---|---|---|",
+            "| run | held-out loss | after halving | bpb | after halving | K / V kept by the "
+            "factorisation (mean over layers) |",
+            "|---|---|---|---|---|---|",
         ]
         for d in vh:
             a = d["analysis"]["virtual_heads"]
+            kept = a.get("kept_energy")
+            share = f"{np.mean(kept['k']):.1%} / {np.mean(kept['v']):.1%}" if kept else "-"
             lines.append(f"| {d['run']} | {d['final']['eval_loss']:.4f} | {a['eval_loss']:.4f} | "
-                         f"{d['final']['eval_bpb']:.4f} | {a['eval_bpb']:.4f} |")  # fmt: skip
+                         f"{d['final']['eval_bpb']:.4f} | {a['eval_bpb']:.4f} | {share} |")  # fmt: skip
     pngs = _plots(study, data, variants, results)
     lines += [""] + [f"![{p.stem}]({p.name})" for p in pngs]
     out = results / f"{study}.md"
@@ -176,7 +195,7 @@ def _plots(
     ax.legend(fontsize=7)
     out.append(_save(fig, results / f"{study}_load.png"))
 
-    heat = [(d, results / study / d["run"] / "kha.npz") for d in data]
+    heat = [(d, d["archive"] / "kha.npz") for d in data if "borrowed" not in d]
     heat = [(d, p) for d, p in heat if p.is_file() and d["seed"] == min(
         x["seed"] for x in data if x["variant"] == d["variant"])]  # fmt: skip
     for d, path in heat:

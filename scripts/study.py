@@ -84,7 +84,28 @@ def load_study(path: Path) -> tuple[str, list[Run], dict[str, Any]]:
         for seed in spec["seeds"]
         for variant, keys in spec["variants"].items()
     ]  # fmt: skip
+    for label, source in spec.get("borrow", {}).items():
+        study, _, variant = str(source).partition("/")
+        other = path.parent / f"{study}.yaml"  # a study's file is named after it
+        if (label in spec["variants"] or not other.is_file()
+                or variant not in yaml.safe_load(other.read_text()).get("variants", {})):  # fmt: skip
+            raise SystemExit(f"{path}: borrow '{label}: {source}' needs <study>/<variant> of a "
+                             f"study file beside it, and a label that is not a variant here")  # fmt: skip
     return spec["study"], runs, spec
+
+
+def borrowed(spec: dict[str, Any], results: Path) -> dict[Path, str]:
+    """Archives of other studies that a study's report shows beside its own runs (``borrow:
+    {label: <study>/<variant>}``: the same config, trained there; e.g. the lr study's runs at
+    the paper's LR are table2's), each with the label it gets here, for every seed archived."""
+    out = {}
+    for label, source in spec.get("borrow", {}).items():
+        study, _, variant = str(source).partition("/")
+        for seed in spec["seeds"]:
+            run = results / study / f"{variant}-s{seed}"
+            if (run / "results.json").is_file():
+                out[run] = label
+    return out
 
 
 # -- state -----------------------------------------------------------------------------------
@@ -138,7 +159,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 state = f"started, step {last_step(run_dir)}"
             else:
                 state = "not started"
-            print(f"  {run.name:<28} {state}")
+            print(f"  {run.name:<32} {state}")
     return 0
 
 
@@ -270,7 +291,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         done = [archive_dir(args.results, r) for r in runs if is_archived(args.results, r)]
         print(f"{name}: {len(done)} of {len(runs)} runs archived")
         if done:
-            write_report(name, spec, done, args.results)
+            write_report(name, spec, done, args.results, borrowed(spec, args.results))
     return 0
 
 
@@ -291,7 +312,19 @@ def main(argv: list[str] | None = None) -> int:
                            help="do not start or resume a run with less time than this left")  # fmt: skip
             p.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
+    args.studies = drop_base_configs(args.studies)
     return args.func(args)
+
+
+def drop_base_configs(paths: list[str]) -> list[str]:
+    """The given files less the kha-train configs that other given study files train (their
+    ``config:``), so ``configs/study/*.yaml`` names the studies only."""
+    bases = set()
+    for path in paths:
+        spec = yaml.safe_load(Path(path).read_text())
+        if isinstance(spec, dict) and "study" in spec and "config" in spec:
+            bases.add((Path(path).parent / spec["config"]).resolve())
+    return [p for p in paths if Path(p).resolve() not in bases]
 
 
 if __name__ == "__main__":

@@ -258,6 +258,12 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
         action="store_true",
         help="run the LM-head + loss chunks eagerly (parallel.compile_loss=false)",
     )
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="train.deterministic=true: torch's deterministic kernels, a fixed cuBLAS workspace "
+        "(training/determinism.py); the cost in tokens/s against a run without it",
+    )
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--no-sync-check", action="store_true")
     p.add_argument("--json", help="append results as JSON lines to this file")
@@ -271,6 +277,10 @@ def main(args: argparse.Namespace) -> int:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if not torch.cuda.is_available():
         raise SystemExit("kha-train bench needs a CUDA GPU")
+    if args.deterministic:  # before any CUDA work: cuBLAS reads its workspace setting once
+        from kha_train.training.determinism import make_deterministic
+
+        make_deterministic()
     precisions = [Precision(p.strip()) for p in args.precision.split(",") if p.strip()]
     if Precision.fp8 in precisions:
         from kha_train.config_checks import fp8_support_errors
@@ -327,6 +337,7 @@ def main(args: argparse.Namespace) -> int:
                             "settings": dataclasses.asdict(s)
                             | {"ac": s.ac.value, "fp8": _fp8_dict(s.fp8)},
                             "device": torch.cuda.get_device_name(),
+                            "deterministic": args.deterministic,
                         }
                     )
                     + "\n"

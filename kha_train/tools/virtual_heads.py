@@ -49,6 +49,14 @@ def head_spectrum(attn: Attention, target: str) -> torch.Tensor:
     return torch.linalg.svdvals(w.reshape(w.shape[0], -1))
 
 
+def kept_share(attn: Attention, target: str, r: int) -> float:
+    """Share of the layer's K or V projection (squared Frobenius norm, HLC folded in) that ``r``
+    cached heads keep: 1.0 when the rank-r factorisation is exact, about r / h when the h
+    heads are independent (then dropping heads loses that much of K or V, whatever the method)."""
+    s2 = head_spectrum(attn, target) ** 2
+    return float(s2[:r].sum() / s2.sum())
+
+
 def _factor(w: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(cached head rows [r * d, D], HLC [r, h]) of the best rank-r factorisation of w [h, d, D]."""
     h, d, D = w.shape
@@ -134,9 +142,12 @@ def run_virtual_heads(args: argparse.Namespace) -> int:
     after = _heldout_loss(new, batches)
     cache, new_cache = (kv_cache_elems_per_token_per_layer(c) for c in (cfg.model, new.cfg))
     tokens = sum(b.labels.numel() for b in batches)
+    kept = {t: [kept_share(blk.attn, t, args.kv_heads) for blk in model.layers] for t in "kv"}
     print(
         f"virtual heads: {cfg.model.num_kv_heads} -> {args.kv_heads} cached KV heads per layer "
         f"(KV cache {cache} -> {new_cache} values per token per layer)\n"
+        f"share of K / V kept by the factorisation, per layer: "
+        f"{' '.join(f'{k:.2f}/{v:.2f}' for k, v in zip(kept['k'], kept['v'], strict=True))}\n"
         f"held-out loss ({len(batches)} batches, {tokens:,} tokens of {cfg.data.dataset} val): "
         f"before {before:.4f}, after {after:.4f} ({after - before:+.4f})"
     )

@@ -12,6 +12,7 @@ from kha_train.tools.virtual_heads import (
     convert_to_virtual_heads,
     head_spectrum,
     head_weights,
+    kept_share,
 )
 
 
@@ -111,3 +112,17 @@ def test_bad_requests(tiny_cfg, build_model, source, n, message) -> None:
         return
     with pytest.raises(VirtualHeadsError, match=message):
         convert_to_virtual_heads(m, n)
+
+
+def test_kept_share_measures_what_fewer_heads_keep(tiny_cfg, build_model) -> None:
+    """All of K/V at r = h; all of it at r = 1 when the heads are copies of one; a fraction of
+    it, below 1, when they are independent."""
+    m = build_model(tiny_cfg(moe=False, num_kv_heads=4))
+    attn = m.layers[0].attn
+    assert kept_share(attn, "k", 4) == pytest.approx(1.0, abs=1e-12)
+    shares = [kept_share(attn, "v", r) for r in (1, 2, 3, 4)]
+    assert 0 < shares[0] < shares[1] < shares[2] < shares[3] == pytest.approx(1.0, abs=1e-12)
+    with torch.no_grad():
+        w = attn.k_proj.weight.view(4, 8, 32)
+        w.copy_(w[:1].expand_as(w) * torch.tensor([1.0, -2.0, 0.5, 3.0]).view(4, 1, 1))
+    assert kept_share(attn, "k", 1) == pytest.approx(1.0, abs=1e-12)

@@ -1,0 +1,56 @@
+#!/bin/bash
+# One device call (issue: deterministic mode on the GPU; docs/training.md, "Deterministic mode"):
+#   1. two runs of the reference config (A0.44B, KHA-MLP-V, mb 6 x 5 x 4096, compiled) with
+#      train.deterministic=true and one without, 30 steps each on data/builtin: are the two
+#      deterministic runs bitwise equal (every logged loss and grad norm), and at what tokens/s;
+#   2. `kha-train bench` of the same workload with and without --deterministic, profiled, and
+#      scripts/kernel_diff.py: which kernels the mode changes and what each costs.
+# Usage: bash scripts/device/determinism.sh [DEADLINE_S]
+# Carry: data/builtin, .whl (omegaconf, antlr4), .kha_commit (optional).
+set -u
+export PYTHONUNBUFFERED=1
+deadline=${1:-540}; start=$(date +%s)
+left() { echo $(( deadline - ($(date +%s) - start) )); }
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD
+echo "commit $(cat .kha_commit 2>/dev/null || echo unknown), $(date -u +%FT%TZ)"
+cfg=configs/paper/table5/moe_a0.44b_kha_mlp.yaml
+for run in det1 det2 plain; do
+  det=true; [ $run = plain ] && det=false
+  t=$(( $(left) - 150 )); [ $t -gt 150 ] && t=150
+  [ $t -lt 60 ] && { echo "$run: skipped, $(left) s left"; continue; }
+  timeout --kill-after=10 $t python3 -m kha_train.cli train $cfg data.dataset=data/builtin \
+    train.max_steps=30 train.micro_batch_size=6 train.global_batch_tokens=122880 \
+    train.deterministic=$det logging.run_dir=/tmp/$run checkpoint.dir=/tmp/ck_$run \
+    checkpoint.every_steps=0 logging.wandb=disabled train.val_batches=0 train.val_every=0 \
+    logging.log_every=1 > $OUT/$run.log 2>&1
+  echo "$run (deterministic=$det): exit $?"; grep -E "^step +(6|16|30)/" $OUT/$run.log | cut -c1-110
+  cp /tmp/$run/metrics.jsonl $OUT/$run.jsonl 2>/dev/null; rm -rf /tmp/ck_$run
+done
+python3 - <<'P'
+import json, os, statistics
+out = os.environ["OUT"]
+def train(name):
+    path = f"{out}/{name}.jsonl"
+    return [r for r in map(json.loads, open(path)) if r.get("type") == "train"] if os.path.exists(path) else []
+d1, d2, p = train("det1"), train("det2"), train("plain")
+if d1 and d2:
+    same = len(d1) == len(d2) and all(a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"] for a, b in zip(d1, d2))
+    print(f"deterministic runs bitwise equal over {len(d1)} steps: {same}")
+if d1 and d2 and p:
+    diff = [a["step"] for a, b in zip(p, d1) if a["loss"] != b["loss"]]
+    print("plain vs deterministic: first differing step", diff[:1])
+for name, rs in (("det1", d1), ("det2", d2), ("plain", p)):
+    if rs:
+        print(f"{name}: tokens/s mean over steps 11-{len(rs)}: {statistics.mean(r['tokens_per_s'] for r in rs[10:]):.0f}")
+P
+for mode in plain det; do
+  flag=""; [ $mode = det ] && flag=--deterministic
+  t=$(( $(left) - 10 )); [ $t -gt 150 ] && t=150
+  [ $t -lt 60 ] && { echo "bench $mode: skipped"; continue; }
+  timeout --kill-after=10 $t python3 -m kha_train.cli bench --config $cfg --variants kha \
+    --micro-batch 6 --accum 5 --steps 3 --warmup 1 --no-sync-check $flag \
+    --json $OUT/bench_$mode.jsonl 2>&1 | grep -vE "^\{" | tail -4
+done
+[ -f $OUT/bench_det.jsonl ] && python3 scripts/kernel_diff.py $OUT/bench_plain.jsonl $OUT/bench_det.jsonl

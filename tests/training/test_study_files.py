@@ -1,0 +1,73 @@
+"""scripts/study.py's study-file handling without training: borrowed runs of another study,
+the base config dropped from a glob, and bad borrow entries refused."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _study_module():
+    spec = importlib.util.spec_from_file_location("study", REPO / "scripts" / "study.py")
+    study = importlib.util.module_from_spec(spec)
+    sys.modules["study"] = study  # its dataclasses look their module up there
+    spec.loader.exec_module(study)
+    return study
+
+
+def _write(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _files(root: Path, borrow: dict) -> tuple[Path, Path, Path]:
+    base = _write(root / "model.yaml", {"model": {"hidden_size": 32}})
+    first = _write(root / "first.yaml", {"study": "first", "config": "model.yaml", "seeds": [1, 2],
+                                         "variants": {"baseline": {}, "other": {}}})  # fmt: skip
+    second = _write(root / "second.yaml", {"study": "second", "config": "model.yaml",
+                                           "seeds": [1, 2], "borrow": borrow,
+                                           "variants": {"fast": {"optim.lr": 1.0e-2}}})  # fmt: skip
+    return base, first, second
+
+
+def test_borrowed_runs_are_the_archived_seeds_of_the_other_study(tmp_path) -> None:
+    study = _study_module()
+    _, _, second = _files(tmp_path, {"slow": "first/baseline"})
+    name, runs, spec = study.load_study(second)
+    assert name == "second" and [r.name for r in runs] == ["fast-s1", "fast-s2"]  # not trained
+    results = tmp_path / "results"
+    archive = results / "first" / "baseline-s1"
+    archive.mkdir(parents=True)
+    (archive / "results.json").write_text(json.dumps({}))
+    (results / "first" / "baseline-s2").mkdir()  # no results.json: not archived
+    assert study.borrowed(spec, results) == {archive: "slow"}
+
+
+@pytest.mark.parametrize(
+    "borrow",
+    [
+        {"slow": "first/missing"},
+        {"slow": "nostudy/baseline"},
+        {"slow": "first"},
+        {"fast": "first/baseline"},
+    ],
+)
+def test_a_bad_borrow_entry_is_refused(tmp_path, borrow) -> None:
+    study = _study_module()
+    _, _, second = _files(tmp_path, borrow)
+    with pytest.raises(SystemExit, match="borrow"):
+        study.load_study(second)
+
+
+def test_the_base_config_of_a_glob_is_not_taken_for_a_study(tmp_path) -> None:
+    study = _study_module()
+    base, first, second = _files(tmp_path, {})
+    paths = [str(p) for p in (first, base, second)]
+    assert study.drop_base_configs(paths) == [str(first), str(second)]
