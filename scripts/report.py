@@ -83,6 +83,10 @@ def write_report(
             f"{vio_last:.2f} | {np.mean(flips) if flips else float('nan'):.1%} | "
             f"{np.mean([d['tokens_per_s'] or 0 for d in ds]) / 1e3:.0f}k |"
         )
+    defended = [d for d in data if any(k.startswith(("optim.skip_step", "train.rollback",
+                                                     "optim.clip_mode")) for k in d["overrides"])]  # fmt: skip
+    if defended:
+        lines += _defenses_table(data)
     vh = [d for d in data if "virtual_heads" in d["analysis"]]
     if vh:
         lines += ["", "MEA, KV cache halved by `kha-train virtual-heads` (same val split):", ""]
@@ -103,6 +107,23 @@ def write_report(
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out} and {len(pngs)} plots")
     return out
+
+
+def _defenses_table(data: list[dict[str, Any]]) -> list[str]:
+    """Per run: spikes flagged, updates skipped, rollbacks, steps redone after them, batches of
+    data skipped, and the tokens of compute they cost (skipped + redone steps)."""
+    lines = ["", "Spike defenses, per run:", "",
+             "| run | spikes flagged | updates skipped | rollbacks | steps redone | batches of "
+             "data skipped | tokens of compute lost | held-out bpb |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for d in data:
+        f = d.get("defenses", {})
+        skipped = f.get("spike_skipped", 0) + (d.get("nonfinite_skipped") or 0)
+        lost = (skipped + f.get("steps_redone", 0)) * d["tokens"] / max(d["steps"], 1)
+        lines.append(f"| {d['run']} | {d['spikes']} | {skipped} | {f.get('rollbacks', 0)} | "
+                     f"{f.get('steps_redone', 0)} | {f.get('data_steps_skipped', 0)} | "
+                     f"{lost / 1e6:.1f}M | {d['final']['eval_bpb']:.4f} |")  # fmt: skip
+    return lines
 
 
 def _fmt(x: float) -> str:

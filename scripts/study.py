@@ -259,12 +259,27 @@ def summarize(
         "tokens": end["tokens_seen"],
         "spikes": end.get("spikes_total", 0),
         "nonfinite_skipped": end.get("nonfinite_skipped", 0),
+        "defenses": defenses(records, end),
         "max_violation_max": max(maxvio, default=None),
         "max_violation_last": maxvio[-1] if maxvio else None,
         "tokens_per_s": sorted(speed)[len(speed) // 2] if speed else None,
         "eval": {k: val_split[k] for k in ("docs", "tokens", "bytes", "loss", "bpb")},
         "analysis": analysis,
         "environment": _environment(),
+    }
+
+
+def defenses(records: list[dict[str, Any]], end: dict[str, Any]) -> dict[str, Any]:
+    """What the spike defenses did (optim.skip_step, train.rollback): updates skipped, rollbacks,
+    steps trained and then discarded by them (compute spent twice), and batches of data skipped."""
+    rollbacks = [r for r in records if r.get("type") == "rollback"]
+    return {
+        "spike_skipped": end.get("spike_skipped", 0),
+        "rollbacks": len(rollbacks),
+        "steps_redone": sum(r["from_step"] - r["to_step"] for r in rollbacks),
+        "data_steps_skipped": sum(
+            r["skipped_steps"][1] - r["skipped_steps"][0] + 1 for r in rollbacks
+        ),
     }
 
 

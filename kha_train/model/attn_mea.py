@@ -16,9 +16,10 @@ W_lc starts as the identity when h_c = h (then MEA with model.mea.head_norm=fals
 GQA model with the same weights), and as GQA-style replication of the cached heads when h_c < h.
 
 HLC sits directly on the projection outputs, before KHA and the QK-norm. That placement keeps
-K and V linear in x up to the HLC, so (a) the virtual-heads conversion (virtual_heads.py: an SVD
+K and V linear in x up to the HLC, so (a) in training HLC folds into W^K / W^V (one GEMM for the
+h composed heads, :func:`fold_hlc`), (b) the virtual-heads conversion (virtual_heads.py: an SVD
 of the stacked projection over the head axis) is exact at full rank even with a nonlinear
-KHA-MLP or the QK-norm after it, and (b) KHA-Linear commutes with it and still folds into W^K /
+KHA-MLP or the QK-norm after it, and (c) KHA-Linear commutes with it and still folds into W^K /
 W^V. The price at inference: with qk_norm on, a decoder caches the h_c pre-norm heads and
 expands and normalises them for each step (cost linear in cached tokens, like the attention
 itself); the KV cache is 2 * h_c * d values per token.
@@ -31,10 +32,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from kha_train.config import ModelConfig
-from kha_train.model.attention import Attention
+from kha_train.model.attention import Attention, project_with
 from kha_train.model.init import copy_full_
+from kha_train.model.kha import qkv_transforms
 from kha_train.model.kv_cache import LayerCache
 from kha_train.model.rope import apply_rope
+
+
+def fold_hlc(hlc: torch.Tensor, weight: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The h heads' projection [h * d, D] from the h_c cached heads' rows ``weight``
+    [h_c * d, D] and HLC [h_c, h]: head i's rows are sum_j hlc[j, i] W_c[j]."""
+    w = weight.view(hlc.shape[0], head_dim, weight.shape[-1])  # (h_c, d, D)
+    return torch.einsum("ji,jdD->idD", hlc.to(w.dtype), w).reshape(-1, w.shape[-1])
 
 
 def hlc_init(n_cached: int, n_heads: int) -> torch.Tensor:
@@ -82,11 +91,22 @@ class ExplicitAttention(Attention):
         self.kha_v_into_output = self.kha_v_into_output and self.head_norm is None
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, k_c, v_c = super().project(x)  # k_c, v_c: (B, T, h_c, d)
-        return (q, *self.compose(k_c, v_c))
+        """q and the h composed KV heads of x [B, T, D], HLC folded into W^K / W^V: head i's rows
+        are sum_j W_lc[j, i] W_c[j], so one GEMM per projection gives the composed heads (the same
+        function and gradients as :meth:`compose` after the projection, without its passes over
+        the activations). KHA-Linear folds in as in GQA: it commutes with HLC."""
+        B, T, _ = x.shape
+        t_q, t_k, t_v = qkv_transforms(self)
+        q = project_with(self.q_proj, x, t_q.fold_into_projection(self.q_proj.weight))
+        w_k = fold_hlc(self.hlc_k, t_k.fold_into_projection(self.k_proj.weight), self.head_dim)
+        w_v = fold_hlc(self.hlc_v, t_v.fold_into_projection(self.v_proj.weight), self.head_dim)
+        k = project_with(self.k_proj, x, w_k).view(B, T, self.num_kv_heads, self.head_dim)
+        v = project_with(self.v_proj, x, w_v).view(B, T, self.num_kv_heads, self.head_dim)
+        return q.view(B, T, self.num_heads, self.head_dim), k, v
 
     def compose(self, k_c: torch.Tensor, v_c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """HLC: the h KV heads from the h_c cached heads k_c, v_c [B, T, h_c, d]."""
+        """HLC on the activations (decoding from the cache of the h_c heads): the h KV heads from
+        the h_c cached heads k_c, v_c [B, T, h_c, d]."""
         # Per position, [h, h_c] @ [h_c, d]: one broadcast batched matmul, contiguous output.
         k = torch.matmul(self.hlc_k.T.to(k_c.dtype), k_c)  # (B, T, h, d)
         v = torch.matmul(self.hlc_v.T.to(v_c.dtype), v_c)  # (B, T, h, d)
@@ -120,9 +140,10 @@ class ExplicitAttention(Attention):
         return super().flops_per_token(seq_len) + 6 * hlc
 
     def activation_bytes_per_token(self, d_model: int, seq_len: int) -> int:
-        cached = self.num_cached_heads * self.head_dim
+        """GQA's (HLC is folded into the weights: no cached-head activations are kept), plus the
+        head norm's input and its fp32 copy."""
         norm = 6 * self.num_heads * self.head_dim if self.head_norm is not None else 0
-        return super().activation_bytes_per_token(d_model, seq_len) + 2 * 2 * cached + norm
+        return super().activation_bytes_per_token(d_model, seq_len) + norm
 
     def reset_parameters(self, std: float, out_std: float) -> None:
         super().reset_parameters(std, out_std)

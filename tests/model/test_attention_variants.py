@@ -13,6 +13,7 @@ from model_helpers import assert_causal, assert_equal_up_to_rounding
 from kha_train.config import KHAConfig, MEAConfig, MLAConfig, ModelConfig
 from kha_train.config_checks import validate_model
 from kha_train.model import Transformer
+from kha_train.model.attention import Attention
 from kha_train.model.kha import KHALinear
 from kha_train.model.rope import RotaryEmbedding, apply_rope
 from kha_train.tools.absorb import absorb_kha
@@ -377,3 +378,41 @@ def test_config_error_reaches_the_cli(tmp_path, capsys) -> None:
     assert main(["info", str(path), "model.qk_norm=false"]) == 2
     err = capsys.readouterr().err
     assert "MLA only works with KHA-Linear" in err and "model.kha.variant=linear" in err
+
+
+@pytest.mark.parametrize("cached", [2, 1])
+def test_mea_hlc_folded_into_the_weights_equals_hlc_on_the_activations(
+    tiny_cfg, build_model, cached
+) -> None:
+    """Training folds HLC into W^K / W^V; composing the cached heads after the projection (as
+    decoding does) is the same function with the same gradients, KHA-Linear and head norm on."""
+    cfg = _cfg(tiny_cfg, "mea", kha="linear", targets=("q", "k", "v"),
+               mea=MEAConfig(cached_kv_heads=cached))  # fmt: skip
+    m = build_model(cfg).double()
+    _perturb_kha(m)
+    attn = m.layers[0].attn
+    torch.manual_seed(3)
+    with torch.no_grad():
+        attn.hlc_k.add_(0.5 * torch.randn_like(attn.hlc_k))
+        attn.hlc_v.add_(0.5 * torch.randn_like(attn.hlc_v))
+    x, rope = _x_and_rope(m)
+    x = x.double()
+    rope = tuple(r.double() for r in rope)
+
+    def unfolded() -> torch.Tensor:
+        q, k_c, v_c = Attention.project(attn, x)  # the cached heads, HLC not applied
+        q, k, v = attn.knock(q, *attn.compose(k_c, v_c))
+        q, k = attn.norm_and_rotate(q, k, rope)
+        return attn.project_out(attn.merge_heads(attn._attend(q, k, v)))
+
+    grads = []
+    for fn in (lambda: attn(x, rope), unfolded):
+        attn.zero_grad()
+        out = fn()
+        out.pow(2).sum().backward()
+        grads.append((out.detach(), {n: p.grad.clone() for n, p in attn.named_parameters()}))
+    (out_a, g_a), (out_b, g_b) = grads
+    torch.testing.assert_close(out_a, out_b, rtol=1e-10, atol=1e-12)
+    assert g_a.keys() == g_b.keys() and {"hlc_k", "hlc_v", "k_proj.weight"} <= g_a.keys()
+    for name in g_a:
+        torch.testing.assert_close(g_a[name], g_b[name], rtol=1e-9, atol=1e-11, msg=name)

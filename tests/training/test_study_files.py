@@ -71,3 +71,18 @@ def test_the_base_config_of_a_glob_is_not_taken_for_a_study(tmp_path) -> None:
     base, first, second = _files(tmp_path, {})
     paths = [str(p) for p in (first, base, second)]
     assert study.drop_base_configs(paths) == [str(first), str(second)]
+
+
+def test_defenses_summary_counts_skips_rollbacks_and_redone_steps() -> None:
+    study = _study_module()
+    records = [
+        {"type": "train", "step": 10},
+        {"type": "rollback", "step": 100, "from_step": 130, "to_step": 100,
+         "skipped_steps": [120, 135]},
+        {"type": "rollback", "step": 300, "from_step": 310, "to_step": 300,
+         "skipped_steps": [305, 315]},
+    ]  # fmt: skip
+    end = {"type": "end", "spike_skipped": 4}
+    assert study.defenses(records, end) == {
+        "spike_skipped": 4, "rollbacks": 2, "steps_redone": 40, "data_steps_skipped": 27,
+    }  # fmt: skip
