@@ -331,8 +331,10 @@ class RunLoggers:
             return
         self.metrics.write(record)
         if record.get("type") == "rollback" and self.wandb is not None:
-            # W&B steps only go forward: the spikes table relabels the abandoned rows instead.
+            # The steps after to_step are trained again and logged at their own steps (W&B's x
+            # axis is the trainer's step); the spikes table relabels the abandoned rows.
             self.wandb.mark_rolled_back(record["from_step"], record["to_step"])
+            self.wandb.log(record["step"], {"type": "rollback", "rollbacks": record["count"]})
         if echo:
             self.console.info(echo)
 

@@ -18,6 +18,9 @@ from typing import Any
 from kha_train.config import WandbMode
 from kha_train.training.metrics import flatten, metric_prefix
 
+# The x axis of every W&B metric: the trainer's optimizer step (see WandbLogger._start).
+STEP_KEY = "trainer/step"
+
 
 def wandb_api_key_available() -> bool:
     """Whether an API key is configured, without importing wandb or touching the network."""
@@ -118,6 +121,11 @@ class WandbLogger:
                 )
                 self.mode = "offline"
                 self.run = wandb.init(mode="offline", **kwargs)
+            # Every metric's x axis is the trainer's step, logged as a value (STEP_KEY), not as
+            # W&B's own step, which only goes forward: the steps a resume or a rollback trains
+            # again would otherwise be dropped, curves and all.
+            self.run.define_metric(STEP_KEY)
+            self.run.define_metric("*", step_metric=STEP_KEY)
             id_file.write_text(run_id + "\n")
             self.info(f"W&B: {self.mode} run {run_id} ({a['project']})")
         except Exception as e:
@@ -138,9 +146,8 @@ class WandbLogger:
             return
         try:
             prefix = metric_prefix(record)
-            self.run.log(
-                {prefix + k: v for k, v in flatten(record).items() if k != "step"}, step=step
-            )
+            values = {prefix + k: v for k, v in flatten(record).items() if k != "step"}
+            self.run.log({**values, STEP_KEY: step})
         except Exception as e:
             self._fail("log", e)
 
@@ -155,18 +162,15 @@ class WandbLogger:
 
             self._spike_rows.extend(spike_row(s) for s in spikes)
             # Tables are immutable once logged: log the whole list again under the same key.
-            self.run.log(
-                {"spikes/table": wandb.Table(columns=SPIKE_COLUMNS, data=self._spike_rows)},
-                step=step,
-            )
+            table = wandb.Table(columns=SPIKE_COLUMNS, data=self._spike_rows)
+            self.run.log({"spikes/table": table, STEP_KEY: step})
             self.run.summary["spikes/total"] = total
         except Exception as e:
             self._fail("spike logging", e)
 
     def mark_rolled_back(self, step: int, to_step: int) -> None:
-        """A rollback to the checkpoint of ``to_step``: the table's spikes after ``to_step``
-        say "rolled back"; the table is logged again at W&B step ``step`` (W&B steps only go
-        forward: give the step at which the rollback was decided, the record's ``from_step``)."""
+        """A rollback to the checkpoint of ``to_step``, decided at ``step``: the table's spikes
+        after ``to_step`` say "rolled back", and the table is logged again."""
         at, action = SPIKE_COLUMNS.index("step"), SPIKE_COLUMNS.index("action")
         rows = [r for r in self._spike_rows if r[at] > to_step and "rolled" not in r[action]]
         if not rows or self.run is None:
@@ -176,10 +180,8 @@ class WandbLogger:
         try:
             import wandb
 
-            self.run.log(
-                {"spikes/table": wandb.Table(columns=SPIKE_COLUMNS, data=self._spike_rows)},
-                step=step,
-            )
+            table = wandb.Table(columns=SPIKE_COLUMNS, data=self._spike_rows)
+            self.run.log({"spikes/table": table, STEP_KEY: step})
         except Exception as e:
             self._fail("spike logging", e)
 

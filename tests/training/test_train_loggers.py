@@ -13,7 +13,7 @@ import pytest
 from kha_train.config import WandbMode
 from kha_train.training.loggers import ConsoleLogger, JsonlLogger, format_record, read_jsonl
 from kha_train.training.plot import plot_loss
-from kha_train.training.wandb_log import WandbLogger, resolve_wandb_mode
+from kha_train.training.wandb_log import STEP_KEY, WandbLogger, resolve_wandb_mode
 
 
 def test_jsonl_fresh_run_starts_over_and_resume_drops_replayed_steps(tmp_path: Path) -> None:
@@ -70,10 +70,14 @@ class FakeRun:
     def __init__(self, fail_log: bool) -> None:
         self.fail_log, self.logged, self.summary = fail_log, [], {}
 
-    def log(self, data, step):
+    def log(self, data, step=None):
         if self.fail_log:
             raise ConnectionError("network is unreachable")
-        self.logged.append((step, data))
+        assert step is None  # W&B's own step only goes forward: the trainer's is a value
+        self.logged.append((data[STEP_KEY], data))
+
+    def define_metric(self, name, step_metric=None):
+        self.summary.setdefault("_defined", []).append((name, step_metric))
 
     def finish(self, exit_code=0):
         pass
@@ -136,7 +140,7 @@ def test_wandb_online_start_failure_falls_back_to_offline(tmp_path, monkeypatch)
     logger.log(3, {"type": "train", "step": 3, "loss": 2.0, "moe_dead": [0, 1]})
     assert modes == ["online", "offline"] and logger.mode == "offline"
     assert logger.run.logged == [(3, {"train/loss": 2.0, "train/moe_dead/layer_0": 0.0,
-                                      "train/moe_dead/layer_1": 1.0})]  # fmt: skip
+                                      "train/moe_dead/layer_1": 1.0, STEP_KEY: 3})]  # fmt: skip
     assert "logging offline" in out.getvalue()
 
 
@@ -236,3 +240,27 @@ def test_a_full_disk_while_logging_is_one_storage_error_naming_the_file(tmp_path
     assert f"could not write the log {tmp_path / 'metrics.jsonl'}: No space left" in msg
     assert "Fix: free space" in msg
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 1  # earlier lines kept
+
+
+def test_wandb_x_axis_is_the_trainer_step_so_steps_trained_again_are_kept(
+    tmp_path, monkeypatch
+) -> None:
+    """A resume or a rollback trains steps again; W&B keeps them since its x axis is the
+    trainer's step logged as a value (W&B drops a step= below its last one)."""
+    run = FakeRun(fail_log=False)
+    fake_wandb(monkeypatch, lambda **kw: run)
+    logger, _ = make_logger(tmp_path)
+    for step in (1, 2, 3, 2, 3, 4):  # rolled back to step 1 after step 3
+        logger.log(step, {"type": "train", "step": step, "loss": 1.0 / step})
+    assert [s for s, _ in run.logged] == [1, 2, 3, 2, 3, 4]
+    assert run.logged[3][1]["train/loss"] == 0.5
+    assert run.summary["_defined"] == [(STEP_KEY, None), ("*", STEP_KEY)]
+
+
+def test_real_offline_wandb_takes_steps_logged_again(tmp_path, capfd) -> None:
+    pytest.importorskip("wandb")
+    logger, out = make_logger(tmp_path)
+    for step in (1, 2, 3, 2, 3):
+        logger.log(step, {"type": "train", "step": step, "loss": 1.0})
+    assert logger.run is not None and "warning" not in out.getvalue()
+    logger.finish()

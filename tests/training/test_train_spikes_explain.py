@@ -287,7 +287,7 @@ def test_wandb_table_has_the_action_and_the_top_sample(tmp_path, monkeypatch) ->
     logger.log_spikes(6, [spike(6, skipped=True, top_samples=top), spike(6, "grad_norm")], 2)
     logger.log_spikes(9, [spike(9)], 3)
     logger.mark_rolled_back(10, to_step=5)
-    _, (_, columns, rows) = run.logged[-1][1].popitem()
+    _, columns, rows = run.logged[-1][1]["spikes/table"]
     got = [dict(zip(columns, r, strict=True)) for r in rows]
     assert [(r["step"], r["action"]) for r in got] == [
         (6, "skipped, rolled back"), (6, "rolled back"), (9, "rolled back")]  # fmt: skip
