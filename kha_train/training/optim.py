@@ -1,11 +1,11 @@
 """AdamW with weight-decay groups.
 
 Grouping rule (``optim.no_decay``, whose default is documented beside the field in
-``kha_train/config.py``): a parameter whose name contains any of the listed substrings gets
-``weight_decay=0``; every other parameter gets ``optim.weight_decay``. The default exempts norms,
-biases, the token embedding (also the LM head when tied) and the head-mixing matrices that start
-at the identity (KHA and the other attention variants' mixers), which decay would pull towards
-zero instead of towards their start.
+``kha_train/config/optim.py``): a parameter whose name contains any of the listed substrings
+gets ``weight_decay=0``; every other parameter gets ``optim.weight_decay``. The default exempts
+norms, biases, the token embedding (also the LM head when tied) and the head-mixing matrices
+that start at the identity (KHA and the other attention variants' mixers), which decay would
+pull towards zero instead of towards their start.
 
 Names are matched after removing the wrapper prefixes that activation checkpointing and
 ``torch.compile`` insert, so the grouping does not depend on ``parallel.*`` options.

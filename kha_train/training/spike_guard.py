@@ -1,7 +1,7 @@
 """Skip-step: an optimizer step whose loss or gradient norm spikes is not applied.
 
 Decided on the device without a host sync, like the non-finite skip (``step.py``), with the
-defaults of OLMo-core's skip-step AdamW (``optim.skip_step``, ``kha_train/config.py``)::
+defaults of OLMo-core's skip-step AdamW (``optim.skip_step``, ``kha_train/config/optim.py``)::
 
     window = loss and global grad norm (before clipping) of the last ``window`` applied steps,
              a ring buffer on the device; skipped and non-finite steps never enter it
