@@ -10,6 +10,9 @@ class ACMode(enum.StrEnum):
     none = "none"
     full = "full"  # checkpoint every transformer block
     every_n = "every_n"  # checkpoint every ac_every_n-th block
+    # Checkpoint every block but keep its matrix products' outputs (GEMMs, attention): the
+    # backward recomputes only norms, RoPE, SwiGLU and routing glue (training/activation_checkpoint.py)
+    selective = "selective"
 
 
 class Fp8Recipe(enum.StrEnum):

@@ -137,29 +137,57 @@ def _activation_bytes_per_token(cfg: ModelConfig, layer_idx: int, attn_bytes: in
     return norms + attn_bytes + ffn
 
 
+def _matmul_output_bytes_per_token(cfg: ModelConfig, layer_idx: int) -> int:
+    """What selective activation checkpointing keeps of one block per token: its input and the
+    outputs of its matrix products (q/k/v, the attention output and its softmax statistics,
+    o; router logits in fp32, the experts' two GEMMs or the dense FFN's)."""
+    D, H, d = cfg.hidden_size, cfg.num_heads, cfg.head_dim
+    attn = 2 * (H * d + 2 * cfg.num_kv_heads * d) + 2 * H * d + 4 * H + 2 * D
+    if cfg.moe.is_moe_layer(layer_idx):
+        K, F, E = cfg.moe.top_k, cfg.moe.expert_ffn_size, cfg.moe.num_experts
+        S = cfg.moe.num_shared_experts
+        ffn = 4 * E + 2 * (2 * K * F + K * D) + 2 * S * (2 * F + D)
+    else:
+        ffn = 2 * (2 * cfg.ffn_size + D)
+    return 2 * D + attn + ffn
+
+
 def train_memory_estimate(
     cfg: ModelConfig,
     micro_batch: int,
     seq_len: int,
     n_ranks: int = 1,
-    activation_checkpointing: bool = False,
+    activation_checkpointing: str = "none",
     loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    ac_every_n: int = 2,
 ) -> dict[str, float]:
     """A rough per-rank training memory estimate in bytes (expect +-30%), FSDP over n_ranks:
     fp32 weights, fp32 grads and AdamW moments sharded; bf16 copies of two gathered blocks
-    (the current one and the prefetched next); activations of one micro-batch (with full
-    activation checkpointing: the block inputs plus one block being recomputed); the LM head
-    and loss (one chunk of logits, the stored head gradients)."""
+    (the current one and the prefetched next); activations of one micro-batch; the LM head and
+    loss (one chunk of logits, the stored head gradients). Activations by
+    ``activation_checkpointing`` (parallel.activation_checkpointing): none, every block's;
+    full, the block inputs plus one block being recomputed; every_n, that for every n-th block
+    (``ac_every_n``) and all of the others'; selective, every block's matrix-product outputs
+    plus one block's recomputed rest."""
     total, _ = param_counts(cfg)
     tokens = micro_batch * seq_len
     D, V = cfg.hidden_size, cfg.vocab_size
     attn = _meta_attention(cfg)
     attn_bytes = attn.activation_bytes_per_token(D, seq_len) + _kha_activation_bytes_per_token(attn)
     per_layer = [_activation_bytes_per_token(cfg, i, attn_bytes) for i in range(cfg.num_layers)]
-    if activation_checkpointing:
-        acts = tokens * (2 * D * cfg.num_layers + max(per_layer))
+    mode = str(activation_checkpointing)
+    every = {"none": 0, "full": 1, "every_n": ac_every_n}.get(mode)
+    if mode == "selective":
+        kept = [_matmul_output_bytes_per_token(cfg, i) for i in range(cfg.num_layers)]
+        recompute = max(a - k for a, k in zip(per_layer, kept, strict=True))
+        acts = tokens * (sum(kept) + max(recompute, 0))
+    elif every is None:
+        raise ValueError(f"activation_checkpointing={mode!r}: none, full, every_n or selective")
     else:
-        acts = tokens * sum(per_layer)
+        wrapped = [every > 0 and i % every == 0 for i in range(cfg.num_layers)]
+        kept = [2 * D if w else a for w, a in zip(wrapped, per_layer, strict=True)]
+        peak = max((a for w, a in zip(wrapped, per_layer, strict=True) if w), default=0)
+        acts = tokens * (sum(kept) + peak)
     block_params = (total - V * D * (1 if cfg.tie_embeddings else 2)) / cfg.num_layers
     head = tokens * 2 * D * 2 + V * D * (4 + 2) + min(tokens, loss_chunk_tokens) * V * (2 + 4)
     out = {

@@ -84,10 +84,12 @@ def info_text(cfg, ranks: int) -> str:
         f"KV cache        {kv_cache_bytes_per_token(m) / 1024:.1f} KiB/token in bf16 "
         f"({kv_cache_elems_per_token_per_layer(m)} values per layer{_cache_parts(m)})"
     )
-    ac = cfg.parallel.activation_checkpointing != ACMode.none
+    p = cfg.parallel
     mem = train_memory_estimate(
-        m, cfg.train.micro_batch_size, seq, ranks, activation_checkpointing=ac
-    )
+        m, cfg.train.micro_batch_size, seq, ranks,
+        activation_checkpointing=ACMode(p.activation_checkpointing).value,
+        ac_every_n=p.ac_every_n,
+    )  # fmt: skip
     parts = ", ".join(f"{k} {v / 2**30:.1f}" for k, v in mem.items() if k != "total")
     lines.append(
         f"memory (rough)  {mem['total'] / 2**30:.1f} GiB per rank with {ranks} ranks, micro-batch "

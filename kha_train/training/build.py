@@ -25,11 +25,11 @@ from kha_train.config import (
 )
 from kha_train.data.loader import PackedLoader
 from kha_train.model import Transformer
+from kha_train.training.activation_checkpoint import apply_activation_checkpointing
 from kha_train.training.checkpoint import complete_checkpoints, resolve_resume
 from kha_train.training.distributed import DistEnv
 from kha_train.training.fp8 import convert_to_fp8
 from kha_train.training.parallel import (
-    apply_activation_checkpointing,
     apply_compile,
     compiles,
     init_weights_like_single_device,

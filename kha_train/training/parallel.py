@@ -4,8 +4,9 @@ Order (each step needs the previous one's result):
 
 0. precision=fp8: swap the large dense projections for FP8 ones (training/fp8.py), first, so
    that the wrappers, the compiled graphs and FSDP2 all see the converted modules;
-1. activation checkpointing: wrap every block (full) or every n-th block (every_n), so the
-   block's activations are recomputed in backward instead of stored;
+1. activation checkpointing (training/activation_checkpoint.py): wrap every block (full), every
+   n-th block (every_n), or every block keeping its matrix products (selective), so the block's
+   activations are recomputed in backward instead of stored;
 2. ``torch.compile`` per block (after the AC wrapper, so the compiled region includes it, and
    before FSDP, so FSDP's hooks stay outside the graphs);
 3. FSDP2 ``fully_shard`` on each block, then on the root (embedding, final norm, head).
@@ -35,6 +36,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.overrides import TorchFunctionMode
 
 from kha_train.config import ACMode, Config, ParallelConfig, Precision
+from kha_train.training.activation_checkpoint import apply_activation_checkpointing
 from kha_train.training.fp8 import convert_to_fp8
 
 
@@ -53,20 +55,6 @@ def build_mesh(cfg: ParallelConfig, device: torch.device) -> DeviceMesh:
             device.type, (replicate, shard), mesh_dim_names=("dp_replicate", "dp_shard")
         )
     return init_device_mesh(device.type, (shard,), mesh_dim_names=("dp_shard",))
-
-
-def apply_activation_checkpointing(model: nn.Module, cfg: ParallelConfig) -> None:
-    """Wrap blocks of ``model.layers`` so their activations are recomputed in backward."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
-    if cfg.activation_checkpointing == ACMode.none:
-        return
-    every = 1 if cfg.activation_checkpointing == ACMode.full else cfg.ac_every_n
-    for i, block in enumerate(model.layers):
-        if i % every == 0:
-            # Non-reentrant checkpointing (the default of checkpoint_wrapper) works with FSDP2
-            # and torch.compile. No RNG to preserve: the model has no dropout.
-            model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
 
 
 def apply_compile(model: nn.Module) -> None:

@@ -110,11 +110,18 @@ def test_memory_estimate_scales_sensibly() -> None:
     cfg = ModelConfig(moe=MoEConfig(num_experts=64, top_k=4, expert_ffn_size=768))
     one = train_memory_estimate(cfg, micro_batch=4, seq_len=4096)
     eight = train_memory_estimate(cfg, micro_batch=4, seq_len=4096, n_ranks=8)
-    ac = train_memory_estimate(cfg, micro_batch=4, seq_len=4096, activation_checkpointing=True)
+    acts = {mode: train_memory_estimate(cfg, micro_batch=4, seq_len=4096,
+                                        activation_checkpointing=mode)["activations"]
+            for mode in ("full", "every_n", "selective")}  # fmt: skip
     total, _ = param_counts(cfg)
     assert one["weights"] + one["grads"] + one["optimizer"] == 16 * total
     assert eight["optimizer"] == one["optimizer"] / 8
-    assert ac["activations"] < one["activations"] / 4
+    assert acts["full"] < one["activations"] / 4
+    # Every 2nd block: about half of none's; selective keeps the GEMM outputs, less than none.
+    assert acts["full"] < acts["every_n"] < one["activations"] * 0.6
+    assert acts["full"] < acts["selective"] < one["activations"]
+    with pytest.raises(ValueError, match="activation_checkpointing='some'"):
+        train_memory_estimate(cfg, micro_batch=4, seq_len=4096, activation_checkpointing="some")
     # torchtitan measured 55.6 GiB for this config at micro-batch 4 on one H100 (NOTES.md).
     assert 35 * 2**30 < one["total"] < 90 * 2**30
 

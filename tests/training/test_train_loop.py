@@ -200,7 +200,7 @@ def test_dataset_vocab_is_checked_before_the_model_is_built(tmp_path, tiny_datas
 
 def test_activation_checkpointing_gives_the_same_losses(tmp_path, tiny_dataset) -> None:
     out = {}
-    for mode in ("none", "full", "every_n"):
+    for mode in ("none", "full", "every_n", "selective"):
         cfg = tiny_config(
             tmp_path / mode, tiny_dataset, train={"max_steps": 3},
             parallel={"activation_checkpointing": mode, "ac_every_n": 2},
@@ -209,6 +209,7 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path, tiny_dataset) 
         out[mode] = losses(tmp_path / mode)
     assert out["full"] == pytest.approx(out["none"], rel=1e-6)
     assert out["every_n"] == pytest.approx(out["none"], rel=1e-6)
+    assert out["selective"] == pytest.approx(out["none"], rel=1e-6)
 
 
 def test_bf16_mixed_precision_and_a_dense_model_train(tmp_path, tiny_dataset) -> None:
