@@ -34,6 +34,17 @@ def test_tiny_config_loads_with_extends_and_overrides() -> None:
     validate(cfg)
 
 
+def test_an_empty_mapping_clears_eval_sets_where_a_merge_adds(tmp_path: Path) -> None:
+    """eval.sets is free-form: later layers add names to it, and {} turns it off (documented)."""
+    base = write(tmp_path, "base.yaml", f"extends: {TINY}\neval:\n  sets: {{a: data/a}}\n")
+    assert load_config(base).eval.sets == {"a": "data/a"}
+    assert load_config(base, ["eval.sets.b=data/b"]).eval.sets == {"a": "data/a", "b": "data/b"}
+    assert load_config(base, ["eval.sets={}"]).eval.sets == {}
+    child = write(tmp_path, "child.yaml", "extends: base.yaml\neval:\n  sets: {}\n  every: 5\n")
+    cfg = load_config(child)
+    assert cfg.eval.sets == {} and cfg.eval.every == 5
+
+
 def test_unknown_key_names_full_path_and_suggests(tmp_path: Path) -> None:
     p = write(tmp_path, "x.yaml", f"extends: {TINY}\nmodel:\n  moe:\n    num_expert: 4\n")
     with pytest.raises(ConfigError) as e:

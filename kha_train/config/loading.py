@@ -44,7 +44,14 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if base_name is None:
         return raw
     base = _read_yaml(path.parent / str(base_name), (*seen, path))
-    return _deep_merge(base, _replace_exclusive(base, raw, str(path), []))
+    merged = _deep_merge(base, _replace_exclusive(base, raw, str(path), []))
+    for cleared in _cleared_mappings(raw, Config):  # {} replaces the parent's mapping
+        *sections, key = cleared.split(".")
+        node = merged
+        for section in sections:
+            node = node[section]
+        node[key] = {}
+    return merged
 
 
 # Keys of which a config sets exactly one (the run's length). A layer (a file that extends
@@ -116,6 +123,22 @@ def _dataclass_type(annotation: Any, owner: type) -> type | None:
     return annotation if isinstance(annotation, type) and is_dataclass(annotation) else None
 
 
+def _cleared_mappings(node: Any, schema: type, prefix: str = "") -> list[str]:
+    """Paths where ``node`` gives ``{}`` to a free-form mapping field (eval.sets): an empty
+    mapping clears what earlier layers set there, where a merge would keep it."""
+    if not isinstance(node, dict):
+        return []
+    out = []
+    for f in fields(schema):
+        value = node.get(f.name)
+        sub = _dataclass_type(f.type, schema)
+        if sub is not None:
+            out += _cleared_mappings(value, sub, f"{prefix}{f.name}.")
+        elif value == {} and str(f.type).startswith("dict"):
+            out.append(prefix + f.name)
+    return out
+
+
 def _overrides_to_dict(overrides: list[str]) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
@@ -147,6 +170,8 @@ def build_config(layers: list[tuple[str, dict[str, Any]]]) -> Config:
         _check_keys(layer, Config, "", source)
         try:
             merged = OmegaConf.merge(merged, layer)
+            for path in _cleared_mappings(layer, Config):  # a merge would keep the old keys
+                OmegaConf.update(merged, path, {}, merge=False)
         except OmegaConfBaseException as e:
             raise ConfigError(_format_omegaconf_error(e, source)) from e
     missing = sorted(_missing_keys(merged))
