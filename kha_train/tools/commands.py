@@ -24,13 +24,12 @@ import importlib
 from collections.abc import Callable
 
 from kha_train.tools import evaluate
-from kha_train.tools.replay import add_replay_arguments
-
-# The weights a model tool reads (tools/weights_io.py).
-SOURCE_HELP = (
-    "a trainer checkpoint folder (checkpoints/step_XXXXXXX, config read from its config.yaml), "
-    "or a .safetensors / .pt state-dict file (then give --config)"
+from kha_train.tools.args import (
+    CHECKPOINT_SOURCE_HELP,
+    add_device_argument,
+    add_source_arguments,
 )
+from kha_train.tools.replay import add_replay_arguments
 
 
 def _run(module: str, name: str) -> Callable[[argparse.Namespace], int]:
@@ -76,19 +75,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
             "their config (same name, .yaml)."
         ),
     )
-    v.add_argument("source", help=SOURCE_HELP)
-    v.add_argument(
-        "overrides",
-        nargs="*",
-        help="key=value overrides right after SOURCE, e.g. data.dataset=DIR train.micro_batch_size=1",
-    )
+    add_source_arguments(v, help=CHECKPOINT_SOURCE_HELP)
     v.add_argument("--kv-heads", type=int, required=True, help="KV heads to cache per layer")
-    v.add_argument("--config", help="run config YAML of the weights (required for files)")
     v.add_argument(
         "--batches", type=int, default=8, help="held-out micro-batches to evaluate (default 8)"
     )
     v.add_argument("--out", help="write the converted weights here (.safetensors) + a .yaml")
-    v.add_argument("--device", default="auto", help="auto (cuda if available) | cuda | cpu")
+    add_device_argument(v)
     v.set_defaults(func=_run("kha_train.tools.virtual_heads", "run_virtual_heads"))
 
     p = subparsers.add_parser(
@@ -103,9 +96,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
             "gate, the router bias, shared experts, sigmoid scores and every attention variant."
         ),
     )
-    p.add_argument("source", help=SOURCE_HELP)
+    add_source_arguments(p, help=CHECKPOINT_SOURCE_HELP, overrides=False)
     p.add_argument("--out", required=True, help="the folder to write (new or empty)")
-    p.add_argument("--config", help="run config YAML of the weights (required for files)")
     p.add_argument(
         "--hf-class",
         choices=["auto", "stock", "remote"],
@@ -202,15 +194,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "source",
-        help="a run directory (newest complete checkpoint), a step_XXXXXXX checkpoint folder, "
-        "or a .safetensors / .pt weights file (then give --config)",
-    )
-    parser.add_argument(
-        "overrides", nargs="*", help="key=value overrides of the run config, e.g. data.dataset=DIR"
-    )
-    parser.add_argument("--config", help="run config YAML of the weights (required for files)")
+    add_source_arguments(parser)
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="the text to continue (streamed as it is decoded)")
     prompt.add_argument("--prompts-file", help="a text file, one prompt per line, run as a batch")
@@ -229,7 +213,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ignore-eos", action="store_true", help="do not stop at EOS: always max-new-tokens"
     )
-    parser.add_argument("--device", default="auto", help="auto (cuda if available) | cuda | cpu")
+    add_device_argument(parser)
     parser.add_argument(
         "--dtype",
         choices=["auto", "bf16", "fp32"],

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kha_train.tools.args import add_device_argument, add_source_arguments
 from kha_train.tools.eval_report import SourceResult, build_report, print_report, write_json
 
 if TYPE_CHECKING:
@@ -51,19 +52,7 @@ RUN_VAL = "val"  # the name of the run's own val split in the results
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of ``kha-train eval`` (the command is registered by tools/commands.py)."""
-    parser.add_argument(
-        "checkpoint",
-        metavar="RUN_OR_CHECKPOINT",
-        help="a run directory (its newest complete checkpoint under checkpoints/ or "
-        "checkpoint.dir), a trainer checkpoint folder (step_XXXXXXX), or a .safetensors / .pt "
-        "state-dict file (then give --config)",
-    )
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        help="key=value config overrides right after RUN_OR_CHECKPOINT, e.g. data.dataset=DIR",
-    )
-    parser.add_argument("--config", help="run config YAML of the weights (required for files)")
+    add_source_arguments(parser, dest="checkpoint", metavar="RUN_OR_CHECKPOINT")
     parser.add_argument(
         "--source",
         dest="sources",
@@ -138,7 +127,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         "--per-doc", action="store_true", help="also report every document (stdout and --json)"
     )
     parser.add_argument("--json", metavar="OUT", help="write the results to this JSON file")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available) | cuda | cpu")
+    add_device_argument(parser)
     parser.add_argument(
         "--precision",
         choices=["auto", "bf16", "fp32"],
