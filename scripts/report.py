@@ -237,6 +237,25 @@ def _plots(
         fig.suptitle(f"{d['run']}: learned KHA matrices minus their init (I; 0 for gates), "
                      "first and last layer")  # fmt: skip
         out.append(_save(fig, results / f"{study}_kha_{d['run']}.png"))
+
+    drifting = [d for d in data if any("kha_drift" in r for r in d["records"])]
+    if drifting:  # runs archived before the trainer logged kha_drift have none
+        fig, axes = plt.subplots(1, len(drifting), figsize=(4.2 * len(drifting), 3.6), dpi=100,
+                                 squeeze=False, sharey=True)  # fmt: skip
+        for a, d in zip(axes[0], drifting):
+            rows = [(r["step"], r["kha_drift"]) for r in d["records"]
+                    if r.get("type") == "train" and "kha_drift" in r]  # fmt: skip
+            steps, per_layer = [s for s, _ in rows], np.array([v for _, v in rows])
+            for i in range(per_layer.shape[1]):
+                a.plot(steps, per_layer[:, i], lw=1, color=plt.cm.viridis(i / per_layer.shape[1]),
+                       label=f"layer {i}")  # fmt: skip
+            a.set_title(d["run"], fontsize=9)
+            a.set_xlabel("step")
+            a.grid(alpha=0.3)
+        axes[0][0].set_ylabel("|W - W0| / |I|, mean over the layer's KHA matrices")
+        axes[0][-1].legend(fontsize=7)
+        fig.suptitle(f"{study}: KHA matrices' distance from their init over training")
+        out.append(_save(fig, results / f"{study}_kha_drift.png"))
     return out
 
 

@@ -86,6 +86,24 @@ class KHA(nn.Module):
     def reset_parameters(self) -> None:
         pass
 
+    def initial_value(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """What parameter ``name`` (``weight``: its value, any dtype) starts as: I, or 0 for
+        a gate (whose 2 sigmoid(0) = 1 makes the identity). For the drift metric."""
+        if name.startswith("w_gate"):
+            return torch.zeros_like(weight)
+        return torch.eye(weight.shape[0], dtype=weight.dtype, device=weight.device)
+
+
+def drift_from_init(module: KHA, weights: dict[str, torch.Tensor]) -> float:
+    """Mean over the transform's matrices of ||W - W_0||_F / ||I||_F (Fig. 3's "distance from
+    the identity", 0 at init; 1 is a move as large as the identity itself). ``weights``: the
+    module's parameters by name (whole tensors: the caller gathers shards)."""
+    out = []
+    for name, w in weights.items():
+        w = w.detach().float()
+        out.append(((w - module.initial_value(name, w)).norm() / w.shape[0] ** 0.5).item())
+    return sum(out) / max(len(out), 1)
+
 
 NO_KHA = KHA()  # the identity: nothing to fold, absorb or count
 

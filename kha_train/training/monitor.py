@@ -31,6 +31,7 @@ from kha_train.config import Config
 from kha_train.training.clipping import build_clipper, load_clip_state
 from kha_train.training.distributed import DistEnv
 from kha_train.training.history import StepHistory
+from kha_train.training.kha_drift import kha_drift
 from kha_train.training.loggers import RunLoggers
 from kha_train.training.metrics import LossWindow, WindowTimer, moe_record, peak_flops, train_record
 from kha_train.training.schedule import lr_at
@@ -204,6 +205,9 @@ class StepMonitor:
         aux = getattr(model, "last_aux_loss", None)
         if aux is not None:
             rec["aux_loss"] = float(aux)
+        drift = kha_drift(model)  # a collective under FSDP2: every rank logs windows
+        if drift:
+            rec["kha_drift"] = drift
         self.window = LossWindow()
         log.log(rec)
 

@@ -8,7 +8,16 @@ import torch.nn.functional as F
 
 from kha_train.config import KHAVariant
 from kha_train.model import build_attention
-from kha_train.model.kha import KHA, KHAMLP, NO_KHA, KHAGate, KHALinear, build_kha, qkv_transforms
+from kha_train.model.kha import (
+    KHA,
+    KHAMLP,
+    NO_KHA,
+    KHAGate,
+    KHALinear,
+    build_kha,
+    drift_from_init,
+    qkv_transforms,
+)
 from kha_train.tools.absorb import absorb_kha
 
 VARIANTS = [
@@ -198,3 +207,16 @@ def test_no_kha_is_the_identity(tiny_cfg) -> None:
     assert not NO_KHA.absorb_into_rows(w, rows=8) and not NO_KHA.absorb_into_output(w)
     assert NO_KHA.flops_per_token(32) == 0 == NO_KHA.activation_bytes_per_token(4096)
     assert not list(NO_KHA.parameters()) and not NO_KHA.folds_into_output
+
+
+def test_drift_from_init_is_zero_at_init_and_the_relative_move_after() -> None:
+    """||W - W_0||_F / ||I||_F averaged over the matrices: W_0 = I, or 0 for the gate."""
+    mlp = KHAMLP(4)
+    mlp.reset_parameters()
+    weights = dict(mlp.named_parameters())
+    assert drift_from_init(mlp, weights) == 0.0
+    with torch.no_grad():
+        mlp.w_up.mul_(0.5)  # ||0.5 I - I|| / ||I|| = 0.5
+        mlp.w_gate.fill_(1.0)  # ||ones(4, 4)|| / ||I|| = 4 / 2 = 2
+    assert drift_from_init(mlp, dict(mlp.named_parameters())) == pytest.approx((0.5 + 2 + 0) / 3)
+    assert drift_from_init(NO_KHA, {}) == 0.0

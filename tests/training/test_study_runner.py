@@ -69,5 +69,11 @@ def test_study_runs_resumes_archives_and_reports(tmp_path, tiny_dataset) -> None
     assert report.returncode == 0, report.stderr[-2000:]
     table = (tmp_path / "results" / "tiny.md").read_text()
     assert "| baseline | 1 |" in table and "| kha_mlp_v | 1 |" in table
-    for png in ("tiny_loss.png", "tiny_bpb.png", "tiny_load.png", "tiny_kha_kha_mlp_v-s1.png"):
+    for png in (
+        "tiny_loss.png",
+        "tiny_bpb.png",
+        "tiny_load.png",
+        "tiny_kha_kha_mlp_v-s1.png",
+        "tiny_kha_drift.png",
+    ):
         assert (tmp_path / "results" / png).stat().st_size > 1000

@@ -68,6 +68,11 @@ def test_two_ranks_match_one_and_resume_on_one(tmp_path, tiny_dataset, reference
     assert [e[0] for e in evals] == [e[0] for e in ref_evals] == [3, 6]
     for got, want in zip(evals, ref_evals):
         assert got == pytest.approx(want, rel=TOL, abs=TOL)
+    # The KHA drift, gathered from the shards of 2 ranks, is the single-device figure.
+    drift = [r["kha_drift"] for r in records(run) if r.get("step") == 6]
+    ref_drift = [r["kha_drift"] for r in records(reference) if r.get("step") == 6]
+    assert len(drift) == len(ref_drift) == 1 and len(drift[0]) == 2 and min(drift[0]) > 0
+    assert drift[0] == pytest.approx(ref_drift[0], rel=1e-3, abs=1e-6)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
         "step_0000003",
         "step_0000006",

@@ -55,6 +55,8 @@ def test_run_directory_wandb_offline_and_falling_loss(tmp_path: Path, tiny_datas
     for key in ("grad_norm", "lr", "tokens_per_s", "mem_peak_rss_gib", "data_wait_frac", "eta_s"):
         assert key in recs[-1], key
     assert len(recs[-1]["moe_max_violation"]) == 2 and "moe_dead_experts" in recs[-1]
+    # KHA-MLP on V in both layers: its drift from the identity, 0 at init, grows.
+    assert len(recs[-1]["kha_drift"]) == 2 and recs[0]["kha_drift"] < recs[-1]["kha_drift"]
     assert recs[-1]["tokens_seen"] == 12 * 256
     assert [r["step"] for r in records(run, "val")] == [6, 12]
     assert [r["status"] for r in records(run, "end")] == ["completed"]

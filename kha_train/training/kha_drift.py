@@ -1,0 +1,33 @@
+"""How far the knocking-heads matrices have moved from their initial values, logged with every
+train record as ``kha_drift`` (one value per layer with KHA: the mean over its matrices of
+||W - W_0||_F / ||I||_F, W_0 = I, or 0 for a gate): the paper's Fig. 3 question, whether the
+learned transforms stay near the identity, answered over training rather than at its end.
+
+Under FSDP2 each matrix is gathered whole first (``full_tensor``: a collective, so every rank
+computes it, at logging steps only; the matrices are d_head x d_head).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from kha_train.model.kha import KHA, drift_from_init
+
+
+def kha_drift(model: nn.Module) -> list[float]:
+    """Per layer that has KHA matrices, their mean drift from init (empty without KHA)."""
+    out = []
+    for block in model.layers:
+        values = []
+        for module in block.modules():
+            if not isinstance(module, KHA):
+                continue
+            params = dict(module.named_parameters(recurse=False))
+            if params:
+                weights = {n: p.full_tensor() if isinstance(p, DTensor) else p
+                           for n, p in params.items()}  # fmt: skip
+                values.append(drift_from_init(module, weights))
+        if values:
+            out.append(sum(values) / len(values))
+    return out
