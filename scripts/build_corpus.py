@@ -896,9 +896,14 @@ class Stats:
     speech_labels: list[str] = field(default_factory=list)
 
 
-def documents(source: Source, f: Fetcher, stats: Stats) -> Iterator[tuple[str, str, str | None]]:
-    """(label, text, reason it is rejected or None) for each capped piece of the source."""
-    for label, raw in source.read(f):
+def documents(
+    source: Source, f: Fetcher, stats: Stats, max_docs: int | None = None
+) -> Iterator[tuple[str, str, str | None]]:
+    """(label, text, reason it is rejected or None) for each capped piece of the source's
+    documents (its first ``max_docs`` only, if given: a slice for smoke tests)."""
+    for n, (label, raw) in enumerate(source.read(f)):
+        if max_docs is not None and n >= max_docs:
+            break
         text = normalise(raw)
         stats.input_docs += 1
         stats.input_bytes += len(text.encode())
@@ -912,14 +917,16 @@ def documents(source: Source, f: Fetcher, stats: Stats) -> Iterator[tuple[str, s
             yield name, piece, reason
 
 
-def build_source(source: Source, out: Path, f: Fetcher, dedup: Dedup) -> dict:
+def build_source(
+    source: Source, out: Path, f: Fetcher, dedup: Dedup, max_docs: int | None = None
+) -> dict:
     dest = out / f"{source.name}.jsonl"
     tmp = dest.with_name(dest.name + ".tmp")
     stats = Stats()
     start = time.time()
     digest = hashlib.sha256()
     with open(tmp, "wb") as fh:
-        for label, text, reason in documents(source, f, stats):
+        for label, text, reason in documents(source, f, stats, max_docs):
             reason = reason or dedup.check(text)
             if reason:
                 stats.rejected[reason] += 1
@@ -978,7 +985,9 @@ def reload_source(dest: Path, dedup: Dedup) -> None:
             dedup.check(json.loads(line)["text"])
 
 
-def build_all(names: list[str], out: Path, cache: Path, strict: bool) -> dict:
+def build_all(
+    names: list[str], out: Path, cache: Path, strict: bool, max_docs: int | None = None
+) -> dict:
     manifest_path = out / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     entries = {e["name"]: e for e in manifest.get("sources", [])}
@@ -991,7 +1000,7 @@ def build_all(names: list[str], out: Path, cache: Path, strict: bool) -> dict:
             print(f"{dest} exists: kept (its documents still count for deduplication)")
             reload_source(dest, dedup)
             continue
-        entries[source.name] = build_source(source, out, Fetcher(cache, strict), dedup)
+        entries[source.name] = build_source(source, out, Fetcher(cache, strict), dedup, max_docs)
         write_manifest(manifest_path, [entries[n] for n in BY_NAME if n in entries])
     return json.loads(manifest_path.read_text())
 
@@ -1088,7 +1097,7 @@ def prepare(out: Path, study: Path, cache: Path, vocab: int, sample_mb: int, val
     print(f"data prepare: {time.time() - start:.0f} s", flush=True)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder for <source>.jsonl + manifest.json")
     parser.add_argument(
@@ -1108,7 +1117,13 @@ def main() -> int:
     parser.add_argument("--vocab-size", type=int, default=32768)
     parser.add_argument("--tokenizer-sample-mb", type=int, default=80)
     parser.add_argument("--val-fraction", type=float, default=0.02)
-    args = parser.parse_args()
+    parser.add_argument(
+        "--max-docs-per-source",
+        type=int,
+        help="read only the first N documents of each source: a slice for a smoke test, not "
+        "the study corpus",
+    )
+    args = parser.parse_args(argv)
     names = [s for s in args.sources.split(",") if s]
     unknown = sorted(set(names) - set(BY_NAME))
     if unknown:
@@ -1117,7 +1132,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(args.cache) if args.cache else out / ".cache"
     start = time.time()
-    totals = build_all(names, out, cache, args.strict_pins)["totals"]
+    totals = build_all(names, out, cache, args.strict_pins, args.max_docs_per_source)["totals"]
     print(
         f"corpus: {totals['documents']:,} documents, {totals['text_bytes'] / 1e6:.1f} MB, "
         f"{totals['prose_share']:.0%} prose ({time.time() - start:.0f} s)",
