@@ -23,9 +23,19 @@ COLORS = ["tab:gray", "tab:blue", "tab:green", "tab:red", "tab:purple", "tab:ora
 def _load(run: Path) -> dict[str, Any]:
     r = json.loads((run / "results.json").read_text())
     r["archive"] = run
+    r.setdefault("status", "completed")  # archives from before the runner recorded it
     with gzip.open(run / "metrics.jsonl.gz", "rt") as f:
         r["records"] = [json.loads(line) for line in f if line.strip()]
     return r
+
+
+def _finished(ds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runs that trained to the end and were evaluated (not diverged, study.py)."""
+    return [d for d in ds if d["final"]["eval_bpb"] is not None]
+
+
+def _failed(ds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [d for d in ds if d["final"]["eval_bpb"] is None]
 
 
 def _stats(xs: list[float]) -> tuple[float, float]:
@@ -53,6 +63,7 @@ def write_report(
     baseline = spec.get("baseline", next(iter(spec["variants"])))
     by_variant = {v: [d for d in data if d["variant"] == v] for v in variants}
     base = by_variant.get(baseline, [])
+    base = _finished(base)
     base_bpb = _stats([d["final"]["eval_bpb"] for d in base]) if base else None
 
     lines = [f"## Study `{study}`", "", _provenance(data), ""]
@@ -63,7 +74,13 @@ def write_report(
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for v in variants:
-        ds = by_variant[v]
+        ds, failed = _finished(by_variant[v]), _failed(by_variant[v])
+        runs = f"{len(ds) + len(failed)}" + (f" ({len(failed)} diverged)" if failed else "")
+        if not ds:  # every seed diverged: when and how
+            how = ", ".join(f"{d['status']} at step {d['steps']}" for d in failed)
+            lines.append(f"| {v} | {runs} | diverged: {how} | | | | "
+                         f"{sum(d['spikes'] for d in failed)} | | | |")  # fmt: skip
+            continue
         bpb = _stats([d["final"]["eval_bpb"] for d in ds])
         loss = _stats([d["final"]["eval_loss"] for d in ds])
         diff, beyond = "", ""
@@ -78,7 +95,7 @@ def write_report(
         vio_max = max(d["max_violation_max"] or 0 for d in ds)
         vio_last = np.mean([d["max_violation_last"] or 0 for d in ds])
         lines.append(
-            f"| {v} | {len(ds)} | {bpb[0]:.4f} ({_fmt(bpb[1])}) | {loss[0]:.4f} ({_fmt(loss[1])}) "
+            f"| {v} | {runs} | {bpb[0]:.4f} ({_fmt(bpb[1])}) | {loss[0]:.4f} ({_fmt(loss[1])}) "
             f"| {diff} | {beyond} | {sum(d['spikes'] for d in ds)} | {vio_max:.2f} / "
             f"{vio_last:.2f} | {np.mean(flips) if flips else float('nan'):.1%} | "
             f"{np.mean([d['tokens_per_s'] or 0 for d in ds]) / 1e3:.0f}k |"
@@ -122,8 +139,13 @@ def _defenses_table(data: list[dict[str, Any]]) -> list[str]:
         lost = (skipped + f.get("steps_redone", 0)) * d["tokens"] / max(d["steps"], 1)
         lines.append(f"| {d['run']} | {d['spikes']} | {skipped} | {f.get('rollbacks', 0)} | "
                      f"{f.get('steps_redone', 0)} | {f.get('data_steps_skipped', 0)} | "
-                     f"{lost / 1e6:.1f}M | {d['final']['eval_bpb']:.4f} |")  # fmt: skip
+                     f"{lost / 1e6:.1f}M | {_bpb(d)} |")  # fmt: skip
     return lines
+
+
+def _bpb(d: dict[str, Any]) -> str:
+    bpb = d["final"]["eval_bpb"]
+    return f"{bpb:.4f}" if bpb is not None else f"diverged ({d['status']}, step {d['steps']})"
 
 
 def _fmt(x: float) -> str:
@@ -164,16 +186,23 @@ def _plots(
         spikes = [(r["step"], r["loss"]) for r in d["records"] if r.get("type") == "spike"]
         if spikes:
             ax.scatter(*zip(*spikes), marker="x", color=color[d["variant"]], s=40, zorder=5)
+        skips = [(r["step"], r["loss"]) for r in d["records"] if r.get("type") == "spike_skip"]
+        if skips:  # updates the spike guard did not apply
+            ax.scatter(*zip(*skips), marker="v", color=color[d["variant"]], s=30, zorder=5)
+        for r in d["records"]:
+            if r.get("type") == "rollback":  # from the step that triggered it back to to_step
+                ax.axvspan(r["to_step"], r["from_step"], color=color[d["variant"]], alpha=0.15)
     steps = max(r["step"] for d in data for r in d["records"] if r.get("type") == "train")
     ax2.set_xlim(steps * 0.5, steps)
     tail = [
         r["loss"]
         for d in data
         for r in d["records"]
-        if r.get("type") == "train" and r["step"] > steps * 0.5
+        if r.get("type") == "train" and r["step"] > steps * 0.5 and np.isfinite(r["loss"])
     ]
-    ax2.set_ylim(min(tail) - 0.02, np.percentile(tail, 95) + 0.02)
-    ax.set_title(f"{study}: training loss (x: spikes)")
+    if tail:
+        ax2.set_ylim(min(tail) - 0.02, np.percentile(tail, 95) + 0.02)
+    ax.set_title(f"{study}: training loss (x: spikes, v: skipped, band: rolled back)")
     ax2.set_title("second half")
     for a in (ax, ax2):
         a.set_xlabel("step")
@@ -191,9 +220,12 @@ def _plots(
     ax2.set_xlabel("step")
     ax2.set_ylabel("held-out bits per byte (in-loop, first 500k tokens)")
     ax2.grid(alpha=0.3)
-    ax2.legend(fontsize=7)
+    if ax2.get_legend_handles_labels()[0]:
+        ax2.legend(fontsize=7)
     for i, v in enumerate(variants):
-        ys = [d["final"]["eval_bpb"] for d in data if d["variant"] == v]
+        ys = [d["final"]["eval_bpb"] for d in _finished(data) if d["variant"] == v]
+        if not ys:
+            continue
         ax.scatter([i] * len(ys), ys, color=color[v], s=40)
         ax.hlines(np.mean(ys), i - 0.3, i + 0.3, color=color[v])
     ax.set_xticks(range(len(variants)), variants, rotation=20)
@@ -213,7 +245,8 @@ def _plots(
     ax.set_ylabel("max violation (mean over layers)")
     ax.set_title(f"{study}: expert load balance over training")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     out.append(_save(fig, results / f"{study}_load.png"))
 
     heat = [(d, d["archive"] / "kha.npz") for d in data if "borrowed" not in d]

@@ -134,6 +134,34 @@ def _records(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+# End statuses of a run that stopped because training itself failed (non-finite losses in a
+# row; rollbacks used up): an outcome of the variant, archived like a finished run.
+DIVERGED = ("nonfinite", "rollback_limit")
+
+
+def diverged(run_dir: Path) -> bool:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return False
+    ends = [r for r in _records(path) if r.get("type") == "end"]
+    return bool(ends) and ends[-1].get("status") in DIVERGED
+
+
+def archive_diverged(run: Run, run_dir: Path, results: Path) -> None:
+    """Archive a run that diverged: its records and a summary with no held-out figures."""
+    out = archive_dir(results, run)
+    out.mkdir(parents=True, exist_ok=True)
+    records = _records(run_dir / "metrics.jsonl")
+    with gzip.open(out / "metrics.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    summary = summarize(run, records, None, {})
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1) + "\n")
+    tmp.replace(out / "results.json")
+    print(f"study: {run.study}/{run.name} diverged ({summary['status']} at step "
+          f"{summary['steps']}): archived", flush=True)  # fmt: skip
+
+
 def last_step(run_dir: Path) -> int:
     path = run_dir / "metrics.jsonl"
     steps = (
@@ -173,6 +201,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             if is_archived(args.results, run):
                 continue
             run_dir = args.runs / run.study / run.name
+            if diverged(run_dir):
+                archive_diverged(run, run_dir, args.results)
+                continue
             if not trained(run_dir):
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left < args.min_run_s:
@@ -180,6 +211,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                     return 0
                 if not train(run, run_dir, deadline):
                     return 0  # stopped for the deadline: the next call resumes it
+                if diverged(run_dir):  # a result too (e.g. a LR too high): archived, go on
+                    archive_diverged(run, run_dir, args.results)
+                    continue
             finish(run, run_dir, args.results, args.device)
     return 0
 
@@ -204,7 +238,7 @@ def train(run: Run, run_dir: Path, deadline: float | None) -> bool:
         code = proc.wait()
     if stopped:  # saved and exited 0; or stopped before it could install its handler: resume
         return trained(run_dir)
-    if code != 0:
+    if code != 0 and not diverged(run_dir):
         tail = (run_dir / "train.log").read_text(errors="replace").splitlines()[-15:]
         raise SystemExit(f"study: {run.name} failed (exit {code}):\n" + "\n".join(tail))
     return trained(run_dir)
@@ -234,24 +268,31 @@ def finish(run: Run, run_dir: Path, results: Path, device: str) -> None:
 
 
 def summarize(
-    run: Run, records: list[dict[str, Any]], report: dict[str, Any], analysis: dict[str, Any]
+    run: Run,
+    records: list[dict[str, Any]],
+    report: dict[str, Any] | None,
+    analysis: dict[str, Any],
 ) -> dict[str, Any]:
+    """The run's results.json; ``report`` (`kha-train eval`'s) is None for a diverged run."""
     train = [r for r in records if r.get("type") == "train"]
     val = [r for r in records if r.get("type") == "val"]
     end = [r for r in records if r.get("type") == "end"][-1]
     tail = train[-10:]
     maxvio = [r["moe_max_violation_mean"] for r in train if "moe_max_violation_mean" in r]
     speed = [r["tokens_per_s"] for r in train[len(train) // 2 :] if "tokens_per_s" in r]
-    val_split = next(s for s in report["sources"] if s["name"] == "val")
+    val_split = (
+        next(s for s in report["sources"] if s["name"] == "val") if report is not None else None
+    )
     return {
         "study": run.study,
         "run": run.name,
         "variant": run.variant,
         "seed": run.seed,
         "overrides": run.overrides,
+        "status": end.get("status", "completed"),
         "final": {
-            "eval_loss": val_split["loss"],
-            "eval_bpb": val_split["bpb"],
+            "eval_loss": val_split["loss"] if val_split else None,
+            "eval_bpb": val_split["bpb"] if val_split else None,
             "val_loss": val[-1]["val_loss"] if val else None,
             "train_loss_last100": sum(r["loss"] for r in tail) / max(len(tail), 1),
         },
@@ -263,7 +304,9 @@ def summarize(
         "max_violation_max": max(maxvio, default=None),
         "max_violation_last": maxvio[-1] if maxvio else None,
         "tokens_per_s": sorted(speed)[len(speed) // 2] if speed else None,
-        "eval": {k: val_split[k] for k in ("docs", "tokens", "bytes", "loss", "bpb")},
+        "eval": {k: val_split[k] for k in ("docs", "tokens", "bytes", "loss", "bpb")}
+        if val_split
+        else None,
         "analysis": analysis,
         "environment": _environment(),
     }

@@ -86,3 +86,41 @@ def test_defenses_summary_counts_skips_rollbacks_and_redone_steps() -> None:
     assert study.defenses(records, end) == {
         "spike_skipped": 4, "rollbacks": 2, "steps_redone": 40, "data_steps_skipped": 27,
     }  # fmt: skip
+
+
+def _write_records(run_dir: Path, losses: list[float], status: str) -> None:
+    run_dir.mkdir(parents=True)
+    recs = [{"type": "train", "step": i + 1, "loss": x, "tokens_per_s": 1.0}
+            for i, x in enumerate(losses)]  # fmt: skip
+    recs.append({"type": "end", "status": status, "step": len(losses),
+                 "tokens_seen": 8 * len(losses), "spikes_total": 1})  # fmt: skip
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+
+def test_a_diverged_run_is_archived_and_reported_not_fatal(tmp_path) -> None:
+    study = _study_module()
+    _, first, _ = _files(tmp_path, {})
+    _, runs, spec = study.load_study(first)
+    base, other = runs[0], runs[1]  # baseline-s1, other-s1
+    results = tmp_path / "results"
+    ok_dir, bad_dir = tmp_path / "runs" / "ok", tmp_path / "runs" / "bad"
+    _write_records(ok_dir, [5.0, 4.0, 3.0], "completed")
+    _write_records(bad_dir, [5.0, float("nan"), float("nan")], "nonfinite")
+    assert study.diverged(bad_dir) and not study.diverged(ok_dir)
+    study.archive_diverged(other, bad_dir, results)
+    bad = json.loads((results / "first" / "other-s1" / "results.json").read_text())
+    assert bad["status"] == "nonfinite" and bad["final"]["eval_bpb"] is None
+    report = {"sources": [{"name": "val", "loss": 2.0, "bpb": 0.9, "docs": 1, "tokens": 9,
+                           "bytes": 20}]}  # fmt: skip
+    ok = study.summarize(base, study._records(ok_dir / "metrics.jsonl"), report, {})
+    archive = results / "first" / "baseline-s1"
+    archive.mkdir(parents=True)
+    (archive / "results.json").write_text(json.dumps(ok))
+    (archive / "metrics.jsonl.gz").write_bytes((results / "first/other-s1/metrics.jsonl.gz")
+                                               .read_bytes())  # fmt: skip
+    from report import write_report  # scripts/ is on sys.path once study.py is loaded
+
+    out = write_report("first", spec, [archive, results / "first" / "other-s1"], results)
+    table = out.read_text()
+    assert "| baseline | 1 | 0.9000" in table
+    assert "| other | 1 (1 diverged) | diverged: nonfinite at step 3 |" in table
