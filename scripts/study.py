@@ -180,7 +180,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         for run in runs:
             run_dir = args.runs / name / run.name
             if is_archived(args.results, run):
-                state = "done (archived)"
+                summary = json.loads((archive_dir(args.results, run) / "results.json").read_text())
+                status = summary.get("status", "completed")
+                state = "done (archived)" if status == "completed" else f"{status} (archived)"
             elif trained(run_dir):
                 state = "trained, not yet evaluated"
             elif run_dir.exists():
