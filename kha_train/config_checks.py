@@ -265,6 +265,7 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     errs += _train_loop_errors(cfg)
     errs += _eval_errors(cfg)
     errs += _fp8_errors(cfg)
+    errs += loss_kernel_errors(cfg.parallel.loss_kernel, cfg.train.device)
     if errs:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errs))
     return cfg
@@ -510,6 +511,38 @@ def fp8_support_errors(device: str = "auto", emulate: bool = False) -> list[str]
             f"Hopper, Blackwell), but {torch.cuda.get_device_name(index)} has {major}.{minor}: "
             f"{fix}"
         )
+    return errs
+
+
+# parallel.loss_kernel (model/loss_kernels.py) -> (module it imports, pip requirement).
+LOSS_KERNEL_REQUIREMENTS = {
+    "liger": ("liger_kernel", "liger-kernel>=0.8.5"),
+    "cce": ("cut_cross_entropy", "cut-cross-entropy>=25.1.1"),
+}
+
+
+def loss_kernel_errors(kernel: str, device: str = "auto") -> list[str]:
+    """Why parallel.loss_kernel cannot run here (train.device auto, cuda or cpu); [] when it
+    can. The fused kernels are Triton kernels from the `fast` extra: CUDA only."""
+    if kernel not in LOSS_KERNEL_REQUIREMENTS:
+        return []
+    module, requirement = LOSS_KERNEL_REQUIREMENTS[kernel]
+    errs = []
+    if importlib.util.find_spec(module) is None:
+        errs.append(
+            f"parallel.loss_kernel={kernel} needs {requirement}, which is not installed: pip "
+            "install 'kha-train[fast]' (or use parallel.loss_kernel=chunked)"
+        )
+    fix = "use parallel.loss_kernel=chunked (ours, any device)"
+    if device == "cpu":
+        errs.append(f"parallel.loss_kernel={kernel} is a CUDA kernel, but train.device=cpu: {fix}")
+    else:
+        import torch
+
+        if not torch.cuda.is_available():
+            errs.append(
+                f"parallel.loss_kernel={kernel} is a CUDA kernel and no GPU is visible: {fix}"
+            )
     return errs
 
 

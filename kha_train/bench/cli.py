@@ -33,6 +33,7 @@ from kha_train.config import (
     Fp8Recipe,
     KHAConfig,
     KHAVariant,
+    LossKernel,
     ModelConfig,
     MoEConfig,
     Precision,
@@ -126,6 +127,7 @@ def format_table(results: list[dict[str, Any]], s: BenchSettings) -> str:
     lines = [
         f"seq {s.seq_len} x micro-batch {s.micro_batch} x accum {s.accum}, compile={s.compile}, "
         f"ac={s.ac.value}, mode={s.mode}, reshard={s.reshard}, defer_sync={s.defer_sync}, "
+        f"loss kernel {LossKernel(s.loss_kernel).value}, "
         f"peak {s.peak_tflops:.0f} TFLOP/s; fp8: {Fp8Recipe(f.recipe).value}, dims >= "
         f"{f.min_dim}, FP8 all-gather {f.fsdp_fp8_all_gather}",
         f"{'variant':8} {'prec':>4} {'params':>8} {'active':>7} {'step ms':>8} {'tok/s':>9} "
@@ -254,6 +256,12 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     )
     p.add_argument("--loss-chunk", type=int, help="tokens per LM-head + loss chunk (default 4096)")
     p.add_argument(
+        "--loss-kernel",
+        choices=[k.value for k in LossKernel],
+        default=LossKernel.chunked.value,
+        help="parallel.loss_kernel: chunked (ours, default), liger or cce (the fast extra)",
+    )
+    p.add_argument(
         "--no-compile-loss",
         action="store_true",
         help="run the LM-head + loss chunks eagerly (parallel.compile_loss=false)",
@@ -282,6 +290,11 @@ def main(args: argparse.Namespace) -> int:
 
         make_deterministic()
     precisions = [Precision(p.strip()) for p in args.precision.split(",") if p.strip()]
+    from kha_train.config_checks import loss_kernel_errors
+
+    errs = loss_kernel_errors(args.loss_kernel, "cuda")
+    if errs:
+        raise SystemExit("kha-train bench --loss-kernel: " + "; ".join(errs))
     if Precision.fp8 in precisions:
         from kha_train.config_checks import fp8_support_errors
 
@@ -315,6 +328,7 @@ def main(args: argparse.Namespace) -> int:
         defer_sync=not args.no_defer_sync,
         loss_chunk=args.loss_chunk,
         compile_loss=not args.no_compile_loss,
+        loss_kernel=LossKernel(args.loss_kernel),
         fp8=Fp8Config(
             recipe=Fp8Recipe(args.fp8_recipe),
             min_dim=args.fp8_min_dim,

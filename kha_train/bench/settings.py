@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from kha_train.config import ACMode, Fp8Config, ParallelConfig
+from kha_train.config import ACMode, Fp8Config, LossKernel, ParallelConfig
 
 
 @dataclasses.dataclass
@@ -26,6 +26,7 @@ class BenchSettings:
     defer_sync: bool = True  # parallel.defer_grad_sync: one gather and one reduce per step
     loss_chunk: int | None = None  # tokens per LM-head + loss chunk (None: the model's default)
     compile_loss: bool = True  # torch.compile the LM-head + loss chunk (Transformer.compile_loss)
+    loss_kernel: LossKernel = LossKernel.chunked  # parallel.loss_kernel
     # fsdp: the trainer's FSDP2 mixed precision | autocast: fp32 weights + autocast
     mode: str = "fsdp"
     # parallel.fp8: which projections run FP8 GEMMs when a variant runs in precision fp8
@@ -39,5 +40,7 @@ class BenchSettings:
             compile=self.compile,
             reshard_after_forward=self.reshard,
             defer_grad_sync=self.defer_sync,
+            compile_loss=self.compile_loss,
+            loss_kernel=self.loss_kernel,
             fp8=self.fp8,
         )

@@ -66,7 +66,7 @@ from kha_train.config.optim import (
     SkipStepConfig,
     ZClipConfig,
 )
-from kha_train.config.parallel import ACMode, Fp8Config, Fp8Recipe, ParallelConfig
+from kha_train.config.parallel import ACMode, Fp8Config, Fp8Recipe, LossKernel, ParallelConfig
 from kha_train.config.schema import Config
 from kha_train.config.train import Precision, RollbackConfig, TrainConfig
 
@@ -89,6 +89,7 @@ __all__ = [
     "KHAConfig",
     "KHAVariant",
     "LoggingConfig",
+    "LossKernel",
     "MEAConfig",
     "MLAConfig",
     "MoEConfig",

@@ -15,6 +15,12 @@ class ACMode(enum.StrEnum):
     selective = "selective"
 
 
+class LossKernel(enum.StrEnum):
+    chunked = "chunked"  # ours (model/loss.py): chunks of logits, compiled on CUDA; any device
+    liger = "liger"  # liger-kernel's fused linear cross entropy, fp32 accumulation (CUDA)
+    cce = "cce"  # cut-cross-entropy (Apple), its default gradient filtering (CUDA)
+
+
 class Fp8Recipe(enum.StrEnum):
     tensorwise = "tensorwise"  # one scale per tensor, cuBLAS FP8 GEMMs: the fastest
     rowwise = "rowwise"  # one scale per row, CUTLASS GEMMs: finer; slower than bf16 below 8192
@@ -56,6 +62,10 @@ class ParallelConfig:
     # On CUDA, torch.compile each LM-head + loss chunk (fuses its softmax passes,
     # docs/performance.md); false: eager (debugging, or where Inductor is unavailable).
     compile_loss: bool = True
+    # The LM head + loss kernel (model/loss_kernels.py): chunked (ours, default), or a fused
+    # linear-cross-entropy kernel from the `fast` extra, liger or cce (CUDA only). Same loss
+    # and gradients to bf16 rounding (scripts/bench_loss.py measures each against ours).
+    loss_kernel: LossKernel = LossKernel.chunked
     # FSDP2: free each block's gathered bf16 parameters after its forward and gather them again
     # for its backward (ZeRO-3: less memory, one more all-gather per block and micro-batch).
     # null: on when parameters are sharded, off when each rank's shard group is the rank alone

@@ -30,13 +30,19 @@ def lm_head_loss(
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     ignore_index: int = IGNORE_INDEX,
     compiled: bool = True,
+    kernel: str = "chunked",
 ) -> torch.Tensor:
     """The training loss of the LM head, the one function the Transformer calls for it: mean
     cross entropy (fp32) of logits = hidden @ weight^T against labels, hidden [N, D], weight
-    [V, D], labels [N]. Today :func:`chunked_cross_entropy`; a fused linear-cross-entropy kernel
-    that measures faster (``scripts/bench_loss.py`` times the candidates against it) would be
-    called here instead, with the same arguments and result."""
-    return chunked_cross_entropy(hidden, weight, labels, chunk_tokens, ignore_index, compiled)
+    [V, D], labels [N]. ``kernel`` (parallel.loss_kernel): chunked, :func:`chunked_cross_entropy`
+    (``chunk_tokens``, ``compiled``); liger or cce, another library's fused kernel
+    (loss_kernels.py; ``scripts/bench_loss.py`` times them against ours)."""
+    if kernel == "chunked":
+        return chunked_cross_entropy(hidden, weight, labels, chunk_tokens, ignore_index, compiled)
+    from kha_train.model.loss_kernels import fused_linear_cross_entropy
+
+    hidden, weight = _head_inputs(hidden, weight)
+    return fused_linear_cross_entropy(kernel, hidden, weight, labels, ignore_index)
 
 
 def chunked_cross_entropy(

@@ -114,6 +114,7 @@ class Transformer(nn.Module):
         # On CUDA, compile each chunk's loss + gradient (loss.py); off: eager (for debugging, or
         # where Inductor is unavailable). Set by the trainer's build_model from its arguments.
         self.compile_loss = True
+        self.loss_kernel = "chunked"  # parallel.loss_kernel (model/loss_kernels.py)
         layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         # The attention variant decides how many features of a head RoPE rotates: all of them,
@@ -215,6 +216,7 @@ class Transformer(nn.Module):
             self.loss_chunk_tokens,
             IGNORE_INDEX,
             self.compile_loss,
+            self.loss_kernel,
         )
         return loss + self._aux_loss(loss)
 

@@ -17,6 +17,7 @@ import torch
 from kha_train.config import (
     Config,
     ConfigError,
+    LossKernel,
     ModelConfig,
     ParallelConfig,
     Precision,
@@ -56,6 +57,7 @@ def build_model(
     with torch.device("meta"):
         model = Transformer(model_cfg)
     model.compile_loss = compile_loss
+    model.loss_kernel = LossKernel(parallel.loss_kernel).value
     if fsdp:
         parallelize(model, parallel, precision, device)
     else:

@@ -8,8 +8,9 @@
 #            one process: --ac full, micro-batch 2 x accum 4, seq 4096               ~2 min
 #   3. ref   configs/paper/table5/moe_a0.44b_kha_mlp.yaml (A0.44B), bf16 then fp8:
 #            micro-batch 6 x accum 5, seq 4096                                       ~2 min
-#   4. with 100 s left: bench_loss.py on the main model's shapes (hidden 2048)      ~1 min
-#   5. with 100 s left: the main model in fp8 with k/v too (--fp8-min-dim 512)      ~1 min
+#   4. with 100 s left each: the reference step with --loss-kernel liger, then cce  ~1 min each
+#   5. with 100 s left: bench_loss.py on the main model's shapes (hidden 2048)      ~1 min
+#   6. with 100 s left: the main model in fp8 with k/v too (--fp8-min-dim 512)      ~1 min
 # Estimates: a study run's first step (compile included) took 17 s on this H200; a run here
 # is its build, one compiling step and 5 steps of 0.8-1.2 s. Each benchmark: 1 warm-up step,
 # 3 timed steps, then the no-sync check; no profile (about 30 s a run). Everything printed goes
@@ -51,6 +52,14 @@ bench() {  # bench NAME CAP_S CONFIG ARGS...: bf16 then fp8, KHA model only, one
 part loss 110 python3 scripts/bench_loss.py --shapes ref --out $OUT/loss.json
 bench main 250 configs/paper/main/kha.yaml --ac full --micro-batch 2 --accum 4 --seq-len 4096
 bench ref 250 configs/paper/table5/moe_a0.44b_kha_mlp.yaml --micro-batch 6 --accum 5 --seq-len 4096
+for kernel in liger cce; do  # the fused loss kernels in the whole training step (bf16)
+  if [ "$(left)" -ge 100 ]; then
+    part ref_$kernel 90 python3 -m kha_train.cli bench \
+      --config configs/paper/table5/moe_a0.44b_kha_mlp.yaml --variants kha --precision bf16 \
+      --loss-kernel $kernel --steps 3 --warmup 1 --no-profile --json $OUT/ref_$kernel.jsonl \
+      --micro-batch 6 --accum 5 --seq-len 4096
+  fi
+done
 if [ "$(left)" -ge 100 ]; then
   part loss_main 90 python3 scripts/bench_loss.py --shapes main --out $OUT/loss_main.json
 fi
@@ -60,5 +69,5 @@ if [ "$(left)" -ge 100 ]; then
     --json $OUT/main512.jsonl --ac full --micro-batch 2 --accum 4 --seq-len 4096
 fi
 echo "== done after $(( $(date +%s) - start ))s" | tee -a $log
-grep -E "^(FP8 speed-up|kha +(bf16|fp8)|ref |main |== )" $log
+grep -E "^(FP8 speed-up|kha +(bf16|fp8)|ref|main |== )" $log
 ls -la $OUT
