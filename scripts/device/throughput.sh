@@ -1,0 +1,46 @@
+#!/bin/bash
+# One device call (issue 18, targets 1, 2, 5): kha-train beside torchtitan on the reference
+# A0.44B-2.3B MoE, same card, same call, same tokens per optimizer step, clipping on:
+#   1. 122,880 tokens per step (mb 6 x accum 5, seq 4096): kha-train KHA-MLP and no KHA (one
+#      process, profiled), torchtitan amp (fp32 parameters + bf16 autocast, compiled)
+#   2. one micro-batch per step (mb 4 x 1): kha-train KHA-MLP, torchtitan bf16 (compiled)
+# Every row prints tokens/s, MFU (the same convention on both sides) and peak memory.
+# Usage: bash scripts/device/throughput.sh [DEADLINE_S] [KHA_BENCH_ARGS...]
+#   KHA_BENCH_ARGS go to every kha-train row (e.g. --loss-kernel liger).
+# Carry: .whl (omegaconf, antlr4 at the top; torchtitan and its needs in .whl/peers, see
+#        ../shared/peers/README.md), .peers_src (a copy of ../shared/peers/tt_peer.py, which
+#        does not travel by itself), .kha_commit (optional).
+set -u
+export PYTHONUNBUFFERED=1
+deadline=${1:-560}; shift || true
+extra=("$@")
+start=$(date +%s)
+left() { echo $(( deadline - ($(date +%s) - start) )); }
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl || exit 1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/peers .whl/peers/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD
+echo "commit $(cat .kha_commit 2>/dev/null || echo unknown), $(date -u +%FT%TZ)"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+cfg=configs/paper/table5/moe_a0.44b_kha_mlp.yaml
+row() {  # row NAME CAP_S COMMAND...
+  local name=$1 cap=$2; shift 2
+  local t=$(( $(left) - 5 )); [ $t -gt $cap ] && t=$cap
+  [ $t -lt 45 ] && { echo "== $name: skipped, $(left) s left"; return; }
+  echo "== $name (timeout ${t}s)"
+  timeout --kill-after=10 $t "$@" > $OUT/$name.log 2>&1
+  echo "== $name: exit $?"
+  grep -E "^(kha|nokha) |KHA overhead|GPU time/step|^RESULT|OOM" $OUT/$name.log | cut -c1-260
+}
+row ours_mb6x5 170 python3 -m kha_train.cli bench --config $cfg --variants kha,nokha \
+  --micro-batch 6 --accum 5 --seq-len 4096 --steps 4 --warmup 1 --json $OUT/ours_mb6x5.jsonl \
+  "${extra[@]}"
+row tt_amp_mb6x5 120 env PYTHONPATH=/tmp/peers MODE=amp MB=6 ACCUM=5 CLIP=1 TORCH_COMPILE=1 \
+  PROFILE=0 STEPS=4 WARMUP=1 OOM_RETRY=0 python3 .peers_src/tt_peer.py
+row ours_mb4x1 100 python3 -m kha_train.cli bench --config $cfg --variants kha \
+  --micro-batch 4 --accum 1 --seq-len 4096 --steps 8 --warmup 2 --no-profile \
+  --json $OUT/ours_mb4x1.jsonl "${extra[@]}"
+row tt_bf16_mb4x1 100 env PYTHONPATH=/tmp/peers MODE=bf16 MB=4 ACCUM=1 CLIP=1 TORCH_COMPILE=1 \
+  PROFILE=0 STEPS=8 WARMUP=2 OOM_RETRY=0 python3 .peers_src/tt_peer.py
+echo "== done after $(( $(date +%s) - start ))s"
