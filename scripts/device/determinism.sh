@@ -3,7 +3,9 @@
 #   1. two runs of the reference config (A0.44B, KHA-MLP-V, mb 6 x 5 x 4096, compiled) with
 #      train.deterministic=true and one without, 30 steps each on data/builtin: are the two
 #      deterministic runs bitwise equal (every logged loss and grad norm), and at what tokens/s;
-#   2. `kha-train bench` of the same workload with and without --deterministic, profiled, and
+#   2. a resume: `kha-train replay` restores the first deterministic run's checkpoint of step 15
+#      and trains steps 16-30 again: bitwise equal to the uninterrupted run?
+#   3. `kha-train bench` of the same workload with and without --deterministic, profiled, and
 #      scripts/kernel_diff.py: which kernels the mode changes and what each costs.
 # Usage: bash scripts/device/determinism.sh [DEADLINE_S]
 # Carry: data/builtin, .whl (omegaconf, antlr4), .kha_commit (optional).
@@ -22,12 +24,18 @@ for run in det1 det2 plain; do
   [ $t -lt 60 ] && { echo "$run: skipped, $(left) s left"; continue; }
   timeout --kill-after=10 $t python3 -m kha_train.cli train $cfg data.dataset=data/builtin \
     train.max_steps=30 train.micro_batch_size=6 train.global_batch_tokens=122880 \
-    train.deterministic=$det logging.run_dir=/tmp/$run checkpoint.dir=/tmp/ck_$run \
-    checkpoint.every_steps=0 logging.wandb=disabled train.val_batches=0 train.val_every=0 \
+    train.deterministic=$det logging.run_dir=/tmp/$run checkpoint.every_steps=15 \
+    checkpoint.keep_last=2 logging.wandb=disabled train.val_batches=0 train.val_every=0 \
     logging.log_every=1 > $OUT/$run.log 2>&1
   echo "$run (deterministic=$det): exit $?"; grep -E "^step +(6|16|30)/" $OUT/$run.log | cut -c1-110
-  cp /tmp/$run/metrics.jsonl $OUT/$run.jsonl 2>/dev/null; rm -rf /tmp/ck_$run
+  cp /tmp/$run/metrics.jsonl $OUT/$run.jsonl 2>/dev/null
 done
+t=$(( $(left) - 150 )); [ $t -gt 120 ] && t=120
+if [ -d /tmp/det1/checkpoints ] && [ $t -ge 60 ]; then  # resume from step 15 = uninterrupted?
+  timeout --kill-after=10 $t python3 -m kha_train.cli replay /tmp/det1 --step 16 --after 14 \
+    --json $OUT/replay.json > $OUT/replay.log 2>&1
+  echo "replay from step 15 (exit $?):"; grep -iE "bitwise|recur|transient" $OUT/replay.log | head -3
+fi
 python3 - <<'P'
 import json, os, statistics
 out = os.environ["OUT"]
