@@ -94,15 +94,17 @@ class KHA(nn.Module):
         return torch.eye(weight.shape[0], dtype=weight.dtype, device=weight.device)
 
 
-def drift_from_init(module: KHA, weights: dict[str, torch.Tensor]) -> float:
+def drift_from_init(module: KHA, weights: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean over the transform's matrices of ||W - W_0||_F / ||I||_F (Fig. 3's "distance from
-    the identity", 0 at init; 1 is a move as large as the identity itself). ``weights``: the
-    module's parameters by name (whole tensors: the caller gathers shards)."""
-    out = []
-    for name, w in weights.items():
-        w = w.detach().float()
-        out.append(((w - module.initial_value(name, w)).norm() / w.shape[0] ** 0.5).item())
-    return sum(out) / max(len(out), 1)
+    the identity", 0 at init; 1 is a move as large as the identity itself), a float32 scalar on
+    the weights' device. ``weights``: the module's parameters by name (whole tensors: the caller
+    gathers shards)."""
+    out = [
+        (w.detach().float() - module.initial_value(name, w.detach().float())).norm()
+        / w.shape[0] ** 0.5
+        for name, w in weights.items()
+    ]
+    return torch.stack(out).mean() if out else torch.zeros(())
 
 
 NO_KHA = KHA()  # the identity: nothing to fold, absorb or count

@@ -9,6 +9,7 @@ computes it, at logging steps only; the matrices are d_head x d_head).
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -16,7 +17,8 @@ from kha_train.model.kha import KHA, drift_from_init
 
 
 def kha_drift(model: nn.Module) -> list[float]:
-    """Per layer that has KHA matrices, their mean drift from init (empty without KHA)."""
+    """Per layer that has KHA matrices, their mean drift from init (empty without KHA); one
+    device-to-host copy for all of them."""
     out = []
     for block in model.layers:
         values = []
@@ -29,5 +31,5 @@ def kha_drift(model: nn.Module) -> list[float]:
                            for n, p in params.items()}  # fmt: skip
                 values.append(drift_from_init(module, weights))
         if values:
-            out.append(sum(values) / len(values))
-    return out
+            out.append(torch.stack(values).mean())
+    return torch.stack(out).tolist() if out else []

@@ -214,9 +214,10 @@ def test_drift_from_init_is_zero_at_init_and_the_relative_move_after() -> None:
     mlp = KHAMLP(4)
     mlp.reset_parameters()
     weights = dict(mlp.named_parameters())
-    assert drift_from_init(mlp, weights) == 0.0
+    assert drift_from_init(mlp, weights).item() == 0.0
     with torch.no_grad():
         mlp.w_up.mul_(0.5)  # ||0.5 I - I|| / ||I|| = 0.5
         mlp.w_gate.fill_(1.0)  # ||ones(4, 4)|| / ||I|| = 4 / 2 = 2
-    assert drift_from_init(mlp, dict(mlp.named_parameters())) == pytest.approx((0.5 + 2 + 0) / 3)
-    assert drift_from_init(NO_KHA, {}) == 0.0
+    drift = drift_from_init(mlp, dict(mlp.named_parameters())).item()
+    assert drift == pytest.approx((0.5 + 2 + 0) / 3)
+    assert drift_from_init(NO_KHA, {}).item() == 0.0
