@@ -3,13 +3,14 @@
 # A0.44B-2.3B MoE, same card, same call, same tokens per optimizer step, clipping on:
 #   1. 122,880 tokens per step (mb 6 x accum 5, seq 4096): kha-train KHA-MLP and no KHA (one
 #      process, profiled), torchtitan amp (fp32 parameters + bf16 autocast, compiled)
-#   2. one micro-batch per step (mb 4 x 1): kha-train KHA-MLP, torchtitan bf16 (compiled)
+#   2. one micro-batch per step (mb 4 x 1): kha-train KHA-MLP, torchtitan bf16 (compiled), and
+#      with time left Hugging Face transformers' Qwen3MoeForCausalLM (bf16 parameters)
 # Every row prints tokens/s, MFU (the same convention on both sides) and peak memory.
 # Usage: bash scripts/device/throughput.sh [DEADLINE_S] [KHA_BENCH_ARGS...]
 #   KHA_BENCH_ARGS go to every kha-train row (e.g. --loss-kernel liger).
 # Carry: .whl (omegaconf, antlr4 at the top; torchtitan and its needs in .whl/peers, see
-#        ../shared/peers/README.md), .peers_src (a copy of ../shared/peers/tt_peer.py, which
-#        does not travel by itself), .kha_commit (optional).
+#        ../shared/peers/README.md), .peers_src (copies of ../shared/peers/tt_peer.py and
+#        hf_peer.py, which do not travel by themselves), .kha_commit (optional).
 set -u
 export PYTHONUNBUFFERED=1
 deadline=${1:-560}; shift || true
@@ -31,7 +32,7 @@ row() {  # row NAME CAP_S COMMAND...
   echo "== $name (timeout ${t}s)"
   timeout --kill-after=10 $t "$@" > $OUT/$name.log 2>&1
   echo "== $name: exit $?"
-  grep -E "^(kha|nokha) |KHA overhead|GPU time/step|^RESULT|OOM" $OUT/$name.log | cut -c1-260
+  grep -E "^(kha|nokha) |KHA overhead|GPU time/step|^RESULT|^HF |OOM" $OUT/$name.log | cut -c1-260
 }
 row ours_mb6x5 170 python3 -m kha_train.cli bench --config $cfg --variants kha,nokha \
   --micro-batch 6 --accum 5 --seq-len 4096 --steps 4 --warmup 1 --json $OUT/ours_mb6x5.jsonl \
@@ -43,4 +44,5 @@ row ours_mb4x1 100 python3 -m kha_train.cli bench --config $cfg --variants kha \
   --json $OUT/ours_mb4x1.jsonl "${extra[@]}"
 row tt_bf16_mb4x1 100 env PYTHONPATH=/tmp/peers MODE=bf16 MB=4 ACCUM=1 CLIP=1 TORCH_COMPILE=1 \
   PROFILE=0 STEPS=8 WARMUP=2 OOM_RETRY=0 python3 .peers_src/tt_peer.py
+row hf_mb4x1 90 env MB=4 python3 .peers_src/hf_peer.py  # HF transformers, bf16, no compile
 echo "== done after $(( $(date +%s) - start ))s"
