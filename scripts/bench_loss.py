@@ -17,9 +17,11 @@ Candidates (a library that does not import is skipped, with a note):
     ours           kha_train.model.loss.chunked_cross_entropy, compiled chunks (the trainer's)
     ours-eager     the same, eager
     liger          liger-kernel's fused linear cross entropy, fp32 weight-gradient accumulation
+                   (parallel.loss_kernel=liger: the call the trainer makes, model/loss_kernels.py)
     liger-bf16acc  the same, accumulating in bf16 (its default)
     liger-c4       fp32 accumulation, chunk_mem_const=4 (larger chunks, more memory)
     cce            cut-cross-entropy (Apple), its default gradient filter (filter_eps="high")
+                   (parallel.loss_kernel=cce, likewise)
     cce-exact      the same, no filter (filter_eps=None)
 """
 
@@ -50,6 +52,7 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 def candidates() -> tuple[dict[str, LossFn], dict[str, str]]:
     """name -> loss(hidden, weight, labels), and name -> why it is skipped."""
     from kha_train.model.loss import IGNORE_INDEX, chunked_cross_entropy
+    from kha_train.model.loss_kernels import fused_linear_cross_entropy as fused
 
     fns: dict[str, LossFn] = {
         "ours": lambda h, w, y: chunked_cross_entropy(h, w, y, compiled=True),
@@ -59,8 +62,7 @@ def candidates() -> tuple[dict[str, LossFn], dict[str, str]]:
     try:
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy as lfce
 
-        fns["liger"] = lambda h, w, y: lfce(h, w, y, ignore_index=IGNORE_INDEX,
-                                            accum_dtype=torch.float32)  # fmt: skip
+        fns["liger"] = lambda h, w, y: fused("liger", h, w, y, IGNORE_INDEX)  # the trainer's call
         fns["liger-bf16acc"] = lambda h, w, y: lfce(h, w, y, ignore_index=IGNORE_INDEX)
         fns["liger-c4"] = lambda h, w, y: lfce(h, w, y, ignore_index=IGNORE_INDEX,
                                                accum_dtype=torch.float32, chunk_mem_const=4)  # fmt: skip
@@ -71,7 +73,7 @@ def candidates() -> tuple[dict[str, LossFn], dict[str, str]]:
     try:
         from cut_cross_entropy import linear_cross_entropy as cce
 
-        fns["cce"] = lambda h, w, y: cce(h, w, y, ignore_index=IGNORE_INDEX)
+        fns["cce"] = lambda h, w, y: fused("cce", h, w, y, IGNORE_INDEX)  # the trainer's call
         fns["cce-exact"] = lambda h, w, y: cce(h, w, y, ignore_index=IGNORE_INDEX, filter_eps=None)
     except Exception as e:
         skipped["cce"] = (
