@@ -221,7 +221,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def train(run: Run, run_dir: Path, deadline: float | None) -> bool:
-    """Train ``run`` (resuming its checkpoint); False if stopped for the deadline."""
+    """Train ``run`` (resuming its checkpoint): True once it ended, trained to the end or
+    diverged; False if stopped for the deadline."""
     cmd = [sys.executable, "-m", "kha_train.cli", "train", *run.train_args(run_dir)]
     print(f"study: training {run.study}/{run.name}: {' '.join(cmd[3:])}", flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -240,7 +241,9 @@ def train(run: Run, run_dir: Path, deadline: float | None) -> bool:
         code = proc.wait()
     if stopped:  # saved and exited 0; or stopped before it could install its handler: resume
         return trained(run_dir)
-    if code != 0 and not diverged(run_dir):
+    if diverged(run_dir):
+        return True
+    if code != 0:
         tail = (run_dir / "train.log").read_text(errors="replace").splitlines()[-15:]
         raise SystemExit(f"study: {run.name} failed (exit {code}):\n" + "\n".join(tail))
     return trained(run_dir)

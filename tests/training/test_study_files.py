@@ -3,8 +3,10 @@ the base config dropped from a glob, and bad borrow entries refused."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -124,3 +126,34 @@ def test_a_diverged_run_is_archived_and_reported_not_fatal(tmp_path) -> None:
     table = out.read_text()
     assert "| baseline | 1 | 0.9000" in table
     assert "| other | 1 (1 diverged) | diverged: nonfinite at step 3 |" in table
+
+
+def test_the_run_command_archives_a_diverged_run_and_goes_on(tmp_path, monkeypatch) -> None:
+    """cmd_run with a trainer that ends the `other` runs with status nonfinite (exit 1, as the
+    trainer does) and the baseline runs completed: every run is handled, none stops the call."""
+    study = _study_module()
+    _, first, _ = _files(tmp_path, {})  # variants baseline and other, seeds 1 and 2
+    real_popen = subprocess.Popen
+
+    def fake_trainer(cmd, **kwargs):
+        if "kha_train.cli" not in cmd:  # git, for the archive's commit
+            return real_popen(cmd, **kwargs)
+        run_dir = next(a.split("=", 1)[1] for a in cmd if a.startswith("logging.run_dir="))
+        status = "nonfinite" if "/other-" in run_dir else "completed"
+        end = {"type": "end", "status": status, "step": 3, "tokens_seen": 24, "spikes_total": 0}
+        script = (f"import json, pathlib, sys; p = pathlib.Path({run_dir!r}) / 'metrics.jsonl'; "
+                  f"p.write_text(json.dumps({end!r}) + '\\n'); sys.exit({int(status != 'completed')})")  # fmt: skip
+        return real_popen([sys.executable, "-c", script], **kwargs)
+
+    finished: list[str] = []
+    monkeypatch.setattr(study.subprocess, "Popen", fake_trainer)
+    monkeypatch.setattr(study, "POLL_S", 0.05)
+    monkeypatch.setattr(study, "finish", lambda run, *a: finished.append(run.name))
+    args = argparse.Namespace(studies=[str(first)], runs=tmp_path / "runs",
+                              results=tmp_path / "results", only=None, deadline_s=None,
+                              min_run_s=0.0, device="cpu")  # fmt: skip
+    assert study.cmd_run(args) == 0
+    assert finished == ["baseline-s1", "baseline-s2"]  # evaluated and archived by finish
+    for run in ("other-s1", "other-s2"):
+        summary = json.loads((tmp_path / "results" / "first" / run / "results.json").read_text())
+        assert summary["status"] == "nonfinite" and summary["final"]["eval_bpb"] is None
