@@ -474,13 +474,7 @@ class Trainer:
                     self.log.activity("training")
                 log_now = self.step % cfg.logging.log_every == 0 or self.step == first_step
                 if log_now or self.step == self.total_steps:
-                    self.monitor.log_window(
-                        self.step,
-                        timer,
-                        self.log,
-                        self.model,
-                        self.rollbacks.lr_scale(self.step - 1),
-                    )
+                    self._log_window(timer)
                 save_now = (
                     cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0
                 )
@@ -501,13 +495,7 @@ class Trainer:
                     break
             if stopped:
                 if len(self.monitor.history):
-                    self.monitor.log_window(
-                        self.step,
-                        timer,
-                        self.log,
-                        self.model,
-                        self.rollbacks.lr_scale(self.step - 1),
-                    )
+                    self._log_window(timer)
                 self.log.info(
                     f"stop requested ({self._stop_signal or 'signal on another rank'}) at step "
                     f"{self.step}: saving a checkpoint and exiting"
@@ -541,10 +529,14 @@ class Trainer:
             self._step(self.loader.next_step())
             timer.step()
             if self.step % self.cfg.logging.log_every == 0:
-                self.monitor.log_window(
-                    self.step, timer, self.log, self.model, self.rollbacks.lr_scale(self.step - 1)
-                )
+                self._log_window(timer)
         self._drain()
+
+    def _log_window(self, timer: WindowTimer) -> None:
+        """The logging window's record up to this step, at the LR the step ran with."""
+        self.monitor.log_window(
+            self.step, timer, self.log, self.model, self.rollbacks.lr_scale(self.step - 1)
+        )
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._stop_signal = signal.Signals(signum).name

@@ -5,7 +5,6 @@ it) is exact, the rollback limit stops the run, and two ranks roll back together
 
 from __future__ import annotations
 
-import io
 import json
 import textwrap
 from pathlib import Path
@@ -24,6 +23,7 @@ from train_helpers import (
     run_process,
     tiny_config,
     torchrun_cmd,
+    train_here,
     write_config,
 )
 
@@ -32,7 +32,6 @@ from kha_train.config_checks import validate
 from kha_train.data.errors import DataError
 from kha_train.data.loader import PackedLoader
 from kha_train.data.order import GlobalOrder, SkipRanges
-from kha_train.training import distributed as D
 from kha_train.training.rollback import Rollbacks
 from kha_train.training.spike_guard import LOSS_SPIKE, NONFINITE
 from kha_train.training.step import StepResult
@@ -96,16 +95,6 @@ def poison_for(dataset: Path) -> set[int]:
     return {int(o.sample_ids(a, 1)[0]) for a, _ in BEFORE[4:]}
 
 
-def train(cfg: dict, cls: type[Trainer]) -> Trainer:
-    t = cls(build(cfg), console=io.StringIO())
-    try:
-        t.train()
-    finally:
-        t.close()
-        D.teardown()
-    return t
-
-
 def state(run: Path, step: int) -> dict:
     return json.loads((run / f"checkpoints/step_{step:07d}/trainer_state.json").read_text())
 
@@ -122,7 +111,7 @@ def straight(tmp_path_factory, tiny_dataset) -> tuple[Path, list]:
     """One rank, 10 steps, poisoned samples at steps 5-7: a rollback at step 7 to step 4."""
     run = tmp_path_factory.mktemp("straight") / "run"
     Poisoned.poison = poison_for(tiny_dataset)
-    t = train(rb_config(run, tiny_dataset), Poisoned)
+    t = train_here(rb_config(run, tiny_dataset), Poisoned)
     return run, t.seen
 
 
@@ -196,15 +185,15 @@ def test_resume_is_exact(straight, tmp_path, tiny_dataset, cut) -> None:
     cfg = rb_config(run, tiny_dataset)
     Poisoned.poison = poison_for(tiny_dataset)
     if cut == "stop_after":
-        first = train(cfg, PoisonedStop)
+        first = train_here(cfg, PoisonedStop)
         assert records(run, "end")[-1]["status"] == "preempted"
     else:
         with pytest.raises(Crash):
-            train(cfg, CrashAfterRollback)
+            train_here(cfg, CrashAfterRollback)
         assert not (run / "checkpoints/step_0000006").exists()
         assert records(run, "rollback")  # logged before the crash; the resume drops it
     cfg["checkpoint"]["resume"] = "auto"
-    second = train(cfg, Poisoned)
+    second = train_here(cfg, Poisoned)
     if cut == "stop_after":
         assert first.seen == ref_seen[:11] and second.seen == ref_seen[11:]  # steps 9, 10
     else:  # from step 5: the poisoned steps again, the rollback, the steps after it
@@ -253,7 +242,7 @@ class NaNFirst(Trainer):
 def test_no_checkpoint_before_the_spikes_logs_it_and_trains_on(tmp_path, tiny_dataset) -> None:
     run = tmp_path / "run"
     cfg = rb_config(run, tiny_dataset, train={"max_steps": 4})
-    t = train(cfg, NaNFirst)
+    t = train_here(cfg, NaNFirst)
     assert t.step == 4 and not records(run, "rollback")
     (rec,) = records(run, "rollback_unavailable")
     assert rec["step"] == 3 and rec["first_step"] == 1 and rec["spiking_steps"] == [1, 2, 3]

@@ -23,6 +23,7 @@ from train_helpers import (
     run_process,
     tiny_config,
     torchrun_cmd,
+    train_here,
 )
 
 from kha_train.config import SkipStepConfig, load_config
@@ -223,24 +224,15 @@ def test_resume_restores_the_guard_and_the_clip_state_exactly(tmp_path, tiny_dat
         "checkpoint": {"every_steps": 0},
     }
 
-    def go(cfg: dict, cls: type[Trainer]) -> Trainer:
-        t = cls(build(cfg), console=io.StringIO())
-        try:
-            t.train()
-        finally:
-            t.close()
-            D.teardown()
-        return t
-
-    go(guarded(straight, tiny_dataset, **sections), Inject)
+    train_here(guarded(straight, tiny_dataset, **sections), Inject)
 
     class InjectThenStop(Inject, StopAt):
         stop_at = K
 
     cfg = guarded(split, tiny_dataset, **sections)
-    go(cfg, InjectThenStop)
+    train_here(cfg, InjectThenStop)
     cfg["checkpoint"]["resume"] = "auto"
-    t = go(cfg, Inject)
+    t = train_here(cfg, Inject)
     n = K + 2
     assert losses(split) == losses(straight) and sorted(losses(split)) == list(range(1, n + 1))
     assert [r["step"] for r in records(split, "spike_skip")] == [K]

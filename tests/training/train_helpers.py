@@ -88,10 +88,11 @@ def build(cfg: dict[str, Any]):
     return build_config([("test", cfg)])
 
 
-def train_here(cfg: dict[str, Any], trainer_cls: type | None = None) -> None:
+def train_here(cfg: dict[str, Any], trainer_cls: type | None = None) -> Any:
     """Train ``cfg`` to the end in this process (``trainer_cls``: a Trainer subclass that
     injects faults), then free everything a run holds, the process group and torch's
-    deterministic switch (``train.deterministic`` is process-wide) included."""
+    deterministic switch (``train.deterministic`` is process-wide) included. Returns the
+    trainer (closed), for its state."""
     import io
 
     import torch
@@ -106,6 +107,7 @@ def train_here(cfg: dict[str, Any], trainer_cls: type | None = None) -> None:
         trainer.close()
         D.teardown()
         torch.use_deterministic_algorithms(False)
+    return trainer
 
 
 def records(run_dir: Path, kind: str = "train") -> list[dict[str, Any]]:
