@@ -6,6 +6,9 @@
 # Usage: bash scripts/device/study.sh DEADLINE_S MIN_RUN_S [REF] [STUDY.yaml ...]
 #   REF: first measure the in-loop evaluation's cost on the reference config (evaluation.md).
 # Carry: .whl (omegaconf + antlr4 wheels), .kha_commit (the commit, for the archives).
+# Environment: ONLY="run ..." trains only those runs (study.py run --only); PROBE_LRS="1e-2 3e-2"
+# first trains the study model's baseline PROBE_S seconds (default 110) at each LR, on the full
+# schedule, and prints its losses and flagged spikes: where does the baseline start to spike?
 set -u
 export PYTHONUNBUFFERED=1 KHA_COMMIT=$(cat .kha_commit 2>/dev/null || echo unknown)
 deadline=$1; min_run=$2; shift 2
@@ -25,8 +28,16 @@ if [ -n "$ref" ]; then  # in-loop eval cost on the reference config (docs/evalua
     logging.wandb=disabled train.val_batches=0 train.val_every=0 logging.log_every=5 > $OUT/ref.log 2>&1
   echo "ref exit $?"; grep -E "eval |step +(5|20|40)/" $OUT/ref.log | tail -6; rm -rf /tmp/ckpt_ref
 fi
+for lr in ${PROBE_LRS:-}; do  # SIGTERM after PROBE_S: the trainer saves and exits 0
+  timeout -s TERM --kill-after=30 ${PROBE_S:-110} python3 -m kha_train.cli train \
+    configs/study/model.yaml optim.lr=$lr logging.run_dir=/tmp/probe_$lr checkpoint.every_steps=0 \
+    train.val_every=0 train.val_batches=0 "eval.sets={}" > $OUT/probe_$lr.log 2>&1
+  cp /tmp/probe_$lr/metrics.jsonl $OUT/probe_$lr.jsonl 2>/dev/null
+  python3 scripts/device/probe_summary.py $OUT/probe_$lr.jsonl $lr
+done
 used=$(( $(date +%s) - start ))
-python3 scripts/study.py run $studies --results /tmp/results \
+only=""; [ -n "${ONLY:-}" ] && only="--only $ONLY"
+python3 scripts/study.py run $studies --results /tmp/results $only \
   --deadline-s $(( deadline - used )) --min-run-s $min_run 2>&1 | tee -a $OUT/study.log | grep -v "^step" | tail -30
 python3 scripts/study.py status $studies --results /tmp/results
 for r in runs/study/*/*/; do n=$(basename $r); grep -E "^step +[0-9]+/" $r/train.log | tail -2 | sed "s/^/$n: /"; done
