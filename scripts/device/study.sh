@@ -35,11 +35,14 @@ for lr in ${PROBE_LRS:-}; do  # SIGTERM after PROBE_S: the trainer saves and exi
   cp /tmp/probe_$lr/metrics.jsonl $OUT/probe_$lr.jsonl 2>/dev/null
   python3 scripts/device/probe_summary.py $OUT/probe_$lr.jsonl $lr
 done
+mkdir -p /tmp/results && cp -rn docs/results/. /tmp/results/  # archived runs are done: not again
+touch /tmp/results_start  # what this call archives is newer
 used=$(( $(date +%s) - start ))
 only=""; [ -n "${ONLY:-}" ] && only="--only $ONLY"
 python3 scripts/study.py run $studies --results /tmp/results $only \
   --deadline-s $(( deadline - used )) --min-run-s $min_run 2>&1 | tee -a $OUT/study.log | grep -v "^step" | tail -30
 python3 scripts/study.py status $studies --results /tmp/results
 for r in runs/study/*/*/; do n=$(basename $r); grep -E "^step +[0-9]+/" $r/train.log | tail -2 | sed "s/^/$n: /"; done
-tar czf $OUT/results.tgz -C /tmp results 2>/dev/null
+(cd /tmp && find results -path '*/results.json' -newer /tmp/results_start -printf '%h\n' \
+  | tar czf $OUT/results.tgz -T -)  # the runs archived by this machine
 tar czf $OUT/runs_logs.tgz runs/study/*/*/metrics.jsonl runs/study/*/*/train.log 2>/dev/null; ls -la $OUT
