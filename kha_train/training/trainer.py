@@ -41,7 +41,7 @@ from kha_train.training.checkpoint_checks import STEP_DIR, check_free_space, str
 from kha_train.training.determinism import make_deterministic
 from kha_train.training.evaluator import build_evaluator
 from kha_train.training.hf_export import HFExporter
-from kha_train.training.loggers import RunLoggers
+from kha_train.training.loggers import RunLoggers, read_jsonl
 from kha_train.training.metrics import WindowTimer
 from kha_train.training.monitor import NonFiniteError, StepMonitor
 from kha_train.training.optim import build_optimizer, is_fused, summarize_groups
@@ -449,7 +449,10 @@ class Trainer:
                 f"nothing to do: the run is already at step {self.step} of {self.total_steps} "
                 "(raise train.max_steps or train.total_tokens to train on)"
             )
-            self.log.close({"status": "completed", "step": self.step})
+            if self._logged_end_status() == "completed":
+                self.log.close({"status": "completed", "step": self.step})
+            else:  # killed before its end record, or stopped after its last step by an older
+                self._finish("completed")  # kha-train: its log says so now
             return 0
         self._stop_signal = None
         previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
@@ -509,7 +512,8 @@ class Trainer:
                 self.save_checkpoint(blocking=True)
             self.ckpt.wait()
             self._export_published(wait=True)
-            self._finish("preempted" if stopped else "completed")
+            # A stop that comes after the last step stops nothing: every step is trained.
+            self._finish("completed" if self.step >= self.total_steps else "preempted")
             return 0
         except NonFiniteError:
             self._finish("nonfinite", exit_code=1)
@@ -520,6 +524,12 @@ class Trainer:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+
+    def _logged_end_status(self) -> str | None:
+        """The status of the last end record in the run's metrics log (None: none there)."""
+        path = self.run_dir / "metrics.jsonl"
+        ends = [r for r in read_jsonl(path) if r.get("type") == "end"] if path.is_file() else []
+        return ends[-1].get("status") if ends else None
 
     def run_steps(self, until: int) -> None:
         """Train up to optimizer step ``until`` and drain the monitor: no validation, evaluation,

@@ -83,6 +83,28 @@ def test_exact_resume_is_bitwise(tmp_path: Path, tiny_dataset: Path) -> None:
     assert (split / "metrics.jsonl").read_text() == before
 
 
+def test_stop_after_the_last_step_completes_the_run(tmp_path: Path, tiny_dataset: Path) -> None:
+    """A SIGTERM that comes during the last step (or its evaluation) stops nothing: the run is
+    completed, so a study runner does not wait for a resume that has nothing to do. A log
+    whose end record says otherwise (older kha-train) is completed by a resume."""
+
+    class StopAtLast(StopAt):
+        stop_at = 6
+
+    run = tmp_path / "run"
+    cfg = tiny_config(run, tiny_dataset, train={"max_steps": 6})
+    train(cfg, StopAtLast)
+    assert [(r["status"], r["step"]) for r in records(run, "end")] == [("completed", 6)]
+    log = run / "metrics.jsonl"
+    log.write_text(log.read_text().replace('"status": "completed"', '"status": "preempted"'))
+    cfg["checkpoint"]["resume"] = "auto"
+    train(cfg)
+    assert [r["status"] for r in records(run, "end")] == ["preempted", "completed"]
+    before = log.read_text()
+    train(cfg)  # completed: nothing to do, nothing logged
+    assert log.read_text() == before
+
+
 class NaNAt(Trainer):
     """Injects a NaN into the loss of the steps in ``bad``."""
 
