@@ -1,0 +1,28 @@
+"""scripts/report.py's comparison with the baseline: seed by seed, on the seeds both have."""
+
+from __future__ import annotations
+
+import sys
+
+from train_helpers import REPO
+
+sys.path.insert(0, str(REPO / "scripts"))
+from report import _paired
+
+
+def _runs(bpb_by_seed: dict[int, float]) -> list[dict]:
+    return [{"seed": s, "final": {"eval_bpb": b}} for s, b in bpb_by_seed.items()]
+
+
+def test_difference_is_paired_by_seed() -> None:
+    base = _runs({1: 0.92, 2: 0.93})
+    # One seed in common: the difference on that seed, not against the two-seed mean.
+    assert _paired(_runs({1: 0.915}), base) == ("-0.0050 (s1)", "n/a (1 seed)")
+    # Both seeds better by 0.02, seed spreads 0.01: beyond the spread.
+    assert _paired(_runs({1: 0.90, 2: 0.91}), base) == ("-0.0200 (s1 -0.0200, s2 -0.0200)", "yes")
+    # A mean gain of 0.002 against seed spreads of 0.01 and 0.004: not beyond.
+    text, beyond = _paired(_runs({1: 0.921, 2: 0.925}), base)
+    assert text == "-0.0020 (s1 +0.0010, s2 -0.0050)" and beyond == "no"
+    # A seed the baseline lacks is left out; with none in common there is no comparison.
+    assert _paired(_runs({1: 0.915, 3: 0.80}), base)[0] == "-0.0050 (s1)"
+    assert _paired(_runs({3: 0.80}), base) == ("", "")
