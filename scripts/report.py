@@ -187,16 +187,14 @@ def _plots(
     import matplotlib.pyplot as plt
 
     color = {v: COLORS[i % len(COLORS)] for i, v in enumerate(variants)}
+    seeds = sorted({d["seed"] for d in data})  # the first solid, the others dashed
+    marker = {s: "os^Dv"[i % 5] for i, s in enumerate(seeds)}
     out = []
 
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(14, 5), dpi=100)
     for d in data:
         train = [(r["step"], r["loss"]) for r in d["records"] if r.get("type") == "train"]
-        style = (
-            "-"
-            if d["seed"] == min(x["seed"] for x in data if x["variant"] == d["variant"])
-            else "--"
-        )
+        style = "-" if d["seed"] == seeds[0] else "--"
         for a in (ax, ax2):
             a.plot(*zip(*train), style, color=color[d["variant"]], lw=1,
                    label=d["run"])  # fmt: skip
@@ -233,21 +231,32 @@ def _plots(
         pts = [(r["step"], r["val/bpb"]) for r in d["records"]
                if r.get("type") == "eval" and r.get("val/bpb")]  # fmt: skip
         if pts:
-            ax2.plot(*zip(*pts), "o-", color=color[d["variant"]], ms=3, lw=1, label=d["run"])
+            style = "-" if d["seed"] == seeds[0] else "--"
+            ax2.plot(*zip(*pts), style, marker=marker[d["seed"]], color=color[d["variant"]], ms=3,
+                     lw=1, label=d["run"])  # fmt: skip
     ax2.set_xlabel("step")
     ax2.set_ylabel("held-out bits per byte (in-loop, first 500k tokens)")
     ax2.grid(alpha=0.3)
     if ax2.get_legend_handles_labels()[0]:
         ax2.legend(fontsize=7)
+    for s in seeds:  # a seed's runs share their data order: a thin line joins them
+        pts = [(i, d["final"]["eval_bpb"]) for i, v in enumerate(variants)
+               for d in _finished(data) if d["variant"] == v and d["seed"] == s]  # fmt: skip
+        if len(pts) > 1:
+            ax.plot(*zip(*pts), "-", color="0.75", lw=0.8, zorder=1)
     for i, v in enumerate(variants):
-        ys = [d["final"]["eval_bpb"] for d in _finished(data) if d["variant"] == v]
-        if not ys:
+        ds = [d for d in _finished(data) if d["variant"] == v]
+        if not ds:
             continue
-        ax.scatter([i] * len(ys), ys, color=color[v], s=40)
-        ax.hlines(np.mean(ys), i - 0.3, i + 0.3, color=color[v])
+        for d in ds:
+            ax.scatter(i, d["final"]["eval_bpb"], color=color[v], s=40, marker=marker[d["seed"]],
+                       zorder=3, label=f"seed {d['seed']}" if i == 0 else None)  # fmt: skip
+        ax.hlines(np.mean([d["final"]["eval_bpb"] for d in ds]), i - 0.3, i + 0.3, color=color[v])
     ax.set_xticks(range(len(variants)), variants, rotation=20)
     ax.set_ylabel("held-out bits per byte")
-    ax.set_title(f"{study}: held-out bits per byte (dots: seeds, bar: mean)")
+    ax.set_title(f"{study}: held-out bits per byte (marker: seed, bar: mean)")
+    if len(seeds) > 1 and ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     out.append(_save(fig, results / f"{study}_bpb.png"))
 
@@ -290,8 +299,8 @@ def _plots(
 
     drifting = [d for d in data if any("kha_drift" in r for r in d["records"])]
     if drifting:  # runs archived before the trainer logged kha_drift have none
-        fig, axes = plt.subplots(1, len(drifting), figsize=(4.2 * len(drifting), 3.6), dpi=100,
-                                 squeeze=False, sharey=True)  # fmt: skip
+        fig, axes = plt.subplots(1, len(drifting), figsize=(max(4.2 * len(drifting), 6.4), 4.0),
+                                 dpi=100, squeeze=False, sharey=True)  # fmt: skip
         for a, d in zip(axes[0], drifting):
             rows = [(r["step"], r["kha_drift"]) for r in d["records"]
                     if r.get("type") == "train" and "kha_drift" in r]  # fmt: skip
@@ -302,9 +311,9 @@ def _plots(
             a.set_title(d["run"], fontsize=9)
             a.set_xlabel("step")
             a.grid(alpha=0.3)
-        axes[0][0].set_ylabel("|W - W0| / |I|, mean over the layer's KHA matrices")
+        axes[0][0].set_ylabel("|W - W0| / |I|, layer mean")
         axes[0][-1].legend(fontsize=7)
-        fig.suptitle(f"{study}: KHA matrices' distance from their init over training")
+        fig.suptitle(f"{study}: KHA matrices' distance from their init over training", fontsize=10)
         out.append(_save(fig, results / f"{study}_kha_drift.png"))
     return out
 
