@@ -180,10 +180,15 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
             "spiked, loss, grad norm, z-scores, action: logged, skipped, guard reset or rolled "
             "back), then for the worst explained spikes the samples of the highest loss in "
             "their batch, decoded (scored when the spike was seen: logging.spikes.explain_*). "
-            "No model or GPU is needed."
+            "With several runs (e.g. a study's variants and seeds, which share their data "
+            "order): one row per spike step, in how many runs it spiked and whether on the same "
+            "batch (then it is the data's). No model or GPU is needed."
         ),
     )
-    sp.add_argument("run_dir", help="a run directory (logging.run_dir) or its metrics.jsonl")
+    sp.add_argument(
+        "run_dir", nargs="+",
+        help="run directories (logging.run_dir), their metrics.jsonl, or study archives",
+    )  # fmt: skip
     sp.add_argument(
         "--top", type=int, default=5, help="spike steps whose samples are printed (default 5)"
     )

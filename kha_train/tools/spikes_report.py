@@ -21,11 +21,20 @@ One row per spike step (the detector's spikes of one step, and the guard's recor
 merged), its action ``logged`` (applied), ``skipped``, ``guard reset`` (a spike applied after
 ``max_in_row`` skipped ones) or ``rolled back``; then, for the ``--top`` worst explained steps
 (highest z), their samples' decoded text. ``--json OUT`` writes all of it as JSON.
+
+With several runs (``kha-train spikes RUN_A RUN_B ...``, e.g. the variants and seeds of a study,
+which share their data order) it compares them instead: one row per step that spiked in any
+run, in how many runs it spiked, and whether the runs that logged the step's batch (its
+``sample_ids``) saw the same samples. A step that spikes in several runs on the same batch is
+the data's, not a fault or one run's state (``kha-train replay`` answers the same for one run,
+with a GPU). Archived metrics (``metrics.jsonl.gz``, as scripts/study.py keeps them) are read
+too.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import sys
@@ -95,7 +104,8 @@ class SpikeReport:
 def read_records(path: Path) -> list[dict[str, Any]]:
     """Every complete record of a JSONL log (a line cut by a crash is skipped)."""
     out = []
-    for line in path.read_text().splitlines():
+    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+    for line in text.splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
@@ -107,6 +117,8 @@ def read_records(path: Path) -> list[dict[str, Any]]:
 
 def metrics_path(run: Path) -> Path:
     path = run if run.is_file() else run / METRICS_FILE
+    if not path.is_file() and (run / f"{METRICS_FILE}.gz").is_file():  # a study archive
+        path = run / f"{METRICS_FILE}.gz"
     if not path.is_file():
         what = "does not exist" if not run.exists() else f"holds no {METRICS_FILE}"
         raise SpikesReportError(
@@ -276,6 +288,84 @@ def _rollback_lines(report: SpikeReport) -> str:
     return "\n\n" + "\n".join(out) if out else ""
 
 
+@dataclass
+class StepAcrossRuns:
+    """One step that spiked in at least one of several runs."""
+
+    step: int
+    z: dict[str, float]  # run label -> the step's highest z in that run (inf: non-finite)
+    batch: str  # "same" | "differs" | "-" (fewer than two runs logged the step's batch)
+    runs: int  # how many runs were compared
+
+    @property
+    def verdict(self) -> str:
+        if len(self.z) < 2:
+            return "one run"
+        return {"same": "the data's", "differs": "other batches"}.get(self.batch, "several runs")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "verdict": self.verdict}
+
+
+def compare_runs(reports: list[SpikeReport]) -> list[StepAcrossRuns]:
+    """The spike steps of several runs, the most widespread first (then by step)."""
+    labels = run_labels([r.run_dir for r in reports])
+    z: dict[int, dict[str, float]] = {}
+    batches: dict[int, set[tuple[int, ...]]] = {}
+    for label, report in zip(labels, reports):
+        for row in report.rows:
+            z.setdefault(row.step, {})
+            z[row.step][label] = max(z[row.step].get(label, -math.inf), row.z)
+            if row.sample_ids:
+                batches.setdefault(row.step, set()).add(tuple(sorted(row.sample_ids)))
+    out = []
+    for step, by_run in z.items():
+        seen = batches.get(step, set())
+        logged = sum(
+            1 for report in reports for row in report.rows if row.step == step and row.sample_ids
+        )
+        batch = "-" if logged < 2 else "same" if len(seen) == 1 else "differs"
+        out.append(StepAcrossRuns(step, by_run, batch, len(reports)))
+    return sorted(out, key=lambda c: (-len(c.z), c.step))
+
+
+def run_labels(paths: list[Path]) -> list[str]:
+    """Short names for runs: the run directory's name (of a metrics file: its folder's), made
+    unique with the folder above where two share it."""
+    dirs = [p.parent if p.is_file() or p.suffix in (".jsonl", ".gz") else p for p in paths]
+    names = [d.name or str(d) for d in dirs]
+    return [
+        f"{d.parent.name}/{n}" if names.count(n) > 1 else n for d, n in zip(dirs, names)
+    ]  # fmt: skip
+
+
+def format_comparison(reports: list[SpikeReport], rows: list[StepAcrossRuns]) -> str:
+    """The table of ``compare_runs``: step, runs that spiked there, their z, the batch."""
+    labels = run_labels([r.run_dir for r in reports])
+    if not rows:
+        return f"{len(reports)} runs: no spikes logged in any"
+    recurring = sum(1 for r in rows if r.verdict == "the data's")
+    lines = [
+        f"{len(reports)} runs, {len(rows)} spike step(s); {recurring} spiked in several runs on "
+        "the same batch (the data's)",
+        "",
+    ]
+    cols = ("step", "runs", "z (min-max)", "batch", "verdict", "spiked in")
+    table = []
+    for r in rows:
+        zs = [z for z in r.z.values() if math.isfinite(z)]
+        zr = "-" if not zs else f"{min(zs):.1f}" if len(zs) == 1 else f"{min(zs):.1f}-{max(zs):.1f}"
+        if len(r.z) < len(zs) or any(math.isinf(z) for z in r.z.values()):
+            zr += " (+non-finite)"
+        who = "all" if len(r.z) == r.runs else ", ".join(lb for lb in labels if lb in r.z)
+        table.append((str(r.step), f"{len(r.z)}/{r.runs}", zr, r.batch, r.verdict, who))
+    widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(cols)]
+    for line in [cols, *table]:
+        cells = [c.rjust(w) if i < 2 else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths))]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
 def _fmt(x: Any, spec: str = ".4g") -> str:
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         return "-" if x is None else str(x)
@@ -315,14 +405,22 @@ def _add(items: list[str], item: str) -> None:
 
 def run_spikes(args: argparse.Namespace) -> int:
     """The `kha-train spikes` command."""
-    report = build_report(Path(args.run_dir))
+    runs = args.run_dir if isinstance(args.run_dir, list) else [args.run_dir]
+    reports = [build_report(Path(r)) for r in runs]
+    if len(reports) == 1:
+        report = reports[0]
+        data, text = report.to_dict(), format_report(report, top=args.top)
+    else:
+        rows = compare_runs(reports)
+        data = {"runs": [r.to_dict() for r in reports], "steps": [r.to_dict() for r in rows]}
+        text = format_comparison(reports, rows)
     if args.json == "-":  # the JSON alone, for a pipe
-        sys.stdout.write(json.dumps(_jsonable(report.to_dict()), indent=2) + "\n")
+        sys.stdout.write(json.dumps(_jsonable(data), indent=2) + "\n")
         return 0
-    print(format_report(report, top=args.top))
+    print(text)
     if args.json:
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(_jsonable(report.to_dict()), indent=2) + "\n")
+        out.write_text(json.dumps(_jsonable(data), indent=2) + "\n")
         print(f"\nwritten: {out}")
     return 0

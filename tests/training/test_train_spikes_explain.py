@@ -270,6 +270,36 @@ def test_report_actions_and_rollbacks(tmp_path, capsys) -> None:
     assert "#1 sample" not in capsys.readouterr().out
 
 
+def test_several_runs_compared_step_by_step(tmp_path, capsys) -> None:
+    """`kha-train spikes A B C`: a step that spikes in several runs on the same batch is the
+    data's; one whose batches differ is not called so; a study archive (.gz) is read too."""
+    import gzip
+
+    a = write_metrics(tmp_path / "study/a", [spike(700, "grad_norm", z=70.0, sample_ids=[5, 6]),
+                                             spike(40, z=8.0, sample_ids=[1, 2])])  # fmt: skip
+    b = write_metrics(tmp_path / "study/b", [spike(700, "grad_norm", z=10.0, sample_ids=[6, 5]),
+                                             spike(90, z=7.0, sample_ids=[3])])  # fmt: skip
+    c = write_metrics(tmp_path / "other/a", [spike(90, z=6.5, sample_ids=[4]),
+                                             {"type": "nonfinite", "step": 700, "loss": "nan",
+                                              "grad_norm": 1.0, "sample_ids": [5, 6]}])  # fmt: skip
+    raw = (c / "metrics.jsonl").read_bytes()
+    (c / "metrics.jsonl").unlink()
+    (c / "metrics.jsonl.gz").write_bytes(gzip.compress(raw))  # as scripts/study.py archives
+
+    assert main(["spikes", str(a), str(b), str(c), "--json", str(tmp_path / "cmp.json")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("3 runs, 3 spike step(s); 1 spiked in several runs on the same batch")
+    rows = {line.split()[0]: line for line in out.splitlines()[3:6]}
+    assert rows["700"].split()[1:6] == ["3/3", "10.0-70.0", "(+non-finite)", "same", "the"]
+    assert rows["90"].split()[1:5] == ["2/3", "6.5-7.0", "differs", "other"]  # batches [3], [4]
+    assert rows["90"].endswith(" b, other/a")  # two runs named a: with the folder above
+    assert rows["40"].split()[1:5] == ["1/3", "8.0", "-", "one"]
+    data = json.loads((tmp_path / "cmp.json").read_text())
+    assert [(r["step"], r["verdict"]) for r in data["steps"]] == [
+        (700, "the data's"), (90, "other batches"), (40, "one run")]  # fmt: skip
+    assert len(data["runs"]) == 3 and data["steps"][0]["z"]["other/a"] == "inf"
+
+
 def test_report_of_a_run_without_spikes_and_of_no_run(tmp_path, capsys) -> None:
     run = write_metrics(tmp_path / "run", [{"type": "train", "step": 1, "loss": 3.0}])
     assert main(["spikes", str(run)]) == 0
