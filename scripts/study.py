@@ -14,7 +14,7 @@ Resumable. Each run trains with ``checkpoint.resume=auto`` and checkpoints every
 ``checkpoint.every_steps``; before ``--deadline-s`` runs out the runner sends the trainer SIGTERM
 (it finishes its step, saves and exits 0) and stops, and the next call continues the run from
 there (on the same machine: the GPU machine keeps its files while it stays warm). A finished run
-is evaluated (`kha-train eval`: held-out loss and bits per byte on the val split), analysed
+is evaluated, in a thread while the next run trains, (`kha-train eval`: held-out loss and bits per byte on the val split), analysed
 (router health, learned KHA matrices: ``analyze.py``) and archived: ``results.json``,
 ``metrics.jsonl.gz`` and ``kha.npz`` go to ``docs/results/<study>/<run>/`` (``--results``), small
 enough to commit. A run with an archive is done and never trained again (delete it to redo it).
@@ -34,6 +34,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,6 +195,18 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    finishing = Background()  # a trained run is evaluated while the next one trains
+    try:
+        train_all(args, finishing)
+    except BaseException:
+        finishing.wait()  # the evaluation under way ends (and is archived) first
+        raise
+    finishing.join()  # a failed evaluation ends the call with its error, after the rest
+    return 0
+
+
+def train_all(args: argparse.Namespace, finishing: Background) -> None:
+    """Train the runs in order until the deadline; hand each trained run to ``finishing``."""
     deadline = time.monotonic() + args.deadline_s if args.deadline_s else None
     for study_file in args.studies:
         _, runs, _ = load_study(Path(study_file))
@@ -210,14 +223,47 @@ def cmd_run(args: argparse.Namespace) -> int:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left < args.min_run_s:
                     print(f"study: {left:.0f} s left, less than --min-run-s: stopping")
-                    return 0
+                    return
                 if not train(run, run_dir, deadline):
-                    return 0  # stopped for the deadline: the next call resumes it
+                    return  # stopped for the deadline: the next call resumes it
                 if diverged(run_dir):  # a result too (e.g. a LR too high): archived, go on
                     archive_diverged(run, run_dir, args.results)
                     continue
-            finish(run, run_dir, args.results, args.device)
-    return 0
+            finishing.start(finish, run, run_dir, args.results, args.device)
+
+
+class Background:
+    """One job at a time in a thread beside the training subprocess: a run's evaluation and
+    analysis (about half a minute on the GPU machine, most of it process start-up and loading)
+    overlap the next run's training instead of adding to the call. A job's error is kept, the
+    next jobs still run, and ``join`` raises the first one."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self.errors: list[str] = []
+
+    def start(self, func: Any, run: Run, *rest: Any) -> None:
+        self.wait()  # the previous run's first: one evaluation on the GPU at a time
+
+        def job() -> None:
+            try:
+                func(run, *rest)
+            except BaseException as e:  # SystemExit of a failed `kha-train eval` included
+                self.errors.append(f"{run.study}/{run.name}: {type(e).__name__}: {e}")
+                print(f"study: finishing {run.study}/{run.name} failed: {e}", flush=True)
+
+        self._thread = threading.Thread(target=job, name=f"finish {run.name}")
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def join(self) -> None:
+        self.wait()
+        if self.errors:
+            raise SystemExit("study: evaluating or analysing failed for " + "; ".join(self.errors))
 
 
 def train(run: Run, run_dir: Path, deadline: float | None) -> bool:

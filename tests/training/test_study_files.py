@@ -8,6 +8,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,43 @@ def test_the_run_command_archives_a_diverged_run_and_goes_on(tmp_path, monkeypat
     for run in ("other-s1", "other-s2"):
         summary = json.loads((tmp_path / "results" / "first" / run / "results.json").read_text())
         assert summary["status"] == "nonfinite" and summary["final"]["eval_bpb"] is None
+
+
+def test_a_run_is_evaluated_while_the_next_one_trains(tmp_path, monkeypatch) -> None:
+    """cmd_run hands a trained run to a background finisher and trains the next one at once;
+    a finisher that fails does not stop the other runs, and the call then ends with its error."""
+    study = _study_module()
+    _, first, _ = _files(tmp_path, {})  # runs baseline-s1, other-s1, baseline-s2, other-s2
+    real_popen = subprocess.Popen
+    started: dict[str, threading.Event] = {}
+
+    def fake_trainer(cmd, **kwargs):
+        if "kha_train.cli" not in cmd:
+            return real_popen(cmd, **kwargs)
+        run_dir = next(a.split("=", 1)[1] for a in cmd if a.startswith("logging.run_dir="))
+        started.setdefault(Path(run_dir).name, threading.Event()).set()
+        end = {"type": "end", "status": "completed", "step": 3, "tokens_seen": 24}
+        script = (f"import json, pathlib; p = pathlib.Path({run_dir!r}) / 'metrics.jsonl'; "
+                  f"p.write_text(json.dumps({end!r}) + '\\n')")  # fmt: skip
+        return real_popen([sys.executable, "-c", script], **kwargs)
+
+    overlapped, finished = [], []
+
+    def slow_finish(run, *rest):
+        nxt = {"baseline-s1": "other-s1", "other-s1": "baseline-s2"}.get(run.name)
+        if nxt is not None:  # the next run's trainer starts while this one is being finished
+            overlapped.append(started.setdefault(nxt, threading.Event()).wait(timeout=20))
+        if run.name == "other-s1":
+            raise SystemExit("kha-train eval failed (exit 1)")
+        finished.append(run.name)
+
+    monkeypatch.setattr(study.subprocess, "Popen", fake_trainer)
+    monkeypatch.setattr(study, "POLL_S", 0.05)
+    monkeypatch.setattr(study, "finish", slow_finish)
+    args = argparse.Namespace(studies=[str(first)], runs=tmp_path / "runs",
+                              results=tmp_path / "results", only=None, deadline_s=None,
+                              min_run_s=0.0, device="cpu")  # fmt: skip
+    with pytest.raises(SystemExit, match="first/other-s1: SystemExit: kha-train eval failed"):
+        study.cmd_run(args)
+    assert overlapped == [True, True]
+    assert finished == ["baseline-s1", "baseline-s2", "other-s2"]  # the failure stopped nothing
