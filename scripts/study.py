@@ -14,8 +14,9 @@ Resumable. Each run trains with ``checkpoint.resume=auto`` and checkpoints every
 ``checkpoint.every_steps``; before ``--deadline-s`` runs out the runner sends the trainer SIGTERM
 (it finishes its step, saves and exits 0) and stops, and the next call continues the run from
 there (on the same machine: the GPU machine keeps its files while it stays warm). A finished run
-is evaluated, in a thread while the next run trains, (`kha-train eval`: held-out loss and bits per byte on the val split), analysed
-(router health, learned KHA matrices: ``analyze.py``) and archived: ``results.json``,
+is evaluated (`kha-train eval`: held-out loss and bits per byte on the val split), analysed
+(router health, learned KHA matrices: ``analyze.py``), in a thread while the next run trains,
+and archived: ``results.json``,
 ``metrics.jsonl.gz`` and ``kha.npz`` go to ``docs/results/<study>/<run>/`` (``--results``), small
 enough to commit. A run with an archive is done and never trained again (delete it to redo it).
 
