@@ -50,6 +50,9 @@ def analyze_run(run_dir: Path, npz_out: Path, device: str = "auto") -> dict[str,
                 **virtual_heads(run_dir, ckpt, cached // 2, device),
                 "kept_energy": kept_energy(model, cached // 2),
             }
+    del model
+    if dev.type == "cuda":  # study.py analyses in a thread beside the next run's training
+        torch.cuda.empty_cache()
     return out
 
 
