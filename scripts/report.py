@@ -84,8 +84,6 @@ def write_report(
     variants = list(dict.fromkeys(v for v in order if any(d["variant"] == v for d in data)))
     baseline = spec.get("baseline", next(iter(spec["variants"])))
     by_variant = {v: [d for d in data if d["variant"] == v] for v in variants}
-    base = by_variant.get(baseline, [])
-    base = _finished(base)
 
     lines = [f"## Study `{study}`", "", _provenance(data), ""]
     lines += [
@@ -105,8 +103,11 @@ def write_report(
         bpb = _stats([d["final"]["eval_bpb"] for d in ds])
         loss = _stats([d["final"]["eval_loss"] for d in ds])
         diff, beyond = "", ""
-        if base and v != baseline:
+        own = spec.get("baselines", {}).get(v, baseline)  # e.g. the baseline at the same LR
+        base = _finished(by_variant.get(own, []))
+        if base and v != own:
             diff, beyond = _paired(ds, base)
+            diff += f" vs {own}" if own != baseline and diff else ""
         flips = [d["analysis"].get("router", {}).get("flip_fraction_mean") for d in ds]
         flips = [f for f in flips if f is not None]
         vio_max = max(d["max_violation_max"] or 0 for d in ds)

@@ -86,6 +86,14 @@ def load_study(path: Path) -> tuple[str, list[Run], dict[str, Any]]:
         for seed in spec["seeds"]
         for variant, keys in spec["variants"].items()
     ]  # fmt: skip
+    labels = {*spec["variants"], *spec.get("borrow", {})}
+    for variant, base in {"": spec.get("baseline"), **spec.get("baselines", {})}.items():
+        if (variant and variant not in spec["variants"]) or (
+            base is not None and base not in labels
+        ):
+            raise SystemExit(f"{path}: baseline{'s' if variant else ''} '{variant or base}"
+                             f"{': ' + str(base) if variant else ''}' needs variants (or borrowed "
+                             f"labels) of this study: {sorted(labels)}")  # fmt: skip
     for label, source in spec.get("borrow", {}).items():
         study, _, variant = str(source).partition("/")
         other = path.parent / f"{study}.yaml"  # a study's file is named after it

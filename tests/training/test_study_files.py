@@ -4,6 +4,7 @@ the base config dropped from a glob, and bad borrow entries refused."""
 from __future__ import annotations
 
 import argparse
+import gzip
 import importlib.util
 import json
 import subprocess
@@ -67,6 +68,25 @@ def test_a_bad_borrow_entry_is_refused(tmp_path, borrow) -> None:
     _, _, second = _files(tmp_path, borrow)
     with pytest.raises(SystemExit, match="borrow"):
         study.load_study(second)
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [
+        {"baseline": "missing"},
+        {"baselines": {"fast": "missing"}},
+        {"baselines": {"missing": "slow"}},
+    ],
+)
+def test_a_bad_baseline_is_refused(tmp_path, keys) -> None:
+    study = _study_module()
+    _, _, second = _files(tmp_path, {"slow": "first/baseline"})
+    spec = yaml.safe_load(second.read_text())
+    _write(second, {**spec, **keys})
+    with pytest.raises(SystemExit, match=r"baseline.*needs variants"):
+        study.load_study(second)
+    _write(second, {**spec, "baselines": {"fast": "slow"}})  # a borrowed label: fine
+    assert study.load_study(second)[0] == "second"
 
 
 def test_the_base_config_of_a_glob_is_not_taken_for_a_study(tmp_path) -> None:
@@ -198,3 +218,32 @@ def test_a_run_is_evaluated_while_the_next_one_trains(tmp_path, monkeypatch) -> 
         study.cmd_run(args)
     assert overlapped == [True, True]
     assert finished == ["baseline-s1", "baseline-s2", "other-s2"]  # the failure stopped nothing
+
+
+def test_the_report_compares_a_variant_with_its_own_baseline(tmp_path) -> None:
+    """``baselines: {variant: other}`` (e.g. the baseline at the same LR) in the table."""
+    study = _study_module()
+    _, first, _ = _files(tmp_path, {})
+    spec = {**yaml.safe_load(first.read_text()), "seeds": [1],
+            "variants": {"baseline": {}, "fast_base": {}, "fast": {}},
+            "baselines": {"fast": "fast_base"}}  # fmt: skip
+    _write(first, spec)
+    _, runs, spec = study.load_study(first)
+    archives = []
+    for run, bpb in zip(runs, (0.92, 0.90, 0.89)):
+        run_dir = tmp_path / "runs" / run.name
+        _write_records(run_dir, [5.0, 4.0, 3.0], "completed")
+        report = {"sources": [{"name": "val", "loss": 2.0, "bpb": bpb, "docs": 1, "tokens": 9,
+                               "bytes": 20}]}  # fmt: skip
+        summary = study.summarize(run, study._records(run_dir / "metrics.jsonl"), report, {})
+        archive = tmp_path / "results" / "first" / run.name
+        archive.mkdir(parents=True)
+        (archive / "results.json").write_text(json.dumps(summary))
+        (archive / "metrics.jsonl.gz").write_bytes(
+            gzip.compress((run_dir / "metrics.jsonl").read_bytes()))  # fmt: skip
+        archives.append(archive)
+    from report import write_report
+
+    table = write_report("first", spec, archives, tmp_path / "results").read_text()
+    assert "| fast_base | 1 | 0.9000 (-) | 2.0000 (-) | -0.0200 (s1) |" in table
+    assert "| fast | 1 | 0.8900 (-) | 2.0000 (-) | -0.0100 (s1) vs fast_base |" in table
