@@ -5,8 +5,11 @@ analyse each finished run, and keep what a report needs in the repository.
     python scripts/study.py run    configs/study/table2.yaml [--only kha_mlp_v-s1] [--deadline-s 540]
     python scripts/study.py report configs/study/*.yaml
 
-A study file (configs/study/*.yaml) names a kha-train config, seeds and variants (dotted config
-keys). Run ``<variant>-s<seed>`` trains that config with ``train.seed=<seed>`` and the variant's
+A study file (configs/study/*.yaml) names a kha-train config (``config``), ``seeds`` and
+``variants`` (dotted config keys each), with ``overrides`` for every run; ``baseline``: the
+variant the report compares with (default: the first), ``baselines: {variant: other}`` for
+variants compared with another (the baseline at the same LR, say); ``borrow: {label:
+<study>/<variant>}`` shows another study's archived runs of the same config here, untrained. Run ``<variant>-s<seed>`` trains that config with ``train.seed=<seed>`` and the variant's
 keys, in ``runs/study/<study>/<run>`` (``--runs``), through the same command users run, so the
 data order (``data.seed``) is the same for every run.
 
