@@ -9,9 +9,10 @@ A study file (configs/study/*.yaml) names a kha-train config (``config``), ``see
 ``variants`` (dotted config keys each), with ``overrides`` for every run; ``baseline``: the
 variant the report compares with (default: the first), ``baselines: {variant: other}`` for
 variants compared with another (the baseline at the same LR, say); ``borrow: {label:
-<study>/<variant>}`` shows another study's archived runs of the same config here, untrained. Run ``<variant>-s<seed>`` trains that config with ``train.seed=<seed>`` and the variant's
-keys, in ``runs/study/<study>/<run>`` (``--runs``), through the same command users run, so the
-data order (``data.seed``) is the same for every run.
+<study>/<variant>}`` shows another study's archived runs of the same config here, untrained.
+Run ``<variant>-s<seed>`` trains that config with ``train.seed=<seed>`` and the variant's keys,
+in ``runs/study/<study>/<run>`` (``--runs``), through the same command users run, so the data
+order (``data.seed``) is the same for every run.
 
 Resumable. Each run trains with ``checkpoint.resume=auto`` and checkpoints every
 ``checkpoint.every_steps``; before ``--deadline-s`` runs out the runner sends the trainer SIGTERM
@@ -19,9 +20,8 @@ Resumable. Each run trains with ``checkpoint.resume=auto`` and checkpoints every
 there (on the same machine: the GPU machine keeps its files while it stays warm). A finished run
 is evaluated (`kha-train eval`: held-out loss and bits per byte on the val split), analysed
 (router health, learned KHA matrices: ``analyze.py``), in a thread while the next run trains,
-and archived: ``results.json``,
-``metrics.jsonl.gz`` and ``kha.npz`` go to ``docs/results/<study>/<run>/`` (``--results``), small
-enough to commit. A run with an archive is done and never trained again (delete it to redo it).
+and archived: ``results.json``, ``metrics.jsonl.gz`` and ``kha.npz`` go to
+``docs/results/<study>/<run>/`` (``--results``), small enough to commit. A run with an archive is done and never trained again (delete it to redo it).
 
 ``report`` reads only the archives: tables (mean and spread over seeds, difference to the
 baseline and whether it exceeds the seed spread) to ``docs/results/<study>.md`` and plots to
