@@ -3,9 +3,9 @@ study.py's ``report`` command.
 
 Writes ``docs/results/<study>.md`` (one row per variant: mean over seeds, the seed spread
 (max - min), the difference to the baseline seed by seed and whether its mean exceeds the larger
-of the two spreads, spikes, router health, speed) and PNGs beside it: training loss curves with spikes marked,
-held-out bits per byte per run, the expert-load max violation over training, and heatmaps of the
-learned KHA matrices.
+of the two spreads, spikes, router health, speed) and PNGs beside it: training loss curves with
+spikes marked, held-out bits per byte per run, the expert-load max violation over training, and
+heatmaps of the learned KHA matrices.
 """
 
 from __future__ import annotations

@@ -311,20 +311,17 @@ def compare_runs(reports: list[SpikeReport]) -> list[StepAcrossRuns]:
     """The spike steps of several runs, the most widespread first (then by step)."""
     labels = run_labels([r.run_dir for r in reports])
     z: dict[int, dict[str, float]] = {}
-    batches: dict[int, set[tuple[int, ...]]] = {}
+    batches: dict[int, dict[str, tuple[int, ...]]] = {}  # step -> run -> the batch it logged
     for label, report in zip(labels, reports):
-        for row in report.rows:
+        for row in report.rows:  # a step rolled back and trained again: its last batch
             z.setdefault(row.step, {})
             z[row.step][label] = max(z[row.step].get(label, -math.inf), row.z)
             if row.sample_ids:
-                batches.setdefault(row.step, set()).add(tuple(sorted(row.sample_ids)))
+                batches.setdefault(row.step, {})[label] = tuple(sorted(row.sample_ids))
     out = []
     for step, by_run in z.items():
-        seen = batches.get(step, set())
-        logged = sum(
-            1 for report in reports for row in report.rows if row.step == step and row.sample_ids
-        )
-        batch = "-" if logged < 2 else "same" if len(seen) == 1 else "differs"
+        seen = batches.get(step, {})
+        batch = "-" if len(seen) < 2 else "same" if len(set(seen.values())) == 1 else "differs"
         out.append(StepAcrossRuns(step, by_run, batch, len(reports)))
     return sorted(out, key=lambda c: (-len(c.z), c.step))
 
