@@ -50,6 +50,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))  # analyze.py, report.py beside this file
 
 SAVE_MARGIN_S = 60.0  # SIGTERM this long before the deadline: the step, the save and the exit
+FAILED_FILE = "FAILED"  # in a run directory: its trainer crashed (the log's tail); delete to retry
 POLL_S = 2.0
 
 
@@ -196,6 +197,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                 summary = json.loads((archive_dir(args.results, run) / "results.json").read_text())
                 status = summary.get("status", "completed")
                 state = "done (archived)" if status == "completed" else f"{status} (archived)"
+            elif (run_dir / FAILED_FILE).is_file():
+                state = f"failed: see {run_dir / FAILED_FILE}, delete it to retry"
             elif trained(run_dir):
                 state = "trained, not yet evaluated"
             elif run_dir.exists():
@@ -208,17 +211,22 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     finishing = Background()  # a trained run is evaluated while the next one trains
+    failed: list[str] = []
     try:
-        train_all(args, finishing)
+        train_all(args, finishing, failed)
     except BaseException:
         finishing.wait()  # the evaluation under way ends (and is archived) first
         raise
     finishing.join()  # a failed evaluation ends the call with its error, after the rest
+    if failed:
+        raise SystemExit(f"study: failed runs, not trained again until their {FAILED_FILE} "
+                         "file is deleted: " + "; ".join(failed))  # fmt: skip
     return 0
 
 
-def train_all(args: argparse.Namespace, finishing: Background) -> None:
-    """Train the runs in order until the deadline; hand each trained run to ``finishing``."""
+def train_all(args: argparse.Namespace, finishing: Background, failed: list[str]) -> None:
+    """Train the runs in order until the deadline; hand each trained run to ``finishing``;
+    a run whose trainer crashes (or crashed in an earlier call) is added to ``failed``."""
     deadline = time.monotonic() + args.deadline_s if args.deadline_s else None
     for study_file in args.studies:
         _, runs, _ = load_study(Path(study_file))
@@ -231,13 +239,21 @@ def train_all(args: argparse.Namespace, finishing: Background) -> None:
             if diverged(run_dir):
                 archive_diverged(run, run_dir, args.results)
                 continue
+            if (run_dir / FAILED_FILE).is_file():
+                failed.append(f"{run.study}/{run.name} (an earlier call: {run_dir / FAILED_FILE})")
+                continue
             if not trained(run_dir):
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left < args.min_run_s:
                     print(f"study: {left:.0f} s left, less than --min-run-s: stopping")
                     return
-                if not train(run, run_dir, deadline):
-                    return  # stopped for the deadline: the next call resumes it
+                try:
+                    if not train(run, run_dir, deadline):
+                        return  # stopped for the deadline: the next call resumes it
+                except RunFailed as e:  # the other runs go on; the call ends with this error
+                    print(f"study: {e}", flush=True)
+                    failed.append(f"{run.study}/{run.name}")
+                    continue
                 if diverged(run_dir):  # a result too (e.g. a LR too high): archived, go on
                     archive_diverged(run, run_dir, args.results)
                     continue
@@ -301,10 +317,15 @@ def train(run: Run, run_dir: Path, deadline: float | None) -> bool:
         return trained(run_dir)
     if diverged(run_dir):
         return True
-    if code != 0:
+    if code != 0:  # a crash: marked, so that later calls pass it by until it is looked at
         tail = (run_dir / "train.log").read_text(errors="replace").splitlines()[-15:]
-        raise SystemExit(f"study: {run.name} failed (exit {code}):\n" + "\n".join(tail))
+        (run_dir / FAILED_FILE).write_text(f"exit {code}\n" + "\n".join(tail) + "\n")
+        raise RunFailed(f"{run.study}/{run.name} failed (exit {code}):\n" + "\n".join(tail))
     return trained(run_dir)
+
+
+class RunFailed(Exception):
+    """The trainer of a run exited with an error (not a divergence, not the deadline)."""
 
 
 def finish(run: Run, run_dir: Path, results: Path, device: str) -> None:

@@ -247,3 +247,48 @@ def test_the_report_compares_a_variant_with_its_own_baseline(tmp_path) -> None:
     table = write_report("first", spec, archives, tmp_path / "results").read_text()
     assert "| fast_base | 1 | 0.9000 (-) | 2.0000 (-) | -0.0200 (s1) |" in table
     assert "| fast | 1 | 0.8900 (-) | 2.0000 (-) | -0.0100 (s1) vs fast_base |" in table
+
+
+def test_a_crashed_run_is_marked_and_the_others_go_on(tmp_path, monkeypatch, capsys) -> None:
+    """A trainer that exits with an error (no end record: a crash, not a divergence) marks its
+    run FAILED; the other runs are trained and finished, the call ends with the error, and the
+    next call passes the marked run by (not spending GPU time on it again)."""
+    study = _study_module()
+    _, first, _ = _files(tmp_path, {})  # runs baseline-s1, other-s1, baseline-s2, other-s2
+    real_popen = subprocess.Popen
+    trained: list[str] = []
+
+    def fake_trainer(cmd, **kwargs):
+        if "kha_train.cli" not in cmd:
+            return real_popen(cmd, **kwargs)
+        run_dir = next(a.split("=", 1)[1] for a in cmd if a.startswith("logging.run_dir="))
+        trained.append(Path(run_dir).name)
+        if "/other-" in run_dir:
+            return real_popen(
+                [sys.executable, "-c", "print('CUDA error: boom'); exit(2)"], **kwargs
+            )
+        end = {"type": "end", "status": "completed", "step": 3, "tokens_seen": 24}
+        script = (f"import json, pathlib; p = pathlib.Path({run_dir!r}) / 'metrics.jsonl'; "
+                  f"p.write_text(json.dumps({end!r}) + '\\n')")  # fmt: skip
+        return real_popen([sys.executable, "-c", script], **kwargs)
+
+    finished: list[str] = []
+    monkeypatch.setattr(study.subprocess, "Popen", fake_trainer)
+    monkeypatch.setattr(study, "POLL_S", 0.05)
+    monkeypatch.setattr(study, "finish", lambda run, *a: finished.append(run.name))
+    args = argparse.Namespace(studies=[str(first)], runs=tmp_path / "runs",
+                              results=tmp_path / "results", only=None, deadline_s=None,
+                              min_run_s=0.0, device="cpu")  # fmt: skip
+    with pytest.raises(SystemExit, match="first/other-s1; first/other-s2"):
+        study.cmd_run(args)
+    assert trained == ["baseline-s1", "other-s1", "baseline-s2", "other-s2"]
+    assert finished == ["baseline-s1", "baseline-s2"]
+    marker = tmp_path / "runs/first/other-s1" / study.FAILED_FILE
+    assert marker.read_text().startswith("exit 2\n") and "CUDA error: boom" in marker.read_text()
+
+    trained.clear()
+    with pytest.raises(SystemExit, match="other-s1 \\(an earlier call"):
+        study.cmd_run(args)
+    assert trained == []  # the baselines are trained (and finished again: finish is faked)
+    study.cmd_status(args)
+    assert "failed: see" in capsys.readouterr().out
