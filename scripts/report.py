@@ -118,6 +118,7 @@ def write_report(
             f"{vio_last:.2f} | {np.mean(flips) if flips else float('nan'):.1%} | "
             f"{np.mean([d['tokens_per_s'] or 0 for d in ds]) / 1e3:.0f}k |"
         )
+    lines += _in_loop_table(data, variants, spec, baseline)
     defended = [d for d in data if any(k.startswith(("optim.skip_step", "train.rollback",
                                                      "optim.clip_mode")) for k in d["overrides"])]  # fmt: skip
     if defended:
@@ -141,6 +142,43 @@ def write_report(
     out = results / f"{study}.md"
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out} and {len(pngs)} plots")
+    return out
+
+
+def _in_loop_table(
+    data: list[dict[str, Any]], variants: list[str], spec: dict[str, Any], baseline: str
+) -> list[str]:
+    """The paired difference to the baseline at every in-loop evaluation (the trainer's
+    eval.sets.val), per seed: is a gain there throughout training, in every seed?"""
+
+    def curve(d: dict[str, Any]) -> dict[int, float]:
+        return {r["step"]: r["val/bpb"] for r in d["records"]
+                if r.get("type") == "eval" and r.get("val/bpb")}  # fmt: skip
+
+    cols: dict[str, dict[int, list[str]]] = {}
+    for v in variants:
+        own = spec.get("baselines", {}).get(v, baseline)
+        if v == own:
+            continue
+        for d in _finished([x for x in data if x["variant"] == v]):
+            base = next((b for b in _finished(data) if b["variant"] == own
+                         and b["seed"] == d["seed"]), None)  # fmt: skip
+            if base is None:
+                continue
+            mine, theirs = curve(d), curve(base)
+            name = v if own == baseline else f"{v} (vs {own})"
+            for step in sorted(set(mine) & set(theirs)):
+                cols.setdefault(name, {}).setdefault(step, []).append(
+                    f"{mine[step] - theirs[step]:+.4f}")  # fmt: skip
+    if not cols:
+        return []
+    steps = sorted({s for c in cols.values() for s in c})
+    out = ["", "In-loop held-out bits per byte against the baseline of the same seed, at each "
+           "evaluation (seeds in order, separated by /):", "",
+           "| step | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]  # fmt: skip
+    for step in steps:
+        out.append(f"| {step} | " + " | ".join(" / ".join(c.get(step, [])) for c in cols.values())
+                   + " |")  # fmt: skip
     return out
 
 

@@ -233,6 +233,9 @@ def test_the_report_compares_a_variant_with_its_own_baseline(tmp_path) -> None:
     for run, bpb in zip(runs, (0.92, 0.90, 0.89)):
         run_dir = tmp_path / "runs" / run.name
         _write_records(run_dir, [5.0, 4.0, 3.0], "completed")
+        with (run_dir / "metrics.jsonl").open("a") as f:  # in-loop evaluations at steps 2, 3
+            f.writelines(json.dumps({"type": "eval", "step": step, "val/bpb": bpb + x}) + "\n"
+                         for step, x in ((2, 0.1), (3, 0.0)))  # fmt: skip
         report = {"sources": [{"name": "val", "loss": 2.0, "bpb": bpb, "docs": 1, "tokens": 9,
                                "bytes": 20}]}  # fmt: skip
         summary = study.summarize(run, study._records(run_dir / "metrics.jsonl"), report, {})
@@ -247,6 +250,8 @@ def test_the_report_compares_a_variant_with_its_own_baseline(tmp_path) -> None:
     table = write_report("first", spec, archives, tmp_path / "results").read_text()
     assert "| fast_base | 1 | 0.9000 (-) | 2.0000 (-) | -0.0200 (s1) |" in table
     assert "| fast | 1 | 0.8900 (-) | 2.0000 (-) | -0.0100 (s1) vs fast_base |" in table
+    assert "| step | fast_base | fast (vs fast_base) |" in table  # the in-loop table
+    assert "| 2 | -0.0200 | -0.0100 |" in table and "| 3 | -0.0200 | -0.0100 |" in table
 
 
 def test_a_crashed_run_is_marked_and_the_others_go_on(tmp_path, monkeypatch, capsys) -> None:
