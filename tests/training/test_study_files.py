@@ -149,30 +149,53 @@ def test_a_diverged_run_is_archived_and_reported_not_fatal(tmp_path) -> None:
     assert "| other | 1 (1 diverged) | diverged: nonfinite at step 3 |" in table
 
 
-def test_the_run_command_archives_a_diverged_run_and_goes_on(tmp_path, monkeypatch) -> None:
-    """cmd_run with a trainer that ends the `other` runs with status nonfinite (exit 1, as the
-    trainer does) and the baseline runs completed: every run is handled, none stops the call."""
-    study = _study_module()
-    _, first, _ = _files(tmp_path, {})  # variants baseline and other, seeds 1 and 2
+def _fake_trainers(
+    study, monkeypatch, root: Path, study_file: Path, outcome, finish=None, on_start=None
+) -> tuple[argparse.Namespace, list[str], list[str]]:
+    """study.py with a fake `kha-train train` whose ``outcome(run name)`` is "completed",
+    "nonfinite" (an end record saying so, exit 1, as the trainer) or "crash" (exit 2, no end
+    record); ``finish`` (default: note the run's name) in place of the evaluation. Returns the
+    run command's arguments and the names of the runs trained and finished, in order."""
     real_popen = subprocess.Popen
+    trained: list[str] = []
+    finished: list[str] = []
 
     def fake_trainer(cmd, **kwargs):
         if "kha_train.cli" not in cmd:  # git, for the archive's commit
             return real_popen(cmd, **kwargs)
         run_dir = next(a.split("=", 1)[1] for a in cmd if a.startswith("logging.run_dir="))
-        status = "nonfinite" if "/other-" in run_dir else "completed"
-        end = {"type": "end", "status": status, "step": 3, "tokens_seen": 24, "spikes_total": 0}
-        script = (f"import json, pathlib, sys; p = pathlib.Path({run_dir!r}) / 'metrics.jsonl'; "
-                  f"p.write_text(json.dumps({end!r}) + '\\n'); sys.exit({int(status != 'completed')})")  # fmt: skip
+        name = Path(run_dir).name
+        trained.append(name)
+        if on_start is not None:
+            on_start(name)
+        status = outcome(name)
+        if status == "crash":
+            script = "print('CUDA error: boom'); exit(2)"
+        else:
+            end = {"type": "end", "status": status, "step": 3, "tokens_seen": 24,
+                   "spikes_total": 0}  # fmt: skip
+            script = (f"import json, pathlib, sys; p = pathlib.Path({run_dir!r}) / 'metrics.jsonl'; "
+                      f"p.write_text(json.dumps({end!r}) + '\\n'); sys.exit({int(status != 'completed')})")  # fmt: skip
         return real_popen([sys.executable, "-c", script], **kwargs)
 
-    finished: list[str] = []
     monkeypatch.setattr(study.subprocess, "Popen", fake_trainer)
     monkeypatch.setattr(study, "POLL_S", 0.05)
-    monkeypatch.setattr(study, "finish", lambda run, *a: finished.append(run.name))
-    args = argparse.Namespace(studies=[str(first)], runs=tmp_path / "runs",
-                              results=tmp_path / "results", only=None, deadline_s=None,
+    monkeypatch.setattr(study, "finish", finish or (lambda run, *a: finished.append(run.name)))
+    args = argparse.Namespace(studies=[str(study_file)], runs=root / "runs",
+                              results=root / "results", only=None, deadline_s=None,
                               min_run_s=0.0, device="cpu")  # fmt: skip
+    return args, trained, finished
+
+
+def test_the_run_command_archives_a_diverged_run_and_goes_on(tmp_path, monkeypatch) -> None:
+    """cmd_run with a trainer that ends the `other` runs with status nonfinite (exit 1, as the
+    trainer does) and the baseline runs completed: every run is handled, none stops the call."""
+    study = _study_module()
+    _, first, _ = _files(tmp_path, {})  # variants baseline and other, seeds 1 and 2
+    args, _, finished = _fake_trainers(
+        study, monkeypatch, tmp_path, first,
+        lambda name: "nonfinite" if name.startswith("other-") else "completed",
+    )  # fmt: skip
     assert study.cmd_run(args) == 0
     assert finished == ["baseline-s1", "baseline-s2"]  # evaluated and archived by finish
     for run in ("other-s1", "other-s2"):
@@ -185,19 +208,7 @@ def test_a_run_is_evaluated_while_the_next_one_trains(tmp_path, monkeypatch) -> 
     a finisher that fails does not stop the other runs, and the call then ends with its error."""
     study = _study_module()
     _, first, _ = _files(tmp_path, {})  # runs baseline-s1, other-s1, baseline-s2, other-s2
-    real_popen = subprocess.Popen
     started: dict[str, threading.Event] = {}
-
-    def fake_trainer(cmd, **kwargs):
-        if "kha_train.cli" not in cmd:
-            return real_popen(cmd, **kwargs)
-        run_dir = next(a.split("=", 1)[1] for a in cmd if a.startswith("logging.run_dir="))
-        started.setdefault(Path(run_dir).name, threading.Event()).set()
-        end = {"type": "end", "status": "completed", "step": 3, "tokens_seen": 24}
-        script = (f"import json, pathlib; p = pathlib.Path({run_dir!r}) / 'metrics.jsonl'; "
-                  f"p.write_text(json.dumps({end!r}) + '\\n')")  # fmt: skip
-        return real_popen([sys.executable, "-c", script], **kwargs)
-
     overlapped, finished = [], []
 
     def slow_finish(run, *rest):
@@ -208,12 +219,10 @@ def test_a_run_is_evaluated_while_the_next_one_trains(tmp_path, monkeypatch) -> 
             raise SystemExit("kha-train eval failed (exit 1)")
         finished.append(run.name)
 
-    monkeypatch.setattr(study.subprocess, "Popen", fake_trainer)
-    monkeypatch.setattr(study, "POLL_S", 0.05)
-    monkeypatch.setattr(study, "finish", slow_finish)
-    args = argparse.Namespace(studies=[str(first)], runs=tmp_path / "runs",
-                              results=tmp_path / "results", only=None, deadline_s=None,
-                              min_run_s=0.0, device="cpu")  # fmt: skip
+    args, _, _ = _fake_trainers(
+        study, monkeypatch, tmp_path, first, lambda name: "completed", finish=slow_finish,
+        on_start=lambda name: started.setdefault(name, threading.Event()).set(),
+    )  # fmt: skip
     with pytest.raises(SystemExit, match="first/other-s1: SystemExit: kha-train eval failed"):
         study.cmd_run(args)
     assert overlapped == [True, True]
@@ -260,30 +269,10 @@ def test_a_crashed_run_is_marked_and_the_others_go_on(tmp_path, monkeypatch, cap
     next call passes the marked run by (not spending GPU time on it again)."""
     study = _study_module()
     _, first, _ = _files(tmp_path, {})  # runs baseline-s1, other-s1, baseline-s2, other-s2
-    real_popen = subprocess.Popen
-    trained: list[str] = []
-
-    def fake_trainer(cmd, **kwargs):
-        if "kha_train.cli" not in cmd:
-            return real_popen(cmd, **kwargs)
-        run_dir = next(a.split("=", 1)[1] for a in cmd if a.startswith("logging.run_dir="))
-        trained.append(Path(run_dir).name)
-        if "/other-" in run_dir:
-            return real_popen(
-                [sys.executable, "-c", "print('CUDA error: boom'); exit(2)"], **kwargs
-            )
-        end = {"type": "end", "status": "completed", "step": 3, "tokens_seen": 24}
-        script = (f"import json, pathlib; p = pathlib.Path({run_dir!r}) / 'metrics.jsonl'; "
-                  f"p.write_text(json.dumps({end!r}) + '\\n')")  # fmt: skip
-        return real_popen([sys.executable, "-c", script], **kwargs)
-
-    finished: list[str] = []
-    monkeypatch.setattr(study.subprocess, "Popen", fake_trainer)
-    monkeypatch.setattr(study, "POLL_S", 0.05)
-    monkeypatch.setattr(study, "finish", lambda run, *a: finished.append(run.name))
-    args = argparse.Namespace(studies=[str(first)], runs=tmp_path / "runs",
-                              results=tmp_path / "results", only=None, deadline_s=None,
-                              min_run_s=0.0, device="cpu")  # fmt: skip
+    args, trained, finished = _fake_trainers(
+        study, monkeypatch, tmp_path, first,
+        lambda name: "crash" if name.startswith("other-") else "completed",
+    )  # fmt: skip
     with pytest.raises(SystemExit, match="first/other-s1; first/other-s2"):
         study.cmd_run(args)
     assert trained == ["baseline-s1", "other-s1", "baseline-s2", "other-s2"]
