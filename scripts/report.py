@@ -45,8 +45,9 @@ def _stats(xs: list[float]) -> tuple[float, float]:
 def _paired(ds: list[dict[str, Any]], base: list[dict[str, Any]]) -> tuple[str, str]:
     """The difference to the baseline in held-out bpb, seed by seed (every variant sees the same
     data order, so a seed's pair differs only in the variant), and whether its mean exceeds
-    the larger seed spread (max - min) of the two on those seeds: ("-0.0024 (s1 -0.0019,
-    s2 -0.0029)", "yes" | "no" | "n/a (1 seed)"); ("", "") without a seed in common."""
+    the larger seed spread (max - min) of the two on those seeds, and whether every seed's
+    difference has the same sign: ("-0.0024 (s1 -0.0019, s2 -0.0029)", "no; same sign in all
+    2 seeds" | "yes; signs differ" | ... | "n/a (1 seed)"); ("", "") without a seed in common."""
     base_by_seed = {d["seed"]: d["final"]["eval_bpb"] for d in base}
     own = {d["seed"]: d["final"]["eval_bpb"] for d in ds if d["seed"] in base_by_seed}
     if not own:
@@ -61,7 +62,9 @@ def _paired(ds: list[dict[str, Any]], base: list[dict[str, Any]]) -> tuple[str, 
     if len(seeds) < 2:
         return text, "n/a (1 seed)"
     spread = max(_stats([own[s] for s in seeds])[1], _stats([base_by_seed[s] for s in seeds])[1])
-    return text, "yes" if abs(mean) > spread else "no"
+    same = all(x < 0 for x in deltas) or all(x > 0 for x in deltas)  # the pairs' own view
+    signs = f"same sign in all {len(seeds)} seeds" if same else "signs differ"
+    return text, f"{'yes' if abs(mean) > spread else 'no'}; {signs}"
 
 
 def write_report(
@@ -169,15 +172,15 @@ def _in_loop_table(
             name = v if own == baseline else f"{v} (vs {own})"
             for step in sorted(set(mine) & set(theirs)):
                 cols.setdefault(name, {}).setdefault(step, []).append(
-                    f"{mine[step] - theirs[step]:+.4f}")  # fmt: skip
+                    f"s{d['seed']} {mine[step] - theirs[step]:+.4f}")  # fmt: skip
     if not cols:
         return []
     steps = sorted({s for c in cols.values() for s in c})
     out = ["", "In-loop held-out bits per byte against the baseline of the same seed, at each "
-           "evaluation (seeds in order, separated by /):", "",
+           "evaluation:", "",
            "| step | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]  # fmt: skip
     for step in steps:
-        out.append(f"| {step} | " + " | ".join(" / ".join(c.get(step, [])) for c in cols.values())
+        out.append(f"| {step} | " + " | ".join(", ".join(c.get(step, [])) for c in cols.values())
                    + " |")  # fmt: skip
     return out
 

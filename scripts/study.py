@@ -143,9 +143,16 @@ def trained(run_dir: Path) -> bool:
 
 
 def _records(path: Path) -> list[dict[str, Any]]:
+    """The complete records of a (gzipped) JSONL log: a line cut by a kill is skipped."""
     opener = gzip.open if path.suffix == ".gz" else open
+    out = []
     with opener(path, "rt") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
 
 
 # End statuses of a run that stopped because training itself failed (non-finite losses in a
@@ -161,13 +168,25 @@ def diverged(run_dir: Path) -> bool:
     return bool(ends) and ends[-1].get("status") in DIVERGED
 
 
+def archive_records(run_dir: Path, out: Path) -> list[dict[str, Any]]:
+    """Gzip the run's metrics (and, after rollbacks, the abandoned steps' records, which
+    `kha-train spikes` reads back) into the archive ``out``; return the metrics records."""
+    records = _records(run_dir / "metrics.jsonl")
+    for name, recs in (("metrics.jsonl", records), ("rolled_back.jsonl", None)):
+        if recs is None:
+            if not (run_dir / name).is_file():
+                continue
+            recs = _records(run_dir / name)
+        with gzip.open(out / f"{name}.gz", "wt") as f:
+            f.writelines(json.dumps(r) + "\n" for r in recs)
+    return records
+
+
 def archive_diverged(run: Run, run_dir: Path, results: Path) -> None:
     """Archive a run that diverged: its records and a summary with no held-out figures."""
     out = archive_dir(results, run)
     out.mkdir(parents=True, exist_ok=True)
-    records = _records(run_dir / "metrics.jsonl")
-    with gzip.open(out / "metrics.jsonl.gz", "wt") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
+    records = archive_records(run_dir, out)
     summary = summarize(run, records, None, {})
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps(summary, indent=1) + "\n")
@@ -227,7 +246,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def train_all(args: argparse.Namespace, finishing: Background, failed: list[str]) -> None:
     """Train the runs in order until the deadline; hand each trained run to ``finishing``;
     a run whose trainer crashes (or crashed in an earlier call) is added to ``failed``."""
-    deadline = time.monotonic() + args.deadline_s if args.deadline_s else None
+    deadline = time.monotonic() + args.deadline_s if args.deadline_s is not None else None
     for study_file in args.studies:
         _, runs, _ = load_study(Path(study_file))
         for run in runs:
@@ -317,7 +336,8 @@ def train(run: Run, run_dir: Path, deadline: float | None) -> bool:
         return trained(run_dir)
     if diverged(run_dir):
         return True
-    if code != 0:  # a crash: marked, so that later calls pass it by until it is looked at
+    if code != 0 and not trained(run_dir):  # a crash (not one in teardown, after the end
+        # record): marked, so that later calls pass it by until it is looked at
         tail = (run_dir / "train.log").read_text(errors="replace").splitlines()[-15:]
         (run_dir / FAILED_FILE).write_text(f"exit {code}\n" + "\n".join(tail) + "\n")
         raise RunFailed(f"{run.study}/{run.name} failed (exit {code}):\n" + "\n".join(tail))
@@ -340,9 +360,7 @@ def finish(run: Run, run_dir: Path, results: Path, device: str) -> None:
                str(eval_json), "--device", device]  # fmt: skip
         subprocess.run(cmd, check=True, cwd=REPO)
     analysis = analyze_run(run_dir, out / "kha.npz", device)
-    records = _records(run_dir / "metrics.jsonl")
-    with gzip.open(out / "metrics.jsonl.gz", "wt") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
+    records = archive_records(run_dir, out)
     shutil.copy(eval_json, out / "eval.json")
     summary = summarize(run, records, json.loads(eval_json.read_text()), analysis)
     tmp = out / "results.json.tmp"

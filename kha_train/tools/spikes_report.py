@@ -131,7 +131,8 @@ def metrics_path(run: Path) -> Path:
 def build_report(run: Path) -> SpikeReport:
     """The spikes of ``run`` (a run directory or its metrics.jsonl), merged per step."""
     path = metrics_path(run)
-    records = _timeline(read_records(path), path.parent / ROLLED_BACK_FILE)
+    side = ROLLED_BACK_FILE + (".gz" if path.suffix == ".gz" else "")  # an archive's is gzipped
+    records = _timeline(read_records(path), path.parent / side)
     rows: list[SpikeRow] = []
     live: dict[int, SpikeRow] = {}  # step -> its row, until a rollback undoes the step
     rollbacks = []
@@ -331,9 +332,10 @@ def run_labels(paths: list[Path]) -> list[str]:
     unique with the folder above where two share it."""
     dirs = [p.parent if p.is_file() or p.suffix in (".jsonl", ".gz") else p for p in paths]
     names = [d.name or str(d) for d in dirs]
-    return [
-        f"{d.parent.name}/{n}" if names.count(n) > 1 else n for d, n in zip(dirs, names)
-    ]  # fmt: skip
+    labels = [f"{d.parent.name}/{n}" if names.count(n) > 1 else n for d, n in zip(dirs, names)]
+    return [  # still alike (a run given twice, say): numbered, so that none merges with another
+        f"{lb} ({i + 1})" if labels.count(lb) > 1 else lb for i, lb in enumerate(labels)
+    ]
 
 
 def format_comparison(reports: list[SpikeReport], rows: list[StepAcrossRuns]) -> str:
@@ -352,7 +354,7 @@ def format_comparison(reports: list[SpikeReport], rows: list[StepAcrossRuns]) ->
     for r in rows:
         zs = [z for z in r.z.values() if math.isfinite(z)]
         zr = "-" if not zs else f"{min(zs):.1f}" if len(zs) == 1 else f"{min(zs):.1f}-{max(zs):.1f}"
-        if len(r.z) < len(zs) or any(math.isinf(z) for z in r.z.values()):
+        if any(z == math.inf for z in r.z.values()):  # SpikeRow.z of a non-finite step
             zr += " (+non-finite)"
         who = "all" if len(r.z) == r.runs else ", ".join(lb for lb in labels if lb in r.z)
         table.append((str(r.step), f"{len(r.z)}/{r.runs}", zr, r.batch, r.verdict, who))

@@ -10,6 +10,7 @@
 # first trains the study model's baseline PROBE_S seconds (default 110) at each LR, on the full
 # schedule, and prints its losses and flagged spikes: where does the baseline start to spike?
 set -u
+start=$(date +%s)  # DEADLINE_S counts from here: installing and unpacking included
 export PYTHONUNBUFFERED=1 KHA_COMMIT=$(cat .kha_commit 2>/dev/null || echo unknown)
 deadline=$1; min_run=$2; shift 2
 ref=""; [ "${1:-}" = REF ] && { ref=1; shift; }
@@ -20,7 +21,6 @@ if [ ! -f data/study/index.json ]; then
   [ -f data/pack/study.tar.xz.001 ] && cp data/pack/study.tar.xz.001 /tmp/pack/
   python3 scripts/pack_corpus.py unpack /tmp/pack --out data/study || exit 1
 fi
-start=$(date +%s)
 if [ -n "$ref" ]; then  # in-loop eval cost on the reference config (docs/evaluation.md)
   timeout 300 python3 -m kha_train.cli train configs/paper/table5/moe_a0.44b_kha_mlp.yaml \
     data.dataset=data/builtin train.max_steps=40 train.micro_batch_size=6 train.global_batch_tokens=122880 \
@@ -29,6 +29,10 @@ if [ -n "$ref" ]; then  # in-loop eval cost on the reference config (docs/evalua
   echo "ref exit $?"; grep -E "eval |step +(5|20|40)/" $OUT/ref.log | tail -6; rm -rf /tmp/ckpt_ref
 fi
 for lr in ${PROBE_LRS:-}; do  # SIGTERM after PROBE_S: the trainer saves and exits 0
+  if [ $(( deadline - ($(date +%s) - start) )) -lt $(( ${PROBE_S:-110} + 60 )) ]; then
+    echo "probe lr $lr: skipped, too little time left"; continue
+  fi
+  rm -rf /tmp/probe_$lr  # a probe of an earlier call on this machine would refuse to start
   timeout -s TERM --kill-after=30 ${PROBE_S:-110} python3 -m kha_train.cli train \
     configs/study/model.yaml optim.lr=$lr logging.run_dir=/tmp/probe_$lr checkpoint.every_steps=0 \
     train.val_every=0 train.val_batches=0 "eval.sets={}" > $OUT/probe_$lr.log 2>&1
@@ -36,13 +40,13 @@ for lr in ${PROBE_LRS:-}; do  # SIGTERM after PROBE_S: the trainer saves and exi
   python3 scripts/device/probe_summary.py $OUT/probe_$lr.jsonl $lr
 done
 mkdir -p /tmp/results && cp -rn docs/results/. /tmp/results/  # archived runs are done: not again
-touch /tmp/results_start  # what this call archives is newer
-used=$(( $(date +%s) - start ))
+left=$(( deadline - ($(date +%s) - start) )); [ $left -lt 1 ] && left=1
 only=""; [ -n "${ONLY:-}" ] && only="--only $ONLY"
 python3 scripts/study.py run $studies --results /tmp/results $only \
-  --deadline-s $(( deadline - used )) --min-run-s $min_run 2>&1 | tee -a $OUT/study.log | grep -v "^step" | tail -30
+  --deadline-s $left --min-run-s $min_run 2>&1 | tee -a $OUT/study.log | grep -v "^step" | tail -30
 python3 scripts/study.py status $studies --results /tmp/results
 for r in runs/study/*/*/; do n=$(basename $r); grep -E "^step +[0-9]+/" $r/train.log | tail -2 | sed "s/^/$n: /"; done
-(cd /tmp && find results -path '*/results.json' -newer /tmp/results_start -printf '%h\n' \
-  | tar czf $OUT/results.tgz -T -)  # the runs archived by this machine
+(cd /tmp && for f in results/*/*/results.json; do  # the archives docs/results lacks: this
+  [ -f "$f" ] && [ ! -f "$OLDPWD/docs/$f" ] && dirname "$f"  # call's, and any that an earlier
+done | tar czf $OUT/results.tgz -T -)  # call on this machine was cut off before returning
 tar czf $OUT/runs_logs.tgz runs/study/*/*/metrics.jsonl runs/study/*/*/train.log 2>/dev/null; ls -la $OUT

@@ -260,7 +260,7 @@ def test_the_report_compares_a_variant_with_its_own_baseline(tmp_path) -> None:
     assert "| fast_base | 1 | 0.9000 (-) | 2.0000 (-) | -0.0200 (s1) |" in table
     assert "| fast | 1 | 0.8900 (-) | 2.0000 (-) | -0.0100 (s1) vs fast_base |" in table
     assert "| step | fast_base | fast (vs fast_base) |" in table  # the in-loop table
-    assert "| 2 | -0.0200 | -0.0100 |" in table and "| 3 | -0.0200 | -0.0100 |" in table
+    assert "| 2 | s1 -0.0200 | s1 -0.0100 |" in table and "| 3 | s1 -0.0200 | s1 -0.0100 |" in table
 
 
 def test_a_crashed_run_is_marked_and_the_others_go_on(tmp_path, monkeypatch, capsys) -> None:
@@ -286,3 +286,25 @@ def test_a_crashed_run_is_marked_and_the_others_go_on(tmp_path, monkeypatch, cap
     assert trained == []  # the baselines are trained (and finished again: finish is faked)
     study.cmd_status(args)
     assert "failed: see" in capsys.readouterr().out
+
+
+def test_an_archive_keeps_the_rolled_back_records(tmp_path) -> None:
+    """archive_records gzips metrics.jsonl and, after rollbacks, rolled_back.jsonl (the spikes
+    a rollback abandoned: `kha-train spikes` reads them back from the archive); a line cut by
+    a kill is left out, not fatal."""
+    study = _study_module()
+    run_dir, out = tmp_path / "run", tmp_path / "archive"
+    _write_records(run_dir, [5.0, 4.0], "completed")
+    with (run_dir / "metrics.jsonl").open("a") as f:
+        f.write('{"type": "train", "st')  # cut by a kill
+    (run_dir / "rolled_back.jsonl").write_text(json.dumps({"type": "spike", "step": 2}) + "\n")
+    out.mkdir()
+    records = study.archive_records(run_dir, out)
+    assert [r["type"] for r in records] == ["train", "train", "end"]
+    assert study._records(out / "metrics.jsonl.gz") == records
+    assert study._records(out / "rolled_back.jsonl.gz") == [{"type": "spike", "step": 2}]
+    (run_dir / "rolled_back.jsonl").unlink()  # no rollback: no such file in the archive
+    other = tmp_path / "archive2"
+    other.mkdir()
+    study.archive_records(run_dir, other)
+    assert sorted(p.name for p in other.iterdir()) == ["metrics.jsonl.gz"]

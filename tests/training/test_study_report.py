@@ -19,10 +19,13 @@ def test_difference_is_paired_by_seed() -> None:
     # One seed in common: the difference on that seed, not against the two-seed mean.
     assert _paired(_runs({1: 0.915}), base) == ("-0.0050 (s1)", "n/a (1 seed)")
     # Both seeds better by 0.02, seed spreads 0.01: beyond the spread.
-    assert _paired(_runs({1: 0.90, 2: 0.91}), base) == ("-0.0200 (s1 -0.0200, s2 -0.0200)", "yes")
+    assert _paired(_runs({1: 0.90, 2: 0.91}), base) == (
+        "-0.0200 (s1 -0.0200, s2 -0.0200)",
+        "yes; same sign in all 2 seeds",
+    )
     # A mean gain of 0.002 against seed spreads of 0.01 and 0.004: not beyond.
     text, beyond = _paired(_runs({1: 0.921, 2: 0.925}), base)
-    assert text == "-0.0020 (s1 +0.0010, s2 -0.0050)" and beyond == "no"
+    assert text == "-0.0020 (s1 +0.0010, s2 -0.0050)" and beyond == "no; signs differ"
     # A seed the baseline lacks is left out; with none in common there is no comparison.
     assert _paired(_runs({1: 0.915, 3: 0.80}), base)[0] == "-0.0050 (s1)"
     assert _paired(_runs({3: 0.80}), base) == ("", "")

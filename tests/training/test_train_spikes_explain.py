@@ -279,24 +279,29 @@ def test_several_runs_compared_step_by_step(tmp_path, capsys) -> None:
                                              spike(40, z=8.0, sample_ids=[1, 2])])  # fmt: skip
     b = write_metrics(tmp_path / "study/b", [spike(700, "grad_norm", z=10.0, sample_ids=[6, 5]),
                                              spike(90, z=7.0, sample_ids=[3])])  # fmt: skip
-    c = write_metrics(tmp_path / "other/a", [spike(90, z=6.5, sample_ids=[4]),
-                                             {"type": "nonfinite", "step": 700, "loss": "nan",
-                                              "grad_norm": 1.0, "sample_ids": [5, 6]}])  # fmt: skip
-    raw = (c / "metrics.jsonl").read_bytes()
-    (c / "metrics.jsonl").unlink()
-    (c / "metrics.jsonl.gz").write_bytes(gzip.compress(raw))  # as scripts/study.py archives
+    c = write_metrics(tmp_path / "other/a", [
+        spike(90, z=6.5, sample_ids=[4]),
+        {"type": "rollback", "step": 30, "count": 1, "from_step": 50, "to_step": 30},
+        {"type": "nonfinite", "step": 700, "loss": "nan", "grad_norm": 1.0, "sample_ids": [5, 6]},
+    ])  # fmt: skip
+    # Step 40 spiked in c too, then a rollback abandoned it: its record is in rolled_back.jsonl.
+    rolled = json.dumps({**spike(40, z=9.0, sample_ids=[2, 1]), "rolled_back_by": 1}) + "\n"
+    for name, text in (("metrics.jsonl", (c / "metrics.jsonl").read_text()),
+                       ("rolled_back.jsonl", rolled)):  # fmt: skip
+        (c / name).unlink(missing_ok=True)
+        (c / f"{name}.gz").write_bytes(gzip.compress(text.encode()))  # as study.py archives
 
     assert main(["spikes", str(a), str(b), str(c), "--json", str(tmp_path / "cmp.json")]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("3 runs, 3 spike step(s); 1 spiked in several runs on the same batch")
+    assert out.startswith("3 runs, 3 spike step(s); 2 spiked in several runs on the same batch")
     rows = {line.split()[0]: line for line in out.splitlines()[3:6]}
     assert rows["700"].split()[1:6] == ["3/3", "10.0-70.0", "(+non-finite)", "same", "the"]
+    assert rows["40"].split()[1:5] == ["2/3", "8.0-9.0", "same", "the"]  # c's rolled back
+    assert rows["40"].endswith(" study/a, other/a")  # two runs named a: with the folder above
     assert rows["90"].split()[1:5] == ["2/3", "6.5-7.0", "differs", "other"]  # batches [3], [4]
-    assert rows["90"].endswith(" b, other/a")  # two runs named a: with the folder above
-    assert rows["40"].split()[1:5] == ["1/3", "8.0", "-", "one"]
     data = json.loads((tmp_path / "cmp.json").read_text())
     assert [(r["step"], r["verdict"]) for r in data["steps"]] == [
-        (700, "the data's"), (90, "other batches"), (40, "one run")]  # fmt: skip
+        (700, "the data's"), (40, "the data's"), (90, "other batches")]  # fmt: skip
     assert len(data["runs"]) == 3 and data["steps"][0]["z"]["other/a"] == "inf"
 
 
