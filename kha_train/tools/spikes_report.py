@@ -232,24 +232,30 @@ def format_report(report: SpikeReport, top: int = 5, width: int = 100) -> str:
         lines.append(extra.lstrip("\n"))
     worst = sorted((r for r in rows if r.top_samples), key=lambda r: (-r.z, r.step))[:top]
     for r in worst:
-        lines += ["", _sample_heading(r)]
-        for k, s in enumerate(r.top_samples, 1):
-            lines.append(f"  #{k} sample {s.get('id')}: loss {_fmt(s.get('loss'))}")
-            text = s.get("text")
-            if text is None:
-                lines.append(f"      (no text: {s.get('text_error') or 'not decoded'})")
-                continue
-            body = text + (" [...]" if s.get("truncated") else "")
-            for para in body.splitlines() or [""]:
-                wrapped = textwrap.wrap(
-                    para, width=width, initial_indent="      ", subsequent_indent="      ",
-                    replace_whitespace=False, drop_whitespace=False,
-                )  # fmt: skip
-                lines += wrapped or ["      "]
+        lines += ["", _sample_heading(r), *_sample_lines(r, width)]
     hidden = sum(1 for r in rows if r.top_samples) - len(worst)
     if hidden > 0:
         lines += ["", f"({hidden} more explained spike step(s): raise --top, or see --json)"]
     return "\n".join(line.rstrip() for line in lines)
+
+
+def _sample_lines(r: SpikeRow, width: int) -> list[str]:
+    """The decoded samples of an explained spike step, wrapped to ``width``."""
+    lines = []
+    for k, s in enumerate(r.top_samples, 1):
+        lines.append(f"  #{k} sample {s.get('id')}: loss {_fmt(s.get('loss'))}")
+        text = s.get("text")
+        if text is None:
+            lines.append(f"      (no text: {s.get('text_error') or 'not decoded'})")
+            continue
+        body = text + (" [...]" if s.get("truncated") else "")
+        for para in body.splitlines() or [""]:
+            wrapped = textwrap.wrap(
+                para, width=width, initial_indent="      ", subsequent_indent="      ",
+                replace_whitespace=False, drop_whitespace=False,
+            )  # fmt: skip
+            lines += wrapped or ["      "]
+    return lines
 
 
 def _sample_heading(r: SpikeRow) -> str:
@@ -338,8 +344,12 @@ def run_labels(paths: list[Path]) -> list[str]:
     ]
 
 
-def format_comparison(reports: list[SpikeReport], rows: list[StepAcrossRuns]) -> str:
-    """The table of ``compare_runs``: step, runs that spiked there, their z, the batch."""
+def format_comparison(
+    reports: list[SpikeReport], rows: list[StepAcrossRuns], top: int = 5, width: int = 100
+) -> str:
+    """The table of ``compare_runs``: step, runs that spiked there, their z, the batch; then,
+    for the ``top`` most widespread steps of the data's, the samples of the highest loss in
+    their batch, from the first run that explained the step."""
     labels = run_labels([r.run_dir for r in reports])
     if not rows:
         return f"{len(reports)} runs: no spikes logged in any"
@@ -362,7 +372,20 @@ def format_comparison(reports: list[SpikeReport], rows: list[StepAcrossRuns]) ->
     for line in [cols, *table]:
         cells = [c.rjust(w) if i < 2 else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths))]
         lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)
+    shown = 0
+    for r in rows:
+        if shown == top or r.verdict != "the data's":
+            continue
+        found = next(((lb, row) for lb, rep in zip(labels, reports) for row in rep.rows
+                      if row.step == r.step and row.top_samples), None)  # fmt: skip
+        if found is not None:
+            lines += [
+                "",
+                f"{found[0]}: {_sample_heading(found[1])}",
+                *_sample_lines(found[1], width),
+            ]
+            shown += 1
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def _fmt(x: Any, spec: str = ".4g") -> str:
@@ -412,7 +435,7 @@ def run_spikes(args: argparse.Namespace) -> int:
     else:
         rows = compare_runs(reports)
         data = {"runs": [r.to_dict() for r in reports], "steps": [r.to_dict() for r in rows]}
-        text = format_comparison(reports, rows)
+        text = format_comparison(reports, rows, top=args.top)
     if args.json == "-":  # the JSON alone, for a pipe
         sys.stdout.write(json.dumps(_jsonable(data), indent=2) + "\n")
         return 0

@@ -275,7 +275,9 @@ def test_several_runs_compared_step_by_step(tmp_path, capsys) -> None:
     data's; one whose batches differ is not called so; a study archive (.gz) is read too."""
     import gzip
 
-    a = write_metrics(tmp_path / "study/a", [spike(700, "grad_norm", z=70.0, sample_ids=[5, 6]),
+    explained = {"top_samples": [{"id": 5, "loss": 9.0, "text": "the verse"}]}
+    a = write_metrics(tmp_path / "study/a", [spike(700, "grad_norm", z=70.0, sample_ids=[5, 6],
+                                                   **explained),
                                              spike(40, z=8.0, sample_ids=[1, 2])])  # fmt: skip
     b = write_metrics(tmp_path / "study/b", [spike(700, "grad_norm", z=10.0, sample_ids=[6, 5]),
                                              spike(90, z=7.0, sample_ids=[3])])  # fmt: skip
@@ -299,6 +301,9 @@ def test_several_runs_compared_step_by_step(tmp_path, capsys) -> None:
     assert rows["40"].split()[1:5] == ["2/3", "8.0-9.0", "same", "the"]  # c's rolled back
     assert rows["40"].endswith(" study/a, other/a")  # two runs named a: with the folder above
     assert rows["90"].split()[1:5] == ["2/3", "6.5-7.0", "differs", "other"]  # batches [3], [4]
+    # The data's spike, explained by run a: its samples follow the table.
+    assert "study/a: step 700 (logged; grad norm z 70.0)" in out
+    assert "  #1 sample 5: loss 9\n      the verse" in out
     data = json.loads((tmp_path / "cmp.json").read_text())
     assert [(r["step"], r["verdict"]) for r in data["steps"]] == [
         (700, "the data's"), (40, "the data's"), (90, "other batches")]  # fmt: skip
