@@ -46,3 +46,7 @@ row tt_bf16_mb4x1 100 env PYTHONPATH=/tmp/peers MODE=bf16 MB=4 ACCUM=1 CLIP=1 TO
   PROFILE=0 STEPS=8 WARMUP=2 OOM_RETRY=0 python3 .peers_src/tt_peer.py
 row hf_mb4x1 90 env MB=4 python3 .peers_src/hf_peer.py  # HF transformers, bf16, no compile
 echo "== done after $(( $(date +%s) - start ))s"
+files=(); for f in ours_mb6x5.jsonl tt_amp_mb6x5.log ours_mb4x1.jsonl tt_bf16_mb4x1.log hf_mb4x1.log; do
+  [ -f $OUT/$f ] && files+=($OUT/$f)
+done
+[ ${#files[@]} -gt 0 ] && python3 scripts/perf_table.py "${files[@]}" | tee $OUT/table.md

@@ -1,0 +1,119 @@
+"""One markdown table of throughput rows from a device call's outputs, ours and the peers', each
+with the settings it ran under, for docs/performance.md.
+
+    python scripts/perf_table.py OUT/ours_mb6x5.jsonl OUT/tt_amp_mb6x5.log OUT/ours_mb4x1.jsonl ...
+
+Reads ``kha-train bench --json`` files (one JSON line per variant and precision) and the logs of
+the peer scripts in ../shared/peers (torchtitan's ``RESULT ...`` line, Hugging Face's ``HF ...``
+line), in the order given. Every row says tokens per optimizer step (micro-batch x accumulation
+x sequence), precision, activation checkpointing and loss kernel where they apply, so that a
+row is only set beside another of the same tokens per step; the table says when they differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+TT = re.compile(
+    r"RESULT torchtitan-(?P<version>\S+) .*?mode=(?P<mode>\S+) compile=(?P<compile>\S+) "
+    r"seq=(?P<seq>\d+) mb=(?P<mb>\d+) accum=(?P<accum>\d+) clip=(?P<clip>\S+): "
+    r"(?P<ms>[\d.]+) ms/step, (?P<tps>[\d,]+) tok/s, [\d.]+ TFLOP/s, MFU (?P<mfu>[\d.]+)%.*?"
+    r"peak mem (?P<mem>[\d.]+) GiB"
+)
+HF = re.compile(
+    r"HF Qwen3Moe attn=(?P<attn>\S+) seq=(?P<seq>\d+) mb=(?P<mb>\d+): (?P<ms>[\d.]+) ms/step, "
+    r"(?P<tps>[\d,]+) tok/s, [\d.]+ TFLOP/s, MFU (?P<mfu>[\d.]+)%.*?mem (?P<mem>[\d.]+) GiB"
+)
+COLUMNS = ("system", "tokens / step (mb x accum x seq)", "settings", "step ms", "tokens/s",
+           "MFU", "peak mem")  # fmt: skip
+
+
+def ours(path: Path) -> list[dict[str, Any]]:
+    """The rows of a ``kha-train bench --json`` file (a failed run: its error)."""
+    rows = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        r = json.loads(line)
+        s = r.get("settings", {})
+        mb, accum, seq = s.get("micro_batch"), s.get("accum"), s.get("seq_len")
+        kha = "KHA-MLP on V" if r.get("variant") == "kha" else "no KHA"
+        settings = [r.get("precision", "bf16"), f"AC {s.get('ac', 'none')}",
+                    f"loss {s.get('loss_kernel', 'chunked')}"]  # fmt: skip
+        if r.get("precision") == "fp8":
+            f = s.get("fp8", {})
+            settings.append(f"fp8 {f.get('recipe')} dims >= {f.get('min_dim')}")
+        if r.get("deterministic"):
+            settings.append("deterministic")
+        rows.append({
+            "system": f"kha-train, {kha}", "mb": mb, "accum": accum, "seq": seq,
+            "settings": ", ".join(settings), "ms": r.get("step_ms"),
+            "tps": r.get("tokens_per_s"), "mfu": r.get("mfu"), "mem": r.get("peak_mem_gib"),
+            "error": r.get("error"),
+        })  # fmt: skip
+    return rows
+
+
+def peer(path: Path) -> list[dict[str, Any]]:
+    """The result line of a peer script's log (none: the run failed; its last line says why)."""
+    text = path.read_text(errors="replace")
+    for m in TT.finditer(text):
+        mode = {"amp": "fp32 params + bf16 autocast", "bf16": "bf16 params"}.get(
+            m["mode"], m["mode"]
+        )
+        return [_peer_row(m, f"torchtitan {m['version']}", f"{mode}, compile {m['compile']}")]
+    for m in HF.finditer(text):
+        return [_peer_row(m, "HF transformers", f"bf16 params, attention {m['attn']}", accum=1)]
+    last = next((ln for ln in reversed(text.splitlines()) if ln.strip()), "empty log")
+    return [{"system": path.stem, "error": last.strip()[:200]}]
+
+
+def _peer_row(m: re.Match[str], system: str, settings: str, accum: int | None = None) -> dict:
+    return {
+        "system": system, "mb": int(m["mb"]), "accum": accum or int(m["accum"]),
+        "seq": int(m["seq"]), "settings": settings, "ms": float(m["ms"]),
+        "tps": float(m["tps"].replace(",", "")), "mfu": float(m["mfu"]) / 100,
+        "mem": float(m["mem"]), "error": None,
+    }  # fmt: skip
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        if r.get("error"):
+            lines.append(f"| {r['system']} | | failed: {r['error']} | | | | |")
+            continue
+        tokens = r["mb"] * r["accum"] * r["seq"]
+        lines.append(
+            f"| {r['system']} | {tokens:,} ({r['mb']} x {r['accum']} x {r['seq']}) | "
+            f"{r['settings']} | {r['ms']:.1f} | {r['tps'] / 1e3:.1f}k | {r['mfu']:.1%} | "
+            f"{r['mem']:.1f} GiB |"
+        )
+    sizes = {r["mb"] * r["accum"] * r["seq"] for r in rows if not r.get("error")}
+    if len(sizes) > 1:
+        lines.append("")
+        lines.append("Tokens per optimizer step differ between rows: compare only rows with the "
+                     "same figure.")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("files", nargs="+", type=Path, help="bench .jsonl files and peer .log files")
+    args = p.parse_args(argv)
+    rows = []
+    for path in args.files:
+        if not path.is_file():
+            raise SystemExit(f"{path} does not exist")
+        rows += ours(path) if path.suffix == ".jsonl" else peer(path)
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
