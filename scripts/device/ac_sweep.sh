@@ -30,3 +30,4 @@ row selective_mb4 selective 4 2
 row none_mb2 none 2 4
 row every2_mb2 every_n 2 4
 echo "== done after $(( $(date +%s) - start ))s"
+ls $OUT/*.jsonl > /dev/null 2>&1 && python3 scripts/perf_table.py $OUT/*.jsonl | tee $OUT/table.md
