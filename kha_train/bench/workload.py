@@ -18,6 +18,7 @@ from kha_train.bench.settings import BenchSettings
 from kha_train.config import ModelConfig, OptimConfig, Precision
 from kha_train.data.loader import Batch
 from kha_train.training.build import build_model
+from kha_train.training.grad_parts import GradParts
 from kha_train.training.optim import build_optimizer
 from kha_train.training.step import StepResult, train_step
 
@@ -78,6 +79,7 @@ class Workload:
         ]
         self.optim = optim or OptimConfig(lr=3e-4, implementation="fused")
         self.opt = build_optimizer(self.model, self.optim, device)
+        self.parts = GradParts(self.model)  # the trainer's step splits its grad norm too
         self.batches = random_batches(mcfg.vocab_size, s.micro_batch, s.seq_len, device)
         self._i = 0
         self.top_kernels: list[tuple[str, float, int]] = []  # filled by profile_breakdown
@@ -97,5 +99,5 @@ class Workload:
         return train_step(
             self.model, self.opt, micro_batches or self.next_micro_batches(),
             parallel=self.pcfg, grad_clip=self.optim.grad_clip, lr=self.optim.lr,
-            compute_loss=self.compute_loss,
+            compute_loss=self.compute_loss, parts=self.parts,
         )  # fmt: skip

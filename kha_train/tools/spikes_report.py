@@ -18,7 +18,7 @@ no GPU, no torch), in the order the run logged them:
   ``count``): they are read back in just before their rollback record.
 
 One row per spike step (the detector's spikes of one step, and the guard's record of it, are
-merged), its action ``logged`` (applied), ``skipped``, ``guard reset`` (a spike applied after
+merged), the part of the model its gradient norm came from most (``grad_norm_parts``), its action ``logged`` (applied), ``skipped``, ``guard reset`` (a spike applied after
 ``max_in_row`` skipped ones) or ``rolled back``; then, for the ``--top`` worst explained steps
 (highest z), their samples' decoded text. ``--json OUT`` writes all of it as JSON.
 
@@ -64,6 +64,7 @@ class SpikeRow:
     rolled_back: bool = False  # undone by a rollback to an earlier checkpoint
     rollback_step: int | None = None  # the step at which that rollback was decided
     sample_ids: list[int] = field(default_factory=list)
+    grad_norm_parts: dict[str, float] = field(default_factory=dict)  # training/grad_parts.py
     scored_at_step: int | None = None
     scored_batch_loss: float | None = None
     top_samples: list[dict[str, Any]] = field(default_factory=list)
@@ -83,8 +84,19 @@ class SpikeRow:
         zs = [z for z in (self.loss_z, self.grad_norm_z) if isinstance(z, (int, float))]
         return max(zs) if zs else -math.inf
 
+    @property
+    def grad_norm_from(self) -> str:
+        """The part of the model with the largest share of the squared grad norm, and that
+        share ("router 91%"); "-" where the step's record has no split."""
+        parts = {k: v for k, v in self.grad_norm_parts.items() if isinstance(v, (int, float))}
+        total = sum(v * v for v in parts.values())
+        if not parts or not total > 0:
+            return "-"
+        part, value = max(parts.items(), key=lambda kv: kv[1])
+        return f"{part} {value * value / total:.0%}"
+
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "action": self.action}
+        return {**asdict(self), "action": self.action, "grad_norm_from": self.grad_norm_from}
 
 
 @dataclass
@@ -159,6 +171,7 @@ def build_report(run: Path) -> SpikeReport:
         row.loss = _num(rec.get("loss"), row.loss)
         row.grad_norm = _num(rec.get("grad_norm"), row.grad_norm)
         row.sample_ids = rec.get("sample_ids") or row.sample_ids
+        row.grad_norm_parts = rec.get("grad_norm_parts") or row.grad_norm_parts
         if kind == "spike":
             metric = rec.get("metric")
             if metric in ("loss", "grad_norm"):
@@ -211,17 +224,18 @@ def format_report(report: SpikeReport, top: int = 5, width: int = 100) -> str:
     counts = {a: sum(r.action == a for r in rows) for a in dict.fromkeys(r.action for r in rows)}
     head = ", ".join(f"{n} {a}" for a, n in counts.items())
     lines = [f"{report.run_dir}: {len(rows)} spike step(s): {head}", ""]
-    cols = ("step", "spiked", "loss", "loss z", "grad norm", "gnorm z", "action", "samples")
+    cols = ("step", "spiked", "loss", "loss z", "grad norm", "gnorm z", "gnorm from", "action",
+            "samples")  # fmt: skip
     table = [
         (
             str(r.step), "+".join(r.metrics) or "-", _fmt(r.loss), _fmt(r.loss_z, ".1f"),
-            _fmt(r.grad_norm), _fmt(r.grad_norm_z, ".1f"), r.action,
+            _fmt(r.grad_norm), _fmt(r.grad_norm_z, ".1f"), r.grad_norm_from, r.action,
             f"{len(r.top_samples)} decoded" if r.top_samples else "-",
         )
         for r in rows
     ]  # fmt: skip
     widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(cols)]
-    left = {1, 6, 7}  # text columns
+    left = {1, 6, 7, 8}  # text columns
     for line in [cols, *table]:
         cells = [
             c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))

@@ -21,6 +21,7 @@ class StepValues:
     loss: float
     grad_norm: float
     ok: bool  # loss and gradient norm were finite (the update was applied)
+    grad_parts: list[float] | None = None  # the grad norm of each model part (grad_parts.py)
 
 
 @dataclass
@@ -33,6 +34,7 @@ class Drained:
 class StepHistory:
     def __init__(self, capacity: int, device: torch.device, in_row: int = 0) -> None:
         self._values = torch.zeros(capacity, 3, device=device)  # loss, grad norm, ok
+        self._parts: torch.Tensor | None = None  # (capacity, parts), from the first step with them
         self._len = 0
         self._first_step = 0
         self._sample_ids: list[torch.Tensor] = []
@@ -53,6 +55,7 @@ class StepHistory:
         grad_norm: torch.Tensor,
         ok: torch.Tensor,
         sample_ids: torch.Tensor,
+        grad_parts: torch.Tensor | None = None,
     ) -> None:
         """Store optimizer step ``step`` (1-based). Device writes only."""
         if self.full:
@@ -60,6 +63,12 @@ class StepHistory:
         if self._len == 0:
             self._first_step = step
         self._values[self._len] = torch.stack([loss.float(), grad_norm.float(), ok.float()])
+        if grad_parts is not None:
+            if self._parts is None:
+                self._parts = torch.zeros(
+                    len(self._values), len(grad_parts), device=self._values.device
+                )
+            self._parts[self._len] = grad_parts
         self._len += 1
         self._sample_ids.append(sample_ids)
         self._in_row = (self._in_row + 1) * (~ok)
@@ -69,10 +78,11 @@ class StepHistory:
         """Read every recorded step (one host sync) and start over. Sample ids stay readable
         through :meth:`gather_sample_ids` until the next :meth:`record`."""
         rows = self._values[: self._len].tolist()
+        parts = self._parts[: self._len].tolist() if self._parts is not None else [None] * len(rows)
         in_row, max_in_row = int(self._in_row.item()), int(self._max_in_row.item())
         steps = [
-            StepValues(self._first_step + j, loss, gnorm, bool(ok))
-            for j, (loss, gnorm, ok) in enumerate(rows)
+            StepValues(self._first_step + j, loss, gnorm, bool(ok), part)
+            for j, ((loss, gnorm, ok), part) in enumerate(zip(rows, parts, strict=True))
         ]
         self._drained_ids, self._drained_first = self._sample_ids, self._first_step
         self._len, self._sample_ids = 0, []

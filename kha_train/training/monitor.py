@@ -30,6 +30,7 @@ from torch import nn
 from kha_train.config import Config
 from kha_train.training.clipping import build_clipper, load_clip_state
 from kha_train.training.distributed import DistEnv
+from kha_train.training.grad_parts import GradParts
 from kha_train.training.history import StepHistory
 from kha_train.training.kha_drift import kha_drift
 from kha_train.training.loggers import RunLoggers
@@ -60,6 +61,8 @@ class StepMonitor:
         # Scores spike steps' batches again (spike_explain.py); needs the model (log_window).
         self.explainer = SpikeExplainer(cfg, env.rank, env.world_size)
         self.model = model
+        # The step splits its grad norm by model part (grad_parts.py) for the spike records.
+        self.grad_parts = GradParts(model) if model is not None else None
         self.skipped_total = 0  # non-finite steps skipped (host copy, updated at drains)
         self.in_row = 0  # consecutive non-finite steps at the last drain
         self.history = StepHistory(cfg.logging.log_every, env.device)
@@ -113,7 +116,9 @@ class StepMonitor:
         if self.history.full:
             self.drain(step - 1, log)
         self._verdicts[len(self.history)] = torch.cat([result.flags.float().view(1), result.z])
-        self.history.record(step, result.loss, result.grad_norm, result.finite, sample_ids)
+        self.history.record(
+            step, result.loss, result.grad_norm, result.finite, sample_ids, result.grad_parts
+        )
 
     def drain(self, step: int, log: RunLoggers) -> None:
         """Read the steps since the last drain (up to ``step``): feed the spike detector, record
@@ -142,19 +147,21 @@ class StepMonitor:
                 bad.append(v)
         if spikes or bad or skips or resets:  # every rank takes this branch together
             ids = self.history.gather_sample_ids(self.env.world_size, self.env.device)
+            parts = self._parts_by_step(drained.steps)
             for s in spikes:
                 s.sample_ids = ids[s.step]
-            spike_records = [s.to_dict() for s in spikes]
+            spike_records = [{**s.to_dict(), **parts.get(s.step, {})} for s in spikes]
             explained = self._explain(step, spike_records, skips + resets, ids)
             log.log_spikes(step, spike_records, self.detector.num_spikes)
             for v in bad:
                 log.event(
                     {"type": "nonfinite", "step": v.step, "loss": v.loss,
-                     "grad_norm": v.grad_norm, "sample_ids": ids[v.step]},
+                     "grad_norm": v.grad_norm, "sample_ids": ids[v.step],
+                     **parts.get(v.step, {})},
                     echo=f"step {v.step}: non-finite loss {v.loss} / grad norm {v.grad_norm}: "
                     "update skipped (weights and optimizer state unchanged)",
                 )  # fmt: skip
-            self._log_guard(log, ids, skips, resets, explained)
+            self._log_guard(log, ids, skips, resets, explained, parts)
             self._echo_explained(log, explained)
         self.skipped_total += len(bad)
         self.spike_skipped_total += len(skips)
@@ -211,6 +218,15 @@ class StepMonitor:
         self.window = LossWindow()
         log.log(rec)
 
+    def _parts_by_step(self, steps: list[Any]) -> dict[int, dict[str, Any]]:
+        """step -> ``{"grad_norm_parts": {part: norm}}`` for the record of a step that spiked,
+        was skipped or was not finite (empty where the step did not split its norm)."""
+        if self.grad_parts is None:
+            return {}
+        names = self.grad_parts.names
+        return {v.step: {"grad_norm_parts": dict(zip(names, v.grad_parts, strict=True))}
+                for v in steps if v.grad_parts is not None}  # fmt: skip
+
     def _explain(
         self,
         step: int,
@@ -259,17 +275,18 @@ class StepMonitor:
         skips: list[tuple[Any, int, float, float]],
         resets: list[tuple[Any, int, float, float]],
         explained: dict[int, Explanation] | None = None,
+        parts: dict[int, dict[str, Any]] | None = None,
     ) -> None:
         """``spike_skip`` and ``spike_guard_reset`` records (metrics.jsonl and the console).
         A step in ``explained`` that the detector did not flag gets its top samples here."""
-        explained = explained or {}
+        explained, parts = explained or {}, parts or {}
         g = self.cfg.optim.skip_step
         for kind, entries in (("spike_skip", skips), ("spike_guard_reset", resets)):
             for v, flags, z_loss, z_gnorm in entries:
                 rec = {
                     "type": kind, "step": v.step, "metrics": spike_metrics(flags),
                     "loss": v.loss, "grad_norm": v.grad_norm, "loss_z": z_loss,
-                    "grad_norm_z": z_gnorm, "sample_ids": ids[v.step],
+                    "grad_norm_z": z_gnorm, "sample_ids": ids[v.step], **parts.get(v.step, {}),
                 }  # fmt: skip
                 what = " and ".join(
                     f"{m.replace('_', ' ')} {rec[m]:.4g} (z={rec[m + '_z']:.1f})"

@@ -45,6 +45,7 @@ from kha_train.model import collect_expert_counts, moe_layers, update_expert_bia
 from kha_train.model.loss import IGNORE_INDEX
 from kha_train.training.clipping import Clipper, GlobalNormClip
 from kha_train.training.fp8 import precompute_fp8_scales
+from kha_train.training.grad_parts import GradParts
 from kha_train.training.optim import global_grad_norm, is_fused, set_lr
 from kha_train.training.parallel import set_micro_batch_sync
 from kha_train.training.spike_guard import NONFINITE, SpikeGuard, finite_verdict
@@ -64,6 +65,8 @@ class StepResult:
     # and RESET (a spike applied after max_in_row skipped ones); 0: a normal step
     flags: torch.Tensor
     z: torch.Tensor  # (2,) fp32: the guard's z-scores of loss and grad norm (0 without a guard)
+    # (parts,) fp32: the grad norm of each part of the model (grad_parts.py); None: not asked for
+    grad_parts: torch.Tensor | None = None
 
     @property
     def finite(self) -> torch.Tensor:
@@ -91,6 +94,7 @@ def train_step(
     compute_loss: LossFn | None = None,
     guard: SpikeGuard | None = None,
     clipper: Clipper | None = None,
+    parts: GradParts | None = None,
 ) -> StepResult:
     """One optimizer step of ``model`` on this rank's ``micro_batches`` (module docstring).
 
@@ -98,7 +102,7 @@ def train_step(
     ``model(batch.input_ids, batch.labels)`` (the trainer passes its overridable hook, the
     benchmark its autocast baseline). ``clipper`` (``clipping.py``) defaults to global-norm
     clipping to ``grad_clip`` (<= 0: none); ``guard`` (``spike_guard.py``), if given, skips
-    spikes."""
+    spikes; ``parts`` (``grad_parts.py``), if given, splits the gradient norm by model part."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     # FP8 all-gather (parallel.fp8): the weights' scales, after the last optimizer step or any
     # load or rollback that changed them; a no-op for every other model (training/fp8.py).
@@ -115,8 +119,12 @@ def train_step(
         dist.all_reduce(loss_sum)
     loss = loss_sum / world  # the global batch's mean loss
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    grad_norm = global_grad_norm(params)
+    if parts is None:
+        params = [p for p in model.parameters() if p.requires_grad]
+        grad_norm, part_norms = global_grad_norm(params), None
+    else:  # the same norm, from the per-tensor norms, split by part on the way
+        params = parts.params
+        grad_norm, part_norms = parts.norms()
     verdict = finite_verdict(loss, grad_norm) if guard is None else guard.step(loss, grad_norm)
     ok = verdict.ok
     (clipper or GlobalNormClip(grad_clip)).clip(optimizer, params, grad_norm, ok)
@@ -135,4 +143,4 @@ def train_step(
         if world > 1:
             dist.all_reduce(counts)
         update_expert_bias(model, counts * ok)  # zero counts: bias unchanged
-    return StepResult(loss, grad_norm, ok, counts, verdict.flags, verdict.z)
+    return StepResult(loss, grad_norm, ok, counts, verdict.flags, verdict.z, part_norms)

@@ -319,7 +319,7 @@ class Trainer:
         result = train_step(
             self.model, self.optimizer, micro_batches, parallel=self.cfg.parallel,
             grad_clip=self.cfg.optim.grad_clip, lr=lr, compute_loss=self.compute_loss,
-            guard=self.monitor.guard, clipper=self.monitor.clipper,
+            guard=self.monitor.guard, clipper=self.monitor.clipper, parts=self.monitor.grad_parts,
         )  # fmt: skip
         ids = torch.cat([b.sample_ids for b in micro_batches])
         self.monitor.record(self.step + 1, result, ids, self.log)

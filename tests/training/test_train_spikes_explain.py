@@ -142,6 +142,8 @@ def test_kha_train_spikes_prints_the_spike_and_the_decoded_samples(
     report = json.loads(out.read_text())
     (spike,) = [r for r in report["spikes"] if r["step"] == K]
     assert spike["action"] == "skipped" and spike["top_samples"][0]["id"] == bad
+    # The part of the model its grad norm came from (training/grad_parts.py), in the row too.
+    assert spike["grad_norm_from"] != "-" and spike["grad_norm_from"] in row
     assert spike["top_samples"][0]["text"] == decoded[:500] and spike["scored_at_step"] == END
     assert len(spike["sample_ids"]) == 8 and report["rollbacks"] == []
     # --json -: the JSON alone on stdout
