@@ -43,6 +43,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kha_train.training.spikes import dominant_part
+
 METRICS_FILE = "metrics.jsonl"
 ROLLED_BACK_FILE = "rolled_back.jsonl"  # training/rollback.py: the abandoned steps' records
 
@@ -88,12 +90,7 @@ class SpikeRow:
     def grad_norm_from(self) -> str:
         """The part of the model with the largest share of the squared grad norm, and that
         share ("router 91%"); "-" where the step's record has no split."""
-        parts = {k: v for k, v in self.grad_norm_parts.items() if isinstance(v, (int, float))}
-        total = sum(v * v for v in parts.values())
-        if not parts or not total > 0:
-            return "-"
-        part, value = max(parts.items(), key=lambda kv: kv[1])
-        return f"{part} {value * value / total:.0%}"
+        return dominant_part(self.grad_norm_parts)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "action": self.action, "grad_norm_from": self.grad_norm_from}

@@ -134,3 +134,14 @@ class SpikeDetector:
         self._seen = int(state["seen"])
         self.num_spikes = int(state["num_spikes"])
         self.spikes_by_metric = {m: int(state["spikes_by_metric"].get(m, 0)) for m in METRICS}
+
+
+def dominant_part(grad_norm_parts: dict[str, Any] | None) -> str:
+    """The part of the model (``grad_parts.py``) with the largest share of a step's squared
+    gradient norm, and the share: "router 91%"; "-" for a record without the split."""
+    parts = {k: v for k, v in (grad_norm_parts or {}).items() if isinstance(v, (int, float))}
+    total = sum(v * v for v in parts.values())
+    if not parts or not total > 0:
+        return "-"
+    part, value = max(parts.items(), key=lambda kv: kv[1])
+    return f"{part} {value * value / total:.0%}"

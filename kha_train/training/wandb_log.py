@@ -17,6 +17,7 @@ from typing import Any
 
 from kha_train.config import WandbMode
 from kha_train.training.metrics import flatten, metric_prefix
+from kha_train.training.spikes import dominant_part
 
 # The x axis of every W&B metric: the trainer's optimizer step (see WandbLogger._start).
 STEP_KEY = "trainer/step"
@@ -40,8 +41,8 @@ def resolve_wandb_mode(mode: WandbMode) -> str:
 
 
 SPIKE_COLUMNS = [
-    "step", "metric", "value", "z", "ratio", "loss", "grad_norm", "action", "top_sample",
-    "sample_ids",
+    "step", "metric", "value", "z", "ratio", "loss", "grad_norm", "grad_norm_from", "action",
+    "top_sample", "sample_ids",
 ]  # fmt: skip
 TOP_SAMPLE_CHARS = 300  # of the decoded text in the table's top_sample cell
 
@@ -56,6 +57,7 @@ def spike_row(s: dict[str, Any]) -> list[Any]:
         text = " ".join((top.get("text") or "").split())[:TOP_SAMPLE_CHARS]
         cell = f"sample {top.get('id')} (loss {top.get('loss', float('nan')):.4g}): {text}"
     derived = {
+        "grad_norm_from": dominant_part(s.get("grad_norm_parts")),  # "experts 80%"
         "action": "skipped" if s.get("skipped") else "logged",
         "top_sample": cell,
         "sample_ids": str(s.get("sample_ids", [])),

@@ -321,12 +321,14 @@ def test_report_of_a_run_without_spikes_and_of_no_run(tmp_path, capsys) -> None:
     assert err.startswith("error:") and "does not exist" in err
 
 
-def test_wandb_table_has_the_action_and_the_top_sample(tmp_path, monkeypatch) -> None:
+def test_wandb_table_has_the_action_the_top_sample_and_the_part(tmp_path, monkeypatch) -> None:
     run = FakeRun(fail_log=False)
     fake_wandb(monkeypatch, lambda **kw: run)
     logger, _ = make_logger(tmp_path)
     top = [{"id": 7, "loss": 9.5, "text": "bad  text\n"}]
-    logger.log_spikes(6, [spike(6, skipped=True, top_samples=top), spike(6, "grad_norm")], 2)
+    parts = {"grad_norm_parts": {"router": 3.0, "experts": 1.0, "attention": 0.0}}
+    logger.log_spikes(6, [spike(6, skipped=True, top_samples=top, **parts),
+                          spike(6, "grad_norm")], 2)  # fmt: skip
     logger.log_spikes(9, [spike(9)], 3)
     logger.mark_rolled_back(10, to_step=5)
     _, columns, rows = run.logged[-1][1]["spikes/table"]
@@ -334,6 +336,7 @@ def test_wandb_table_has_the_action_and_the_top_sample(tmp_path, monkeypatch) ->
     assert [(r["step"], r["action"]) for r in got] == [
         (6, "skipped, rolled back"), (6, "rolled back"), (9, "rolled back")]  # fmt: skip
     assert got[0]["top_sample"] == "sample 7 (loss 9.5): bad text" and got[1]["top_sample"] == ""
+    assert got[0]["grad_norm_from"] == "router 90%" and got[1]["grad_norm_from"] == "-"
 
 
 SCRIPT = """
