@@ -314,6 +314,7 @@ class StepAcrossRuns:
     z: dict[str, float]  # run label -> the step's highest z in that run (inf: non-finite)
     batch: str  # "same" | "differs" | "-" (fewer than two runs logged the step's batch)
     runs: int  # how many runs were compared
+    grad_norm_from: str = "-"  # the dominant part of the run with the highest z there
 
     @property
     def verdict(self) -> str:
@@ -330,17 +331,21 @@ def compare_runs(reports: list[SpikeReport]) -> list[StepAcrossRuns]:
     labels = run_labels([r.run_dir for r in reports])
     z: dict[int, dict[str, float]] = {}
     batches: dict[int, dict[str, tuple[int, ...]]] = {}  # step -> run -> the batch it logged
+    worst: dict[int, SpikeRow] = {}  # step -> the row of the highest z with a grad norm split
     for label, report in zip(labels, reports):
         for row in report.rows:  # a step rolled back and trained again: its last batch
             z.setdefault(row.step, {})
             z[row.step][label] = max(z[row.step].get(label, -math.inf), row.z)
             if row.sample_ids:
                 batches.setdefault(row.step, {})[label] = tuple(sorted(row.sample_ids))
+            if row.grad_norm_parts and (row.step not in worst or row.z > worst[row.step].z):
+                worst[row.step] = row
     out = []
     for step, by_run in z.items():
         seen = batches.get(step, {})
         batch = "-" if len(seen) < 2 else "same" if len(set(seen.values())) == 1 else "differs"
-        out.append(StepAcrossRuns(step, by_run, batch, len(reports)))
+        part = worst[step].grad_norm_from if step in worst else "-"
+        out.append(StepAcrossRuns(step, by_run, batch, len(reports), part))
     return sorted(out, key=lambda c: (-len(c.z), c.step))
 
 
@@ -370,7 +375,7 @@ def format_comparison(
         "the same batch (the data's)",
         "",
     ]
-    cols = ("step", "runs", "z (min-max)", "batch", "verdict", "spiked in")
+    cols = ("step", "runs", "z (min-max)", "batch", "verdict", "gnorm from", "spiked in")
     table = []
     for r in rows:
         zs = [z for z in r.z.values() if math.isfinite(z)]
@@ -378,7 +383,8 @@ def format_comparison(
         if any(z == math.inf for z in r.z.values()):  # SpikeRow.z of a non-finite step
             zr += " (+non-finite)"
         who = "all" if len(r.z) == r.runs else ", ".join(lb for lb in labels if lb in r.z)
-        table.append((str(r.step), f"{len(r.z)}/{r.runs}", zr, r.batch, r.verdict, who))
+        table.append((str(r.step), f"{len(r.z)}/{r.runs}", zr, r.batch, r.verdict,
+                      r.grad_norm_from, who))  # fmt: skip
     widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(cols)]
     for line in [cols, *table]:
         cells = [c.rjust(w) if i < 2 else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths))]

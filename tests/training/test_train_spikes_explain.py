@@ -277,7 +277,8 @@ def test_several_runs_compared_step_by_step(tmp_path, capsys) -> None:
     data's; one whose batches differ is not called so; a study archive (.gz) is read too."""
     import gzip
 
-    explained = {"top_samples": [{"id": 5, "loss": 9.0, "text": "the verse"}]}
+    explained = {"top_samples": [{"id": 5, "loss": 9.0, "text": "the verse"}],
+                 "grad_norm_parts": {"embedding": 4.0, "experts": 3.0}}  # fmt: skip
     a = write_metrics(tmp_path / "study/a", [spike(700, "grad_norm", z=70.0, sample_ids=[5, 6],
                                                    **explained),
                                              spike(40, z=8.0, sample_ids=[1, 2])])  # fmt: skip
@@ -300,6 +301,7 @@ def test_several_runs_compared_step_by_step(tmp_path, capsys) -> None:
     assert out.startswith("3 runs, 3 spike step(s); 2 spiked in several runs on the same batch")
     rows = {line.split()[0]: line for line in out.splitlines()[3:6]}
     assert rows["700"].split()[1:6] == ["3/3", "10.0-70.0", "(+non-finite)", "same", "the"]
+    assert rows["700"].split()[-3:] == ["embedding", "64%", "all"]  # a's split (the highest z)
     assert rows["40"].split()[1:5] == ["2/3", "8.0-9.0", "same", "the"]  # c's rolled back
     assert rows["40"].endswith(" study/a, other/a")  # two runs named a: with the folder above
     assert rows["90"].split()[1:5] == ["2/3", "6.5-7.0", "differs", "other"]  # batches [3], [4]
