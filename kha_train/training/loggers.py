@@ -21,6 +21,7 @@ from typing import Any, TextIO
 from kha_train.config import ConfigError, WandbMode
 from kha_train.fs import storage_error
 from kha_train.training.metrics import flatten, format_duration, metric_prefix
+from kha_train.training.spikes import dominant_part
 from kha_train.training.wandb_log import WandbLogger, resolve_wandb_mode
 
 # ----------------------------------------------------------------------------------------------
@@ -344,10 +345,12 @@ class RunLoggers:
         for s in spikes:
             self.metrics.write(s)
             self.spikes.write(s)
+            part = dominant_part(s.get("grad_norm_parts"))
             self.console.info(
                 f"spike at step {s['step']}: {s['metric']} {s['value']:.4g} "
-                f"(z={s['z']:.1f}, {s['ratio']:.2f}x the window mean); "
-                f"{len(s['sample_ids'])} sample ids in spikes.jsonl"
+                f"(z={s['z']:.1f}, {s['ratio']:.2f}x the window mean"
+                + (f"; grad norm from {part}" if part != "-" else "")
+                + f"); {len(s['sample_ids'])} sample ids in spikes.jsonl"
             )
         if self.wandb is not None:
             self.wandb.log_spikes(step, spikes, total)

@@ -73,7 +73,8 @@ def test_spike_records_carry_the_split(tmp_path, tiny_dataset) -> None:
     cfg = tiny_config(run, tiny_dataset, optim={"skip_step": GUARD}, logging={"log_every": 4},
                       train={"max_steps": 8, **NO_VAL})  # fmt: skip
     Inject.kind, Inject.at = "poisoned_gradient", K
-    t = Inject(build(cfg), console=io.StringIO())
+    console = io.StringIO()
+    t = Inject(build(cfg), console=console)
     try:
         t.train()
     finally:
@@ -84,4 +85,7 @@ def test_spike_records_carry_the_split(tmp_path, tiny_dataset) -> None:
     assert set(parts) == {"embedding", "norms", "head_mixing", "router", "experts", "attention"}
     assert math.isclose(math.sqrt(sum(v * v for v in parts.values())), skip["grad_norm"],
                         rel_tol=1e-4)  # fmt: skip
-    assert all("grad_norm_parts" in r for r in records(run, "spike") if r["step"] == K)
+    spikes = [r for r in records(run, "spike") if r["step"] == K]
+    assert spikes and all(r["grad_norm_parts"] == parts for r in spikes)
+    assert f"spike at step {K}: grad_norm" in console.getvalue()
+    assert "; grad norm from " in console.getvalue()  # the dominant part, on the console too
