@@ -142,16 +142,26 @@ class LossWindow:
     grad_norm: float = 0.0
     steps: int = 0
     skipped: int = 0
+    # The grad norm of each model part (training/grad_parts.py), summed like grad_norm.
+    parts: dict[str, float] = field(default_factory=dict)
 
-    def add(self, loss: float, grad_norm: float) -> None:
+    def add(self, loss: float, grad_norm: float, parts: dict[str, float] | None = None) -> None:
         self.loss += loss
         self.grad_norm += grad_norm
         self.steps += 1
+        for k, v in (parts or {}).items():
+            self.parts[k] = self.parts.get(k, 0.0) + v
 
-    def means(self) -> dict[str, float]:
+    def means(self) -> dict[str, Any]:
         if not self.steps:
             return {}
-        return {"loss": self.loss / self.steps, "grad_norm": self.grad_norm / self.steps}
+        out: dict[str, Any] = {
+            "loss": self.loss / self.steps,
+            "grad_norm": self.grad_norm / self.steps,
+        }
+        if self.parts:
+            out["grad_norm_parts"] = {k: v / self.steps for k, v in self.parts.items()}
+        return out
 
 
 def train_record(
@@ -200,7 +210,8 @@ def moe_record(counts: torch.Tensor) -> dict[str, Any]:
 
 
 def flatten(record: dict[str, Any]) -> dict[str, float]:
-    """Scalar view of a record: numbers kept, lists expanded to ``key/layer_i``, rest dropped."""
+    """Scalar view of a record: numbers kept, lists expanded to ``key/layer_i``, dicts of
+    numbers to ``key/name`` (``grad_norm_parts/experts``), the rest dropped."""
     out: dict[str, float] = {}
     for k, v in record.items():
         if isinstance(v, (bool, int, float)):
@@ -208,6 +219,9 @@ def flatten(record: dict[str, Any]) -> dict[str, float]:
         elif isinstance(v, list) and all(isinstance(x, (int, float)) for x in v):
             for i, x in enumerate(v):
                 out[f"{k}/layer_{i}"] = float(x)
+        elif isinstance(v, dict) and all(isinstance(x, (int, float)) for x in v.values()):
+            for name, x in v.items():
+                out[f"{k}/{name}"] = float(x)
     return out
 
 

@@ -129,6 +129,7 @@ class StepMonitor:
             return
         drained = self.history.drain()  # the host sync
         verdicts = self._verdicts[:n].tolist()
+        parts = self._parts_by_step(drained.steps)
         spikes, bad, skips, resets = [], [], [], []
         for v, (flags, z_loss, z_gnorm) in zip(drained.steps, verdicts, strict=True):
             if v.ok:  # finite
@@ -138,7 +139,7 @@ class StepMonitor:
                         v.step, v.loss, v.grad_norm, accepted=not skipped, restart=reset
                     )
                 )
-                self.window.add(v.loss, v.grad_norm)
+                self.window.add(v.loss, v.grad_norm, parts.get(v.step, {}).get("grad_norm_parts"))
                 if skipped:
                     skips.append((v, int(flags), z_loss, z_gnorm))
                 if reset:
@@ -147,7 +148,6 @@ class StepMonitor:
                 bad.append(v)
         if spikes or bad or skips or resets:  # every rank takes this branch together
             ids = self.history.gather_sample_ids(self.env.world_size, self.env.device)
-            parts = self._parts_by_step(drained.steps)
             for s in spikes:
                 s.sample_ids = ids[s.step]
             spike_records = [{**s.to_dict(), **parts.get(s.step, {})} for s in spikes]

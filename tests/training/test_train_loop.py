@@ -47,6 +47,13 @@ def test_run_directory_wandb_offline_and_falling_loss(tmp_path: Path, tiny_datas
     for key in ("grad_norm", "lr", "tokens_per_s", "mem_peak_rss_gib", "data_wait_frac", "eta_s"):
         assert key in recs[-1], key
     assert len(recs[-1]["moe_max_violation"]) == 2 and "moe_dead_experts" in recs[-1]
+    # The window's mean grad norm of each model part (training/grad_parts.py), and in W&B's view.
+    parts = recs[-1]["grad_norm_parts"]
+    assert set(parts) == {"embedding", "norms", "head_mixing", "router", "experts", "attention"}
+    assert all(v > 0 for v in parts.values()) and max(parts.values()) < recs[-1]["grad_norm"]
+    from kha_train.training.metrics import flatten
+
+    assert flatten(recs[-1])["grad_norm_parts/router"] == parts["router"]
     # KHA-MLP on V in both layers: its drift from the identity, 0 at init, grows.
     assert len(recs[-1]["kha_drift"]) == 2 and recs[0]["kha_drift"] < recs[-1]["kha_drift"]
     assert recs[-1]["tokens_seen"] == 12 * 256
