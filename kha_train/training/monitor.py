@@ -219,8 +219,9 @@ class StepMonitor:
         log.log(rec)
 
     def _parts_by_step(self, steps: list[Any]) -> dict[int, dict[str, Any]]:
-        """step -> ``{"grad_norm_parts": {part: norm}}`` for the record of a step that spiked,
-        was skipped or was not finite (empty where the step did not split its norm)."""
+        """step -> ``{"grad_norm_parts": {part: norm}}``: for the logging window and the
+        records of steps that spiked, were skipped or were not finite (no entry for a step that
+        did not split its norm)."""
         if self.grad_parts is None:
             return {}
         names = self.grad_parts.names
