@@ -58,7 +58,18 @@ class GradParts:
         index = [PARTS.index(part_of(n)) for n, _ in named]
         self.names = [p for i, p in enumerate(PARTS) if i in index]  # the parts present, in order
         self._row = [self.names.index(PARTS[i]) for i in index]  # each parameter's part row
-        self._sum: dict[tuple[int, ...], torch.Tensor] = {}  # (parts, n) 0/1 matrices
+        # (parts, n) 0/1 matrices, by the parameters that have a gradient: all of them (made
+        # here, where a copy to the device may wait) and any other set a step meets.
+        self._sum: dict[tuple[int, ...], torch.Tensor] = {}
+        if self.params:
+            self._matrix(tuple(range(len(self.params))), self.params[0].device)
+
+    def _matrix(self, have: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        sums = torch.zeros(len(self.names), len(have))
+        for j, i in enumerate(have):
+            sums[self._row[i], j] = 1.0
+        self._sum[have] = sums = sums.to(device)
+        return sums
 
     def norms(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(global gradient norm (), each part's norm (len(names),)) over every rank, fp32 on
@@ -66,10 +77,7 @@ class GradParts:
         have = tuple(i for i, p in enumerate(self.params) if p.grad is not None)
         per_tensor = tensor_grad_norms([self.params[i].grad for i in have])  # (n,)
         sums = self._sum.get(have)
-        if sums is None:  # once per set of parameters with gradients (one, in practice)
-            sums = torch.zeros(len(self.names), len(have))
-            for j, i in enumerate(have):
-                sums[self._row[i], j] = 1.0
-            self._sum[have] = sums = sums.to(per_tensor.device)
+        if sums is None:
+            sums = self._matrix(have, per_tensor.device)
         parts_sq = sums @ per_tensor.square()
         return parts_sq.sum().sqrt(), parts_sq.sqrt()
