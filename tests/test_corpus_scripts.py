@@ -5,23 +5,18 @@ unpacked bit for bit (the path the GPU machine takes)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from script_loader import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # its dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+_script = load_script
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:

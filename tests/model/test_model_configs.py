@@ -3,12 +3,11 @@ configs have the paper's sizes."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from script_loader import load_script
 
 from kha_train.config import KHAVariant, load_config
 from kha_train.config_checks import validate
@@ -50,11 +49,7 @@ def test_config_loads_and_validates(path: Path) -> None:
 def test_every_run_of_a_study_file_is_a_valid_config(path: Path) -> None:
     """configs/study/*.yaml (scripts/study.py): each run's config with its keys loads and
     validates, so a typo in a variant fails here, not on the GPU."""
-    spec = importlib.util.spec_from_file_location("study", CONFIGS.parent / "scripts" / "study.py")
-    study = importlib.util.module_from_spec(spec)
-    sys.modules["study"] = study  # its dataclasses look their module up there
-    spec.loader.exec_module(study)
-    _, runs, _ = study.load_study(path)
+    _, runs, _ = load_script("study").load_study(path)
     assert runs
     for run in runs:
         args = run.train_args(Path("/tmp/unused"))

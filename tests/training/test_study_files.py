@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import importlib.util
 import json
 import subprocess
 import sys
@@ -14,16 +13,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from script_loader import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _study_module():
-    spec = importlib.util.spec_from_file_location("study", REPO / "scripts" / "study.py")
-    study = importlib.util.module_from_spec(spec)
-    sys.modules["study"] = study  # its dataclasses look their module up there
-    spec.loader.exec_module(study)
-    return study
+    return load_script("study")
 
 
 def _write(path: Path, data: dict) -> Path:

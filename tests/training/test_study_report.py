@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import sys
+from script_loader import load_script
 
-from train_helpers import REPO
-
-sys.path.insert(0, str(REPO / "scripts"))
-from report import _paired
+_paired = load_script("report")._paired
 
 
 def _runs(bpb_by_seed: dict[int, float]) -> list[dict]:
