@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from test_train_spike_guard import GUARD, NO_VAL, Inject, K
-from train_helpers import build, records, tiny_config
+from train_helpers import records, tiny_config, train_here
 
 from kha_train.config import load_config
 from kha_train.model.transformer import Transformer
@@ -74,11 +74,7 @@ def test_spike_records_carry_the_split(tmp_path, tiny_dataset) -> None:
                       train={"max_steps": 8, **NO_VAL})  # fmt: skip
     Inject.kind, Inject.at = "poisoned_gradient", K
     console = io.StringIO()
-    t = Inject(build(cfg), console=console)
-    try:
-        t.train()
-    finally:
-        t.close()
+    train_here(cfg, Inject, console)
     (skip,) = records(run, "spike_skip")
     assert skip["step"] == K
     parts = skip["grad_norm_parts"]

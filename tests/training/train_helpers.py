@@ -88,11 +88,11 @@ def build(cfg: dict[str, Any]):
     return build_config([("test", cfg)])
 
 
-def train_here(cfg: dict[str, Any], trainer_cls: type | None = None) -> Any:
+def train_here(cfg: dict[str, Any], trainer_cls: type | None = None, console: Any = None) -> Any:
     """Train ``cfg`` to the end in this process (``trainer_cls``: a Trainer subclass that
-    injects faults), then free everything a run holds, the process group and torch's
-    deterministic switch (``train.deterministic`` is process-wide) included. Returns the
-    trainer (closed), for its state."""
+    injects faults; ``console``: a stream for its console lines), then free everything a run
+    holds, the process group and torch's deterministic switch (``train.deterministic`` is
+    process-wide) included. Returns the trainer (closed), for its state."""
     import io
 
     import torch
@@ -100,7 +100,7 @@ def train_here(cfg: dict[str, Any], trainer_cls: type | None = None) -> Any:
     from kha_train.training import distributed as D
     from kha_train.training.trainer import Trainer
 
-    trainer = (trainer_cls or Trainer)(build(cfg), console=io.StringIO())
+    trainer = (trainer_cls or Trainer)(build(cfg), console=console or io.StringIO())
     try:
         trainer.train()
     finally:
