@@ -239,7 +239,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     finishing.join()  # a failed evaluation ends the call with its error, after the rest
     if failed:
         raise SystemExit(f"study: failed runs, not trained again until their {FAILED_FILE} "
-                         "file is deleted: " + "; ".join(failed))  # fmt: skip
+                         "file is deleted (or --retry-failed): " + "; ".join(failed))  # fmt: skip
     return 0
 
 
@@ -259,8 +259,12 @@ def train_all(args: argparse.Namespace, finishing: Background, failed: list[str]
                 archive_diverged(run, run_dir, args.results)
                 continue
             if (run_dir / FAILED_FILE).is_file():
-                failed.append(f"{run.study}/{run.name} (an earlier call: {run_dir / FAILED_FILE})")
-                continue
+                if not args.retry_failed:
+                    failed.append(
+                        f"{run.study}/{run.name} (an earlier call: {run_dir / FAILED_FILE})"
+                    )
+                    continue
+                (run_dir / FAILED_FILE).unlink()  # --retry-failed: once more, from its checkpoint
             if not trained(run_dir):
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left < args.min_run_s:
@@ -471,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--min-run-s", type=float, default=120.0,
                            help="do not start or resume a run with less time than this left")  # fmt: skip
             p.add_argument("--device", default="auto")
+            p.add_argument("--retry-failed", action="store_true",
+                           help=f"train runs marked {FAILED_FILE} (their trainer crashed) again")  # fmt: skip
     args = parser.parse_args(argv)
     args.studies = drop_base_configs(args.studies)
     return args.func(args)

@@ -6,7 +6,8 @@
 # Usage: bash scripts/device/study.sh DEADLINE_S MIN_RUN_S [REF] [STUDY.yaml ...]
 #   REF: first measure the in-loop evaluation's cost on the reference config (evaluation.md).
 # Carry: .whl (omegaconf + antlr4 wheels), .kha_commit (the commit, for the archives).
-# Environment: ONLY="run ..." trains only those runs (study.py run --only); PROBE_LRS="1e-2 3e-2"
+# Environment: ONLY="run ..." trains only those runs (study.py run --only); RETRY_FAILED=1 trains
+# runs marked FAILED again (--retry-failed); PROBE_LRS="1e-2 3e-2"
 # first trains the study model's baseline PROBE_S seconds (default 110) at each LR, on the full
 # schedule, and prints its losses and flagged spikes: where does the baseline start to spike?
 set -u
@@ -42,6 +43,7 @@ done
 mkdir -p /tmp/results && cp -rn docs/results/. /tmp/results/  # archived runs are done: not again
 left=$(( deadline - ($(date +%s) - start) )); [ $left -lt 1 ] && left=1
 only=""; [ -n "${ONLY:-}" ] && only="--only $ONLY"
+[ -n "${RETRY_FAILED:-}" ] && only="$only --retry-failed"  # runs marked FAILED, once more
 python3 scripts/study.py run $studies --results /tmp/results $only \
   --deadline-s $left --min-run-s $min_run 2>&1 | tee -a $OUT/study.log | grep -v "^step" | tail -30
 python3 scripts/study.py status $studies --results /tmp/results

@@ -179,7 +179,7 @@ def _fake_trainers(
     monkeypatch.setattr(study, "finish", finish or (lambda run, *a: finished.append(run.name)))
     args = argparse.Namespace(studies=[str(study_file)], runs=root / "runs",
                               results=root / "results", only=None, deadline_s=None,
-                              min_run_s=0.0, device="cpu")  # fmt: skip
+                              min_run_s=0.0, device="cpu", retry_failed=False)  # fmt: skip
     return args, trained, finished
 
 
@@ -282,6 +282,10 @@ def test_a_crashed_run_is_marked_and_the_others_go_on(tmp_path, monkeypatch, cap
     assert trained == []  # the baselines are trained (and finished again: finish is faked)
     study.cmd_status(args)
     assert "failed: see" in capsys.readouterr().out
+    args.retry_failed = True  # --retry-failed: the marked runs once more (they crash again)
+    with pytest.raises(SystemExit, match="first/other-s1; first/other-s2"):
+        study.cmd_run(args)
+    assert trained == ["other-s1", "other-s2"] and marker.is_file()
 
 
 def test_an_archive_keeps_the_rolled_back_records(tmp_path) -> None:
