@@ -17,8 +17,12 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.head_dim = head_dim
         self.theta = theta
-        # Not persistent: a pure function of the config, so it stays out of checkpoints.
+        # Not persistent: a pure function of the config, so it stays out of checkpoints. Filled
+        # here unless built on the meta device, so that a model that loads a state dict without
+        # init_weights() does not rotate by whatever the memory held.
         self.register_buffer("inv_freq", torch.empty(head_dim // 2), persistent=False)
+        if self.inv_freq.device.type != "meta":
+            self.reset_parameters()
 
     def reset_parameters(self) -> None:
         exponent = torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim

@@ -35,6 +35,22 @@ def test_meta_build_then_init_matches_direct_build(tiny_cfg, build_model) -> Non
     assert torch.equal(direct(ids), meta(ids))
 
 
+def test_a_state_dict_alone_makes_a_working_model(tiny_cfg, build_model) -> None:
+    """A model built on the CPU and given a state dict, without init_weights(), computes what
+    the source does: its non-persistent buffers (RoPE's inverse frequencies, the MoE counts)
+    are set when it is built, not left as whatever the memory held (a test that relied on
+    that failed by chance)."""
+    cfg = tiny_cfg(kha="mlp")
+    source = build_model(cfg, seed=5)
+    loaded = Transformer(cfg)
+    loaded.load_state_dict(source.state_dict())
+    assert torch.equal(loaded.rope.inv_freq, source.rope.inv_freq)
+    moe = [m for m in loaded.modules() if hasattr(m, "expert_counts")]
+    assert moe and all(torch.equal(m.expert_counts, torch.zeros_like(m.expert_counts)) for m in moe)
+    ids = torch.randint(0, cfg.vocab_size, (2, 8))
+    assert torch.equal(loaded(ids), source(ids))
+
+
 def test_init_scheme(tiny_cfg, build_model) -> None:
     cfg = tiny_cfg(kha="linear", targets=("q", "k", "v"), init_std=0.5)
     m = build_model(cfg)

@@ -140,6 +140,7 @@ def test_folded_projections_get_their_fp8_gemm_and_no_fp8_all_gather() -> None:
         ref = Transformer(cfg)
         ref.init_weights()
         fp8 = Transformer(cfg)
+        fp8.init_weights()  # the non-persistent buffers (RoPE's inv_freq): empty until then
         fp8.load_state_dict(ref.state_dict())
         convert_to_fp8(fp8, ALL, CPU)
         calls = []

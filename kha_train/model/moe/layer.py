@@ -43,7 +43,7 @@ class MoELayer(nn.Module):
         # Assignments per expert since the last bias update (fp32: exact up to 2^24 per step and
         # per layer on each rank; summed over ranks by the trainer). Not persistent: it is zero
         # whenever a checkpoint is taken (right after the update).
-        self.register_buffer("expert_counts", torch.empty(moe.num_experts), persistent=False)
+        self.register_buffer("expert_counts", torch.zeros(moe.num_experts), persistent=False)
         self._aux_loss: torch.Tensor | None = None
 
     @property
