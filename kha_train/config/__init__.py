@@ -34,7 +34,7 @@ from __future__ import annotations
 from kha_train.config.checkpoint import CheckpointConfig
 from kha_train.config.data import DataConfig
 from kha_train.config.errors import ConfigError
-from kha_train.config.evaluation import EvalConfig
+from kha_train.config.evaluation import EvalConfig, EvalPick
 from kha_train.config.loading import (
     EXCLUSIVE_KEYS,
     EXTENDS_KEY,
@@ -84,6 +84,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "EvalConfig",
+    "EvalPick",
     "Fp8Config",
     "Fp8Recipe",
     "KHAConfig",

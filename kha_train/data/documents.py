@@ -13,12 +13,14 @@ in-loop evaluation.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from kha_train.data.shards import DatasetIndex
     from kha_train.data.tokenizer import LoadedTokenizer
 
@@ -88,30 +90,44 @@ def dataset_documents(
     *,
     score_first: bool = False,
     max_docs: int | None = None,
+    keep: Container[int] | None = None,
 ) -> Iterator[Document]:
     """The documents of a prepared split: the token stream cut after every EOS. Bytes: each
-    document decoded without its EOS (EOS spells no text)."""
+    document decoded without its EOS (EOS spells no text). ``keep``: only the documents of
+    these positions in the split (the others are not decoded)."""
+    n = 0
+    for i, ids in enumerate(_split_token_docs(index, split)):
+        if max_docs is not None and n >= max_docs:
+            return
+        if keep is None or i in keep:
+            yield _dataset_document(ids.tolist(), tok, index.eos_id, score_first)
+            n += 1
+
+
+def dataset_document_lengths(index: DatasetIndex, split: str) -> list[int]:
+    """The token count (EOS included) of every document of a prepared split, in order, found
+    without decoding any text."""
+    return [len(ids) for ids in _split_token_docs(index, split)]
+
+
+def _split_token_docs(index: DatasetIndex, split: str) -> Iterator[np.ndarray]:
+    """The token ids of each document of a prepared split: the stream cut after every EOS."""
     import numpy as np
 
     from kha_train.data.shards import TokenStream
 
     stream = TokenStream(index, split)
-    eos = index.eos_id
     carry = np.empty(0, dtype=np.int64)
-    n = 0
     for start in range(0, len(stream), READ_TOKENS):
         ids = np.concatenate([carry, stream.read(start, min(start + READ_TOKENS, len(stream)))])
-        ends = np.flatnonzero(ids == eos) + 1
+        ends = np.flatnonzero(ids == index.eos_id) + 1
         lo = 0
         for hi in ends.tolist():
-            if max_docs is not None and n >= max_docs:
-                return
-            yield _dataset_document(ids[lo:hi].tolist(), tok, eos, score_first)
-            n += 1
+            yield ids[lo:hi]
             lo = hi
         carry = ids[lo:]
-    if len(carry) and (max_docs is None or n < max_docs):  # a stream not ending with EOS
-        yield _dataset_document(carry.tolist(), tok, eos, score_first)
+    if len(carry):  # a stream not ending with EOS
+        yield carry
 
 
 def _dataset_document(

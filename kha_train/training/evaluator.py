@@ -3,8 +3,9 @@
 
 The texts are read and tokenized once, when the trainer starts (before any model exists, so a
 missing file or a tokenizer mismatch fails in seconds): up to ``eval.max_tokens`` tokens of
-whole documents per set, each scored alone by sliding windows exactly as ``kha-train eval``
-scores it (training/scoring.py), so an in-loop figure equals the command's on the same text.
+whole documents per set (a fixed random sample of them by default, ``eval.pick``), each scored
+alone by sliding windows exactly as ``kha-train eval`` scores it (training/scoring.py), so an
+in-loop figure equals the command's on the same documents.
 
 Every batch has the same shape, ``eval.batch_rows`` windows x ``eval.window`` tokens (the
 micro-batch and the context of training by default): a compiled model compiles the eval forward
@@ -18,7 +19,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from kha_train.config import Config
-from kha_train.data.documents import Document, dataset_documents, source_documents
+from kha_train.config import Config, EvalPick
+from kha_train.data.documents import (
+    Document,
+    dataset_document_lengths,
+    dataset_documents,
+    source_documents,
+)
 from kha_train.data.errors import DataError
 from kha_train.data.shards import DatasetIndex, read_index
 from kha_train.data.sources import SourceSpec, resolve_local_files
@@ -137,15 +143,30 @@ def _load_set(
                 f"eval.sets.{name}={spec} has no val split to evaluate on: prepare it with "
                 "--val-fraction > 0, or give the raw text (eval.sets.<name>=FILE)"
             )
-        docs = dataset_documents(index, "val", tok)
+
+        def read(keep: set[int] | None = None) -> Iterator[Document]:
+            return dataset_documents(index, "val", tok, keep=keep)
+
+        def lengths() -> list[int]:
+            return dataset_document_lengths(index, "val")  # no decoding: cheap
     else:
         try:
             resolve_local_files(spec)  # missing / empty / unsupported files: one error now
         except DataError as err:
             raise DataError(f"eval.sets.{name}: {err}") from err
         source = SourceSpec(spec=spec, text_field=cfg.eval.text_field)
-        docs = source_documents(source, tok, work)
-    taken = list(_until_tokens(docs, cfg.eval.max_tokens))
+
+        def read(keep: set[int] | None = None) -> Iterator[Document]:
+            docs = enumerate(source_documents(source, tok, work))
+            return (d for i, d in docs if keep is None or i in keep)
+
+        def lengths() -> list[int]:
+            return [len(d.ids) for d in read()]  # tokenizes the whole text once more
+
+    if cfg.eval.pick == EvalPick.first:
+        taken = list(_until_tokens(read(), cfg.eval.max_tokens))
+    else:
+        taken = list(read(set(sample_documents(lengths(), cfg.eval.max_tokens))))
     if not taken:
         raise DataError(
             f"eval.sets.{name}={spec} holds no document with a token to predict: check the path"
@@ -158,6 +179,23 @@ def _load_set(
         name, spec, len(taken), sum(len(d) - 1 for d in ids), sum(d.nbytes for d in taken),
         batches,
     )  # fmt: skip
+
+
+def sample_documents(lengths: Sequence[int], max_tokens: int, seed: int = 0) -> list[int]:
+    """Positions (ascending) of a fixed random sample of whole documents, drawn until
+    ``max_tokens`` tokens are taken (all of them when the set holds no more); ``lengths``: each
+    document's tokens, EOS included. Documents with no token to predict are passed over."""
+    import numpy as np
+
+    taken, total = [], 0
+    for i in np.random.default_rng(seed).permutation(len(lengths)).tolist():
+        if lengths[i] < 2:
+            continue
+        taken.append(i)
+        total += lengths[i]
+        if total >= max_tokens:
+            break
+    return sorted(taken)
 
 
 def _until_tokens(docs: Iterable[Document], max_tokens: int) -> Iterator[Document]:

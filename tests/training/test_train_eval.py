@@ -88,6 +88,56 @@ def test_max_tokens_takes_whole_documents(tmp_path, tiny_dataset) -> None:
     assert shapes == {(2, 32)}  # one shape: micro_batch_size x seq_len
 
 
+def test_sample_documents_spreads_over_the_set() -> None:
+    from kha_train.training.evaluator import sample_documents
+
+    lengths = [10] * 100  # a set of 1,000 tokens in 100 documents
+    picked = sample_documents(lengths, 200)
+    assert picked == sample_documents(lengths, 200)  # the same sample in every run
+    assert picked == sorted(set(picked)) and len(picked) == 20  # 20 whole documents
+    # From the whole set, not its first documents (those of one source, in a prepared split).
+    assert min(picked) < 50 <= max(picked) and picked != list(range(20))
+    assert sample_documents(lengths, 10**6) == list(range(100))  # a small set: all of it
+    assert 3 not in sample_documents([5, 5, 5, 1, 5], 10**6)  # a lone EOS predicts nothing
+
+
+@pytest.mark.parametrize("kind", ["prepared", "raw"])
+def test_pick_sample_scores_the_sampled_documents(tmp_path, tiny_dataset, kind) -> None:
+    """eval.pick=sample takes the documents sample_documents draws from the whole set (prepared
+    val split or raw text), eval.pick=first the leading ones; both whole documents."""
+    from kha_train.data.documents import dataset_documents, source_documents
+    from kha_train.data.shards import read_index
+    from kha_train.data.sources import SourceSpec
+    from kha_train.training.evaluator import build_evaluator, run_tokenizer, sample_documents
+
+    spec = str(tiny_dataset) if kind == "prepared" else str(_texts(tmp_path / "texts.jsonl"))
+    cfg = build(tiny_config(tmp_path / "r", tiny_dataset, eval={"sets": {"s": spec}}))
+    index = read_index(tiny_dataset)
+    tok = run_tokenizer(cfg, index)
+    if kind == "prepared":
+        docs = list(dataset_documents(index, "val", tok))
+    else:
+        docs = list(source_documents(SourceSpec(spec=spec), tok, tmp_path / "work"))
+    assert len(docs) >= 4
+    lengths = [len(d.ids) for d in docs]
+    cfg.eval.max_tokens = sum(lengths) // 3  # a third of the set
+    picked = sample_documents(lengths, cfg.eval.max_tokens)
+    assert 0 < len(picked) < len(docs)
+
+    got = build_evaluator(cfg, index).sets[0]  # the default: sample
+    assert got.docs == len(picked)
+    assert got.tokens == sum(lengths[i] - 1 for i in picked)
+    assert got.nbytes == sum(docs[i].nbytes for i in picked)
+
+    cfg.eval.pick = "first"
+    first = build_evaluator(cfg, index).sets[0]
+    n, total = 0, 0
+    while total < cfg.eval.max_tokens:
+        total += lengths[n]
+        n += 1
+    assert first.docs == n and first.tokens == sum(x - 1 for x in lengths[:n])
+
+
 def test_bad_sets_fail_before_the_model_is_built(tmp_path, tiny_dataset, monkeypatch) -> None:
     import kha_train.training.trainer as trainer_module
 
