@@ -3,7 +3,7 @@
 # A0.44B-2.3B MoE, same card, same call, same tokens per optimizer step, clipping on:
 #   1. 122,880 tokens per step (mb 6 x accum 5, seq 4096): kha-train KHA-MLP and no KHA (one
 #      process, profiled), torchtitan amp (fp32 parameters + bf16 autocast, compiled)
-#   2. one micro-batch per step (mb 4 x 1): kha-train KHA-MLP, torchtitan bf16 (compiled), and
+#   2. one micro-batch per step (mb 4 x 1): kha-train KHA-MLP (profiled), torchtitan bf16 (compiled), and
 #      with time left Hugging Face transformers' Qwen3MoeForCausalLM (bf16 parameters)
 # Every row prints tokens/s, MFU (the same convention on both sides) and peak memory.
 # Usage: bash scripts/device/throughput.sh [DEADLINE_S] [KHA_BENCH_ARGS...]
@@ -39,9 +39,9 @@ row ours_mb6x5 170 python3 -m kha_train.cli bench --config $cfg --variants kha,n
   "${extra[@]}"
 row tt_amp_mb6x5 120 env PYTHONPATH=/tmp/peers MODE=amp MB=6 ACCUM=5 CLIP=1 TORCH_COMPILE=1 \
   PROFILE=0 STEPS=4 WARMUP=1 OOM_RETRY=0 python3 .peers_src/tt_peer.py
-row ours_mb4x1 100 python3 -m kha_train.cli bench --config $cfg --variants kha \
-  --micro-batch 4 --accum 1 --seq-len 4096 --steps 8 --warmup 2 --no-profile \
-  --json $OUT/ours_mb4x1.jsonl "${extra[@]}"
+row ours_mb4x1 120 python3 -m kha_train.cli bench --config $cfg --variants kha \
+  --micro-batch 4 --accum 1 --seq-len 4096 --steps 8 --warmup 2 \
+  --json $OUT/ours_mb4x1.jsonl "${extra[@]}"  # profiled: where one micro-batch's step goes
 row tt_bf16_mb4x1 100 env PYTHONPATH=/tmp/peers MODE=bf16 MB=4 ACCUM=1 CLIP=1 TORCH_COMPILE=1 \
   PROFILE=0 STEPS=8 WARMUP=2 OOM_RETRY=0 python3 .peers_src/tt_peer.py
 row hf_mb4x1 90 env MB=4 python3 .peers_src/hf_peer.py  # HF transformers, bf16, no compile
