@@ -76,9 +76,12 @@ def _grouped_mm_ok(device: torch.device, dtype: torch.dtype, shape_E2FD: torch.S
         if not ok:
             _warn_fallback(f"dtype {dtype}, expert FFN {ffn}, dim {dim}")
         return ok
+    if torch.compiler.is_compiling() and dtype != torch.bfloat16:
+        return False  # compile's shape rules for _grouped_mm take bf16 only, whatever eager does
     return _cpu_grouped_mm_works(device.type, dtype)
 
 
+@torch.compiler.disable  # a probe on real tensors: under compile, fake tensors would answer
 @functools.cache
 def _cpu_grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
     """Whether this build runs torch._grouped_mm on this device type and dtype (probed once)."""
