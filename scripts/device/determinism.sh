@@ -1,12 +1,14 @@
 #!/bin/bash
 # One device call (issue: deterministic mode on the GPU; docs/training.md, "Deterministic mode"):
 #   1. two runs of the reference config (A0.44B, KHA-MLP-V, mb 6 x 5 x 4096, compiled) with
-#      train.deterministic=true and one without, 30 steps each on data/builtin: are the two
-#      deterministic runs bitwise equal (every logged loss and grad norm), and at what tokens/s;
+#      train.deterministic=true, 30 steps each on data/builtin: are they bitwise equal (every
+#      logged loss and grad norm), and at what tokens/s;
 #   2. a resume: `kha-train replay` restores the first deterministic run's checkpoint of step 15
 #      and trains steps 16-30 again: bitwise equal to the uninterrupted run?
 #   3. `kha-train bench` of the same workload with and without --deterministic, profiled, and
-#      scripts/kernel_diff.py: which kernels the mode changes and what each costs.
+#      scripts/kernel_diff.py: which kernels the mode changes and what each costs;
+#   4. with time left, the same 30 steps without the mode (where its losses part from 1.'s).
+# Each part runs only if the time left allows it (about 110 s a training run or bench row).
 # Usage: bash scripts/device/determinism.sh [DEADLINE_S]
 # Carry: data/builtin, .whl (omegaconf, antlr4), .kha_commit (optional).
 set -u
@@ -18,24 +20,35 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD
 echo "commit $(cat .kha_commit 2>/dev/null || echo unknown), $(date -u +%FT%TZ)"
 cfg=configs/paper/table5/moe_a0.44b_kha_mlp.yaml
-for run in det1 det2 plain; do
-  det=true; [ $run = plain ] && det=false
-  t=$(( $(left) - 150 )); [ $t -gt 150 ] && t=150
-  [ $t -lt 60 ] && { echo "$run: skipped, $(left) s left"; continue; }
+train30() {  # train30 NAME DETERMINISTIC RESERVE_S: 30 steps, unless RESERVE_S would not be left
+  local t=$(( $(left) - $3 )); [ $t -gt 150 ] && t=150
+  [ $t -lt 60 ] && { echo "$1: skipped, $(left) s left"; return; }
   timeout --kill-after=10 $t python3 -m kha_train.cli train $cfg data.dataset=data/builtin \
     train.max_steps=30 train.micro_batch_size=6 train.global_batch_tokens=122880 \
-    train.deterministic=$det logging.run_dir=/tmp/$run checkpoint.every_steps=15 \
+    train.deterministic=$2 logging.run_dir=/tmp/$1 checkpoint.every_steps=15 \
     checkpoint.keep_last=2 logging.wandb=disabled train.val_batches=0 train.val_every=0 \
-    logging.log_every=1 > $OUT/$run.log 2>&1
-  echo "$run (deterministic=$det): exit $?"; grep -E "^step +(6|16|30)/" $OUT/$run.log | cut -c1-110
-  cp /tmp/$run/metrics.jsonl $OUT/$run.jsonl 2>/dev/null
-done
+    logging.log_every=1 > $OUT/$1.log 2>&1
+  echo "$1 (deterministic=$2): exit $?"; grep -E "^step +(6|16|30)/" $OUT/$1.log | cut -c1-110
+  cp /tmp/$1/metrics.jsonl $OUT/$1.jsonl 2>/dev/null
+}
+train30 det1 true 150
+train30 det2 true 150
 t=$(( $(left) - 150 )); [ $t -gt 120 ] && t=120
 if [ -d /tmp/det1/checkpoints ] && [ $t -ge 60 ]; then  # resume from step 15 = uninterrupted?
   timeout --kill-after=10 $t python3 -m kha_train.cli replay /tmp/det1 --step 16 --after 14 \
     --json $OUT/replay.json > $OUT/replay.log 2>&1
   echo "replay from step 15 (exit $?):"; grep -iE "bitwise|recur|transient" $OUT/replay.log | head -3
 fi
+for mode in plain det; do  # the plain row leaves the deterministic one its time
+  flag=""; reserve=110; [ $mode = det ] && { flag=--deterministic; reserve=10; }
+  t=$(( $(left) - reserve )); [ $t -gt 150 ] && t=150
+  [ $t -lt 60 ] && { echo "bench $mode: skipped"; continue; }
+  timeout --kill-after=10 $t python3 -m kha_train.cli bench --config $cfg --variants kha \
+    --micro-batch 6 --accum 5 --steps 3 --warmup 1 --no-sync-check $flag \
+    --json $OUT/bench_$mode.jsonl 2>&1 | grep -vE "^\{" | tail -4
+done
+[ -f $OUT/bench_det.jsonl ] && python3 scripts/kernel_diff.py $OUT/bench_plain.jsonl $OUT/bench_det.jsonl
+train30 plain false 10
 python3 - <<'P'
 import json, os, statistics
 out = os.environ["OUT"]
@@ -53,12 +66,4 @@ for name, rs in (("det1", d1), ("det2", d2), ("plain", p)):
     if rs:
         print(f"{name}: tokens/s mean over steps 11-{len(rs)}: {statistics.mean(r['tokens_per_s'] for r in rs[10:]):.0f}")
 P
-for mode in plain det; do
-  flag=""; [ $mode = det ] && flag=--deterministic
-  t=$(( $(left) - 10 )); [ $t -gt 150 ] && t=150
-  [ $t -lt 60 ] && { echo "bench $mode: skipped"; continue; }
-  timeout --kill-after=10 $t python3 -m kha_train.cli bench --config $cfg --variants kha \
-    --micro-batch 6 --accum 5 --steps 3 --warmup 1 --no-sync-check $flag \
-    --json $OUT/bench_$mode.jsonl 2>&1 | grep -vE "^\{" | tail -4
-done
-[ -f $OUT/bench_det.jsonl ] && python3 scripts/kernel_diff.py $OUT/bench_plain.jsonl $OUT/bench_det.jsonl
+
