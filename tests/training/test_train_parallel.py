@@ -28,11 +28,11 @@ CFG = ModelConfig(
 
 
 def accumulated_grads(
-    defer: bool, batches: list[torch.Tensor], precision: Precision
+    defer: bool, batches: list[torch.Tensor], precision: Precision, reshard: bool | None = None
 ) -> dict[str, torch.Tensor]:
     """Gradients after one step's micro-batches, read after each micro-batch as FSDP holds them."""
     D.init_distributed("cpu")
-    cfg = ParallelConfig(defer_grad_sync=defer)
+    cfg = ParallelConfig(defer_grad_sync=defer, reshard_after_forward=reshard)
     with torch.device("meta"):
         model = Transformer(CFG)
     parallelize(model, cfg, precision, torch.device("cpu"))
@@ -55,14 +55,19 @@ def accumulated_grads(
     return grads
 
 
+@pytest.mark.parametrize("reshard", [None, True])
 @pytest.mark.parametrize("precision", [Precision.fp32, Precision.bf16])
-def test_deferred_sync_reduces_once_and_gives_the_same_gradients(precision: Precision) -> None:
+def test_deferred_sync_reduces_once_and_gives_the_same_gradients(
+    precision: Precision, reshard: bool | None
+) -> None:
     """bf16: FSDP2 accumulates the unsharded bf16 gradients in its fp32 reduce dtype, so the
-    result matches per-micro-batch fp32 reduction up to summation order."""
+    result matches per-micro-batch fp32 reduction up to summation order. reshard_after_forward
+    (freeing each block's gathered weights after its forward, the memory a big model on one
+    GPU needs for its activations) changes nothing of that."""
     g = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, CFG.vocab_size, (2, 16), generator=g) for _ in range(3)]
     every = accumulated_grads(False, batches, precision)
-    deferred = accumulated_grads(True, batches, precision)
+    deferred = accumulated_grads(True, batches, precision, reshard)
     assert every.keys() == deferred.keys()
     for name in every:
         assert deferred[name].dtype == torch.float32
