@@ -10,6 +10,7 @@
 # runs marked FAILED again (--retry-failed); PROBE_LRS="1e-2 3e-2"
 # first trains the study model's baseline PROBE_S seconds (default 110) at each LR, on the full
 # schedule, and prints its losses and flagged spikes: where does the baseline start to spike?
+# PROBE_ARGS="model.qk_norm=false" adds overrides to the probes (PROBE_TAG=_noqk names them).
 set -u
 start=$(date +%s)  # DEADLINE_S counts from here: installing and unpacking included
 export PYTHONUNBUFFERED=1 KHA_COMMIT=$(cat .kha_commit 2>/dev/null || echo unknown)
@@ -33,12 +34,13 @@ for lr in ${PROBE_LRS:-}; do  # SIGTERM after PROBE_S: the trainer saves and exi
   if [ $(( deadline - ($(date +%s) - start) )) -lt $(( ${PROBE_S:-110} + 60 )) ]; then
     echo "probe lr $lr: skipped, too little time left"; continue
   fi
-  rm -rf /tmp/probe_$lr  # a probe of an earlier call on this machine would refuse to start
+  p=probe_$lr${PROBE_TAG:-}
+  rm -rf /tmp/$p  # a probe of an earlier call on this machine would refuse to start
   timeout -s TERM --kill-after=30 ${PROBE_S:-110} python3 -m kha_train.cli train \
-    configs/study/model.yaml optim.lr=$lr logging.run_dir=/tmp/probe_$lr checkpoint.every_steps=0 \
-    train.val_every=0 train.val_batches=0 "eval.sets={}" > $OUT/probe_$lr.log 2>&1
-  cp /tmp/probe_$lr/metrics.jsonl $OUT/probe_$lr.jsonl 2>/dev/null
-  python3 scripts/device/probe_summary.py $OUT/probe_$lr.jsonl $lr
+    configs/study/model.yaml optim.lr=$lr logging.run_dir=/tmp/$p checkpoint.every_steps=0 \
+    train.val_every=0 train.val_batches=0 "eval.sets={}" ${PROBE_ARGS:-} > $OUT/$p.log 2>&1
+  cp /tmp/$p/metrics.jsonl $OUT/$p.jsonl 2>/dev/null
+  python3 scripts/device/probe_summary.py $OUT/$p.jsonl "$lr ${PROBE_ARGS:-}"
 done
 mkdir -p /tmp/results && cp -rn docs/results/. /tmp/results/  # archived runs are done: not again
 left=$(( deadline - ($(date +%s) - start) )); [ $left -lt 1 ] && left=1
