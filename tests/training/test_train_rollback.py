@@ -157,6 +157,19 @@ def test_rollback_goes_back_before_the_spikes_and_never_reads_their_batches(
     assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_rollback_with_async_saves_takes_the_same_steps(straight, tmp_path, tiny_dataset) -> None:
+    """checkpoint.async_save: the rollback waits for the save in flight, restores the same
+    checkpoint and reads the same batches; the losses equal the blocking-save run's."""
+    run, seen = straight
+    async_run = tmp_path / "async"
+    ckpt = {"every_steps": 2, "keep_last": 5, "async_save": True}
+    t = train_here(rb_config(async_run, tiny_dataset, checkpoint=ckpt), Poisoned)
+    assert t.seen == seen
+    (rb,) = records(async_run, "rollback")
+    assert rb["checkpoint"] == "step_0000004" and rb["skipped_samples"] == [20, 36]
+    assert losses(async_run) == losses(run)
+
+
 class PoisonedStop(Poisoned, StopAt):
     stop_at = 8  # after the rollback (the steps before it reach 7)
 
