@@ -41,18 +41,24 @@ import sys
 import sysconfig
 import tarfile
 import time
-import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from html.parser import HTMLParser
 from pathlib import Path
 
-import numpy as np
+from corpus_filters import (
+    SPEECH_LABEL,
+    SPEECH_TEXT,
+    Dedup,
+    junk_reason,
+    normalise,
+    speech_reason,
+    split_at_paragraphs,
+)
+from corpus_markup import brown_to_text, dict_entries, html_to_text, roff_to_text
 
 Doc = tuple[str, str]  # (label inside the source, text)
 
-MIN_CHARS = 200  # shorter documents are mostly stubs, redirects and empty modules
 PROSE_CAP = 1_000_000  # longer prose (whole books) is split at paragraph ends
 DICT_CAP = 100_000  # dictionaries are runs of independent entries: many smaller documents
 CODE_CAP = 300_000  # longer source files are generated tables or bundles: dropped
@@ -142,19 +148,6 @@ EXCLUDED = {
     "nlp-corpus": "npm: its sentences include State of the Union addresses",
     "compromise-speech": "npm: speech-related name",
 }
-SPEECH_LABEL = re.compile(r"speech|sotu|inaugur|state.of.the.union|oration", re.I)
-SPEECH_TEXT = re.compile(
-    r"fellow[- ]citizens|state of the union|inaugural address|my fellow americans|"
-    r"mr\. speaker|mr\. president and members",
-    re.I,
-)
-GENERATED = re.compile(
-    r"do not edit|auto-?generated|automatically generated|generated (?:by|from|with)"
-    r"|this file (?:is|was) generated",
-    re.I,
-)
-
-
 # ---------------------------------------------------------------- fetching
 
 
@@ -314,217 +307,6 @@ def tree(
     for path in files(root, patterns, skip):
         text = read_text(path, encoding)
         yield path.relative_to(root).as_posix(), convert(text) if convert else text
-
-
-BLOCK_TAGS = {
-    "p",
-    "div",
-    "br",
-    "li",
-    "ul",
-    "ol",
-    "dl",
-    "dt",
-    "dd",
-    "tr",
-    "table",
-    "pre",
-    "section",
-    "blockquote",
-    "h1",
-    "h2",
-    "h3",
-    "h4",
-    "h5",
-    "h6",
-    "article",
-    "hr",
-    "figure",
-    "td",
-    "th",
-}
-SKIP_TAGS = {"script", "style", "head", "nav", "aside", "noscript", "svg", "button", "form"}
-# Navigation by exact class / id token (a substring test would also hit e.g. the
-# <html class="sidebar-visible"> of mdBook and drop the whole page).
-SKIP_TOKENS = {
-    "sphinxsidebar",
-    "related",
-    "navheader",
-    "navfooter",
-    "footer",
-    "leftnav",
-    "headerlink",
-    "bd-sidebar-primary",
-    "bd-sidebar-secondary",
-    "bd-header",
-    "prev-next-area",
-    "breadcrumbs",
-    "nav",
-    "menu-bar",
-    "toc",
-    "searchbar",
-}
-SKIP_IDS = {"sidebar", "menu-bar", "toc", "leftnav", "searchbar"}
-
-
-def is_navigation(tag: str, attrs: list[tuple[str, str | None]]) -> bool:
-    if tag in SKIP_TAGS:
-        return True
-    for key, value in attrs:
-        if key == "id" and value in SKIP_IDS:
-            return True
-        # DocBook's <div class="sidebar"> is a boxed aside worth keeping; other themes'
-        # sidebars are <nav>/<aside> or carry a more specific class
-        if key == "class" and value and SKIP_TOKENS.intersection(value.split()):
-            return True
-    return False
-
-
-class HtmlText(HTMLParser):
-    """HTML to plain text: block elements become line breaks, <pre> keeps its layout, and
-    navigation (scripts, sidebars, headers, footers) is dropped."""
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.out: list[str] = []
-        self.skip_tag: str | None = None
-        self.skip_depth = 0
-        self.pre = 0
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if self.skip_tag:
-            self.skip_depth += tag == self.skip_tag
-            return
-        if is_navigation(tag, attrs):
-            self.skip_tag, self.skip_depth = tag, 1
-            return
-        if tag == "pre":
-            self.pre += 1
-        if tag in BLOCK_TAGS:
-            self.out.append("\n")
-        if tag == "li":
-            self.out.append("- ")
-
-    def handle_endtag(self, tag: str) -> None:
-        if self.skip_tag:
-            if tag == self.skip_tag:
-                self.skip_depth -= 1
-                if self.skip_depth == 0:
-                    self.skip_tag = None
-            return
-        if tag == "pre":
-            self.pre = max(0, self.pre - 1)
-        if tag in BLOCK_TAGS:
-            self.out.append("\n")
-
-    def handle_data(self, data: str) -> None:
-        if not self.skip_tag:
-            self.out.append(data if self.pre else re.sub(r"\s+", " ", data))
-
-
-def html_to_text(source: str) -> str:
-    parser = HtmlText()
-    parser.feed(source)
-    parser.close()
-    # outside <pre> whitespace is already collapsed to one space: drop that one
-    lines = [
-        line[1:].rstrip() if line.startswith(" ") and not line.startswith("  ") else line.rstrip()
-        for line in "".join(parser.out).split("\n")
-    ]
-    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines))
-
-
-ROFF_ESCAPES = {
-    r"\(em": "—",
-    r"\(en": "–",
-    r"\(aq": "'",
-    r"\(dq": '"',
-    r"\(bu": "•",
-    r"\(lq": '"',
-    r"\(rq": '"',
-    r"\(oq": "'",
-    r"\(cq": "'",
-    r"\(co": "©",
-    r"\(ga": "`",
-    r"\(ti": "~",
-    r"\(ha": "^",
-    r"\(rs": "\\",
-    r"\-": "-",
-    r"\e": "\\",
-    r"\&": "",
-    r"\|": "",
-    r"\^": "",
-    r"\ ": " ",
-    r"\~": " ",
-    r"\c": "",
-}
-ROFF_RE = re.compile(r"\\f(?:\[[^\]]*\]|\(..|.)|\\s[+-]?\d+|\\\*(?:\(..|\[[^\]]*\]|.)|\\\(..|\\.")
-
-
-FILL_OFF, FILL_ON = ("nf", "EX"), ("fi", "EE")
-ALTERNATING = ("BR", "IR", "RB", "BI", "IB", "RI")  # fonts alternate, words join unspaced
-PARAGRAPH = ("PP", "P", "LP", "sp", "TP", "IP", "HP", "br", "RS", "RE")
-
-
-def roff_args(arg: str) -> list[str]:
-    return [a.strip('"') for a in re.findall(r'"[^"]*"|\S+', arg)]
-
-
-def roff_to_text(source: str) -> str:
-    """man(7) source to plain text: filled paragraphs joined into lines, no-fill blocks (code
-    examples) kept as they are, section headings on their own line, font escapes dropped."""
-    out: list[str] = []
-    para: list[str] = []
-    fill = True
-
-    def flush() -> None:
-        if para:
-            out.append(" ".join(para))
-            para.clear()
-
-    source = re.sub(r"(?<!\\)\\\n", "", source)  # a trailing backslash continues the line
-    for line in source.splitlines():
-        if line.startswith(('.\\"', "'\\\"")) or line.strip() in (".", "'"):
-            continue
-        if not line.startswith((".", "'")):
-            (para if fill else out).append(line)
-            continue
-        req, _, arg = line[1:].strip().partition(" ")
-        if req in ("SH", "SS", "TH"):
-            flush()
-            out += ["", " ".join(roff_args(arg))]
-        elif req in ALTERNATING:
-            (para if fill else out).append("".join(roff_args(arg)))
-        elif req in ("B", "I", "SM", "SB"):
-            (para if fill else out).append(" ".join(roff_args(arg)))
-        elif req in PARAGRAPH or req in FILL_OFF or req in FILL_ON:
-            flush()
-            if req in FILL_OFF + FILL_ON:
-                fill = req in FILL_ON
-            out.append("")
-            if req == "IP" and arg:
-                out.append(roff_args(arg)[0])
-    flush()
-    text = ROFF_RE.sub(lambda m: ROFF_ESCAPES.get(m.group(0), ""), "\n".join(out))
-    return re.sub(r"\n{3,}", "\n\n", text)
-
-
-def brown_to_text(source: str) -> str:
-    """Brown corpus 'word/tag' tokens back to running text."""
-    sentences = []
-    for line in source.split("\n"):
-        words = [tok.rsplit("/", 1)[0] for tok in line.split()]
-        if words:
-            sentence = " ".join(words).replace("``", '"').replace("''", '"')
-            sentence = re.sub(r" ([,.;:?!)'])", r"\1", sentence)
-            sentences.append(re.sub(r"([(]) ", r"\1", sentence))
-    return " ".join(sentences)
-
-
-def dict_entries(source: str) -> str:
-    """A dictd .dict file without its 00-database-* header entries."""
-    start = source.find("\n\n", source.rfind("00-database-") if "00-database-" in source else 0)
-    return source[start:].strip() if start > 0 else source
 
 
 # ---------------------------------------------------------------- sources
@@ -759,126 +541,6 @@ BY_NAME = {s.name: s for s in SOURCES}
 
 
 # ---------------------------------------------------------------- cleaning and filters
-
-
-def normalise(text: str) -> str:
-    """Unix newlines, no trailing spaces, no leading/trailing blank lines."""
-    text = text.replace("\r\n", "\n").replace("\r", "\n").lstrip("\ufeff")
-    return "\n".join(line.rstrip() for line in text.split("\n")).strip("\n")
-
-
-def split_at_paragraphs(text: str, cap: int) -> list[str]:
-    """Chunks of at most ``cap`` characters, cut at blank lines (else at line ends)."""
-    if len(text) <= cap:
-        return [text]
-    chunks: list[str] = []
-    current: list[str] = []
-    size = 0
-    for part in re.split(r"(?<=\n\n)", text):
-        pieces = [part] if len(part) <= cap else re.split(r"(?<=\n)", part)
-        for piece in pieces:
-            if size + len(piece) > cap and current:
-                chunks.append("".join(current).strip("\n"))
-                current, size = [], 0
-            current.append(piece[:cap])
-            size += len(piece[:cap])
-    if current:
-        chunks.append("".join(current).strip("\n"))
-    return [c for c in chunks if c]
-
-
-LETTERS = bytes(range(65, 91)) + bytes(range(97, 123))
-DIGITS = b"0123456789"
-HIGH_BYTES = bytes(range(128, 256))
-CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f\ufffd]")
-
-
-def junk_reason(text: str, kind: str) -> str | None:
-    """Why a document is not worth training on, or None."""
-    if len(text) < MIN_CHARS:
-        return "short"
-    if len(CONTROL.findall(text)) > len(text) / 1000:
-        return "binary"
-    raw = text.encode()
-    dense = len(raw) - raw.count(b" ") - raw.count(b"\n") - raw.count(b"\t")
-    # non-ASCII letters (accents, other scripts) count as letters in prose
-    non_ascii = len(raw) - len(raw.translate(None, HIGH_BYTES)) if kind == "prose" else 0
-    letters = len(raw) - len(raw.translate(None, LETTERS)) + non_ascii
-    if letters < 0.25 * dense:
-        return "symbols"
-    if len(raw) - len(raw.translate(None, DIGITS)) > 0.3 * dense:
-        return "numeric"
-    longest = max(len(line) for line in text.split("\n"))
-    if kind == "code":
-        if longest > 1000 or len(text) / (text.count("\n") + 1) > 150:
-            return "long-lines"
-        if GENERATED.search(text[:2000]):
-            return "generated"
-    elif longest > 30_000:
-        return "long-lines"
-    return None
-
-
-def speech_reason(label: str, text: str) -> str | None:
-    """Documents that look like speeches are reserved for evaluation."""
-    if SPEECH_LABEL.search(label):
-        return "speech-name"
-    hits = SPEECH_TEXT.findall(text)
-    if len(hits) >= 2 or SPEECH_TEXT.search(text[:2000]):
-        return "speech-text"
-    return None
-
-
-class Dedup:
-    """Exact (normalised-text hash) and near (MinHash of the line set) duplicate detection.
-
-    Near duplicates are the same file in two packages or versions, reformatted or lightly
-    edited: documents whose sets of non-trivial lines overlap by >= ~75% (Jaccard). 32 hash
-    functions in 8 bands of 4 find candidates; the share of equal signature values confirms.
-    """
-
-    NUM_HASHES, BANDS, THRESHOLD, MIN_LINES = 32, 8, 0.75, 8
-
-    def __init__(self) -> None:
-        rng = np.random.default_rng(20261201)  # fixed: the same documents win on every run
-        self.mul = rng.integers(1, 2**63, self.NUM_HASHES, dtype=np.uint64) | np.uint64(1)
-        self.add = rng.integers(0, 2**63, self.NUM_HASHES, dtype=np.uint64)
-        self.exact: set[bytes] = set()
-        self.bands: dict[bytes, int] = {}
-        self.sigs: list[np.ndarray] = []
-
-    def signature(self, text: str) -> np.ndarray | None:
-        lines = {" ".join(line.split()).lower() for line in text.split("\n")}
-        hashes = [zlib.crc32(line.encode()) for line in lines if len(line) >= 8]
-        if len(hashes) < self.MIN_LINES:
-            return None
-        x = np.asarray(hashes, dtype=np.uint64)[:, None]
-        with np.errstate(over="ignore"):  # multiply-shift hashing wraps on purpose
-            mixed = (x * self.mul + self.add) >> np.uint64(32)
-        return mixed.min(axis=0).astype(np.uint32)
-
-    def check(self, text: str) -> str | None:
-        """'exact' or 'near' for a duplicate of an earlier document; else registers it."""
-        key = hashlib.blake2b(" ".join(text.lower().split()).encode(), digest_size=16).digest()
-        if key in self.exact:
-            return "exact-dup"
-        sig = self.signature(text)
-        band_keys = []
-        if sig is not None:
-            rows = self.NUM_HASHES // self.BANDS
-            band_keys = [
-                bytes([b]) + sig[b * rows : (b + 1) * rows].tobytes() for b in range(self.BANDS)
-            ]
-            for bk in band_keys:
-                other = self.bands.get(bk)
-                if other is not None and (self.sigs[other] == sig).mean() >= self.THRESHOLD:
-                    return "near-dup"
-        self.exact.add(key)
-        if sig is not None:
-            self.sigs.append(sig)
-            for bk in band_keys:
-                self.bands.setdefault(bk, len(self.sigs) - 1)
-        return None
 
 
 # ---------------------------------------------------------------- building

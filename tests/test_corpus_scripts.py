@@ -75,3 +75,16 @@ def test_exact_and_near_duplicates_are_dropped() -> None:
     assert dedup.check(edited) == "near-dup"
     other = "\n".join(f"row {i}: class Thing{i}: value = {i * 7} ** 2 - {i}" for i in range(40))
     assert dedup.check(other) is None
+
+
+def test_markup_becomes_plain_text() -> None:
+    markup = _script("corpus_markup")
+    html = (
+        "<html><head><title>t</title><style>p {}</style></head><body><nav>menu</nav>"
+        "<p>Hello <b>world</b></p><script>x()</script><p>Two</p></body></html>"
+    )
+    assert markup.html_to_text(html).split() == ["Hello", "world", "Two"]  # no menu, no code
+    roff = ".SH NAME\nls \\- list directory\n.PP\nSome \\fBbold\\fR text."
+    text = markup.roff_to_text(roff)
+    assert "Some bold text." in text and "\\f" not in text and "ls - list directory" in text
+    assert markup.brown_to_text("The/at cat/nn sat/vbd ./.") == "The cat sat."
