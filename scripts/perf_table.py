@@ -6,8 +6,9 @@ with the settings it ran under, for docs/performance.md.
 Reads ``kha-train bench --json`` files (one JSON line per variant and precision) and the logs of
 the peer scripts in ../shared/peers (torchtitan's ``RESULT ...`` line, Hugging Face's ``HF ...``
 line), in the order given. Every row says tokens per optimizer step (micro-batch x accumulation
-x sequence), precision, activation checkpointing and loss kernel where they apply, so that a
-row is only set beside another of the same tokens per step; the table says when they differ.
+x sequence), precision, activation checkpointing, loss kernel and FSDP settings where they
+apply, so that a row is only set beside another of the same tokens per step; the table says
+when they differ. A second table splits the GPU time of each profiled row by part.
 """
 
 from __future__ import annotations
@@ -43,8 +44,14 @@ def ours(path: Path) -> list[dict[str, Any]]:
         s = r.get("settings", {})
         mb, accum, seq = s.get("micro_batch"), s.get("accum"), s.get("seq_len")
         kha = "KHA-MLP on V" if r.get("variant") == "kha" else "no KHA"
-        settings = [r.get("precision", "bf16"), f"AC {s.get('ac', 'none')}",
+        ac = s.get("ac", "none")
+        ac = f"every {s.get('ac_every_n')}" if ac == "every_n" else ac
+        settings = [r.get("precision", "bf16"), f"AC {ac}",
                     f"loss {s.get('loss_kernel', 'chunked')}"]  # fmt: skip
+        if s.get("reshard"):
+            settings.append("reshard_after_forward")
+        if s.get("defer_sync") is False:
+            settings.append("gradient sync every micro-batch")
         if r.get("precision") == "fp8":
             f = s.get("fp8", {})
             settings.append(f"fp8 {f.get('recipe')} dims >= {f.get('min_dim')}")
@@ -54,7 +61,7 @@ def ours(path: Path) -> list[dict[str, Any]]:
             "system": f"kha-train, {kha}", "mb": mb, "accum": accum, "seq": seq,
             "settings": ", ".join(settings), "ms": r.get("step_ms"),
             "tps": r.get("tokens_per_s"), "mfu": r.get("mfu"), "mem": r.get("peak_mem_gib"),
-            "error": r.get("error"),
+            "error": r.get("error"), "breakdown": r.get("breakdown_ms"),
         })  # fmt: skip
     return rows
 
@@ -102,6 +109,26 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def breakdown_table(rows: list[dict[str, Any]]) -> str:
+    """GPU time per step by part (the profiler's categories, ms and share) of the profiled rows;
+    empty when no row was profiled."""
+    profiled = [r for r in rows if r.get("breakdown") and not r.get("error")]
+    if not profiled:
+        return ""
+    parts = list(dict.fromkeys(k for r in profiled for k in sorted(
+        r["breakdown"], key=lambda k: -r["breakdown"][k])))  # fmt: skip
+    lines = ["| system | settings | GPU ms / step | " + " | ".join(parts) + " |",
+             "|" + "---|" * (len(parts) + 3)]  # fmt: skip
+    for r in profiled:
+        total = sum(r["breakdown"].values())
+        cells = [f"{r['breakdown'][k]:.1f} ({r['breakdown'][k] / total:.0%})"
+                 if k in r["breakdown"] else "" for k in parts]  # fmt: skip
+        tokens = f"{r['mb']} x {r['accum']} x {r['seq']}"
+        lines.append(f"| {r['system']} ({tokens}) | {r['settings']} | {total:.1f} | "
+                     + " | ".join(cells) + " |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("files", nargs="+", type=Path, help="bench .jsonl files and peer .log files")
@@ -112,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{path} does not exist")
         rows += ours(path) if path.suffix == ".jsonl" else peer(path)
     print(table(rows))
+    breakdown = breakdown_table(rows)
+    if breakdown:
+        print("\nWhere the GPU time of a step goes (profiled rows):\n")
+        print(breakdown)
     return 0
 
 

@@ -24,6 +24,12 @@ def test_rows_of_ours_and_the_peers_with_their_settings(tmp_path, capsys) -> Non
         {"variant": "kha", "precision": "bf16", "error": "OutOfMemoryError: CUDA out of memory",
          "settings": settings},
     ]))  # fmt: skip
+    main = tmp_path / "main_none_mb1.jsonl"  # a profiled row of the activation-checkpointing sweep
+    main.write_text(json.dumps(
+        {"variant": "kha", "precision": "bf16", "step_ms": 2000.0, "tokens_per_s": 16384.0,
+         "mfu": 0.45, "peak_mem_gib": 130.0, "breakdown_ms": {"attention": 600.0, "moe": 1400.0},
+         "settings": {**settings, "micro_batch": 1, "accum": 8, "ac": "every_n", "ac_every_n": 2,
+                      "reshard": True, "defer_sync": False}}) + "\n")  # fmt: skip
     tt = tmp_path / "tt_amp_mb6x5.log"  # the line ../shared/peers/tt_peer.py prints
     tt.write_text(
         "warming up\nRESULT torchtitan-0.3.0 Qwen3MoE attn=sdpa mode=amp compile=True seq=4096 "
@@ -35,7 +41,7 @@ def test_rows_of_ours_and_the_peers_with_their_settings(tmp_path, capsys) -> Non
                   "TFLOP/s, MFU 20.2% (peak 989), mem 50.5 GiB\n")  # fmt: skip
     broken = tmp_path / "tt_bf16_mb4x1.log"
     broken.write_text("Traceback ...\ntorch.OutOfMemoryError: CUDA out of memory\n")
-    assert pt.main([str(ours), str(tt), str(hf), str(broken)]) == 0
+    assert pt.main([str(ours), str(tt), str(hf), str(broken), str(main)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[2] == ("| kha-train, KHA-MLP on V | 122,880 (6 x 5 x 4096) | bf16, AC none, loss "
                       "chunked | 1217.3 | 100.9k | 51.2% | 65.2 GiB |")  # fmt: skip
@@ -50,4 +56,10 @@ def test_rows_of_ours_and_the_peers_with_their_settings(tmp_path, capsys) -> Non
         "| HF transformers | 16,384 (4 x 1 x 4096) | bf16 params, attention sdpa |"
     )
     assert "failed: torch.OutOfMemoryError: CUDA out of memory" in out[7]
-    assert out[-1].startswith("Tokens per optimizer step differ between rows")
+    assert ("| 32,768 (1 x 8 x 4096) | bf16, AC every 2, loss chunked, reshard_after_forward, "
+            "gradient sync every micro-batch | 2000.0 | 16.4k | 45.0% | 130.0 GiB |") in out[8]
+    assert out[10].startswith("Tokens per optimizer step differ between rows")
+    # The profiled row's GPU time by part, largest first.
+    assert out[14] == "| system | settings | GPU ms / step | moe | attention |"
+    assert out[16].startswith("| kha-train, KHA-MLP on V (1 x 8 x 4096) | bf16, AC every 2")
+    assert out[16].endswith("| 2000.0 | 1400.0 (70%) | 600.0 (30%) |")
