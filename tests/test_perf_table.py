@@ -56,8 +56,10 @@ def test_rows_of_ours_and_the_peers_with_their_settings(tmp_path, capsys) -> Non
         "| HF transformers | 16,384 (4 x 1 x 4096) | bf16 params, attention sdpa |"
     )
     assert "failed: torch.OutOfMemoryError: CUDA out of memory" in out[7]
-    assert ("| 32,768 (1 x 8 x 4096) | bf16, AC every 2, loss chunked, reshard_after_forward, "
-            "gradient sync every micro-batch | 2000.0 | 16.4k | 45.0% | 130.0 GiB |") in out[8]
+    assert (
+        "| 32,768 (1 x 8 x 4096) | bf16, AC every 2, loss chunked, reshard_after_forward, "
+        "gradient sync every micro-batch | 2000.0 | 16.4k | 45.0% | 130.0 GiB |"
+    ) in out[8]
     assert out[10].startswith("Tokens per optimizer step differ between rows")
     # The profiled row's GPU time by part, largest first.
     assert out[14] == "| system | settings | GPU ms / step | moe | attention |"
