@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 class EvalPick(enum.StrEnum):
     # A fixed random sample of the set's whole documents (the same in every run). A set's
     # documents are often grouped by source (a prepared val split holds them in corpus order),
-    # so its first documents can be one kind of text only. A raw-text set is tokenized twice:
-    # once to count its documents, once to read the sample.
+    # so its first documents can be one kind of text only. A raw-text set larger than
+    # max_tokens is tokenized twice: once to count its documents, once to read the sample.
     sample = "sample"
     first = "first"  # the set's first documents (cheaper for a large raw text; older runs' rule)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,7 +128,8 @@ def _load_set(
     work: str, window: int, stride: int, rows: int,
 ) -> EvalSet:  # fmt: skip
     path = Path(spec)
-    if (path / "index.json").is_file():  # a prepared dataset: its val split
+    is_prepared = (path / "index.json").is_file()
+    if is_prepared:  # a prepared dataset: its val split
         index = read_index(path)
         if index.tokenizer_hash != run_index.tokenizer_hash:
             raise DataError(
@@ -146,9 +147,6 @@ def _load_set(
 
         def read(keep: set[int] | None = None) -> Iterator[Document]:
             return dataset_documents(index, "val", tok, keep=keep)
-
-        def lengths() -> list[int]:
-            return dataset_document_lengths(index, "val")  # no decoding: cheap
     else:
         try:
             resolve_local_files(spec)  # missing / empty / unsupported files: one error now
@@ -160,17 +158,17 @@ def _load_set(
             docs = enumerate(source_documents(source, tok, work))
             return (d for i, d in docs if keep is None or i in keep)
 
-        def lengths() -> list[int]:
-            return [len(d.ids) for d in read()]  # tokenizes the whole text once more
-
     if cfg.eval.pick == EvalPick.first:
         taken = list(_until_tokens(read(), cfg.eval.max_tokens))
+    elif is_prepared:  # the documents' lengths without decoding, then only the sample decoded
+        lengths = dataset_document_lengths(index, "val")
+        taken = list(read(set(sample_documents(lengths, cfg.eval.max_tokens))))
     else:
-        taken = list(read(set(sample_documents(lengths(), cfg.eval.max_tokens))))
+        taken = _sample_raw(read(), cfg.eval.max_tokens, read)
     if not taken:
         raise DataError(
             f"eval.sets.{name}={spec} holds no document with a token to predict: check the path"
-            + ("" if (path / "index.json").is_file() else " and eval.text_field")
+            + ("" if is_prepared else " and eval.text_field")
         )
     ids = [d.ids for d in taken]
     windows = plan_windows(ids, window, stride)
@@ -179,6 +177,26 @@ def _load_set(
         name, spec, len(taken), sum(len(d) - 1 for d in ids), sum(d.nbytes for d in taken),
         batches,
     )  # fmt: skip
+
+
+def _sample_raw(
+    docs: Iterable[Document], max_tokens: int, reread: Callable[[set[int]], Iterable[Document]]
+) -> list[Document]:
+    """:func:`sample_documents` of a raw-text set, read once to count its documents. A set of
+    at most ``max_tokens`` tokens is kept as it is read (the sample is all of it); a larger one
+    is read (tokenized) a second time for the sampled documents only, so memory stays bounded."""
+    lengths: list[int] = []
+    held: list[Document] | None = []
+    total = 0
+    for d in docs:
+        lengths.append(len(d.ids))
+        total += len(d.ids)
+        if total > max_tokens:
+            held = None  # too large to hold: read again below
+        elif held is not None:
+            held.append(d)
+    picked = sample_documents(lengths, max_tokens)
+    return [held[i] for i in picked] if held is not None else list(reread(set(picked)))
 
 
 def sample_documents(lengths: Sequence[int], max_tokens: int, seed: int = 0) -> list[int]:
