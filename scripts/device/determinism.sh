@@ -1,13 +1,14 @@
 #!/bin/bash
 # One device call (issue: deterministic mode on the GPU; docs/training.md, "Deterministic mode"):
-#   1. two runs of the reference config (A0.44B, KHA-MLP-V, mb 6 x 5 x 4096, compiled) with
-#      train.deterministic=true, 30 steps each on data/builtin: are they bitwise equal (every
-#      logged loss and grad norm), and at what tokens/s;
-#   2. a resume: `kha-train replay` restores the first deterministic run's checkpoint of step 15
-#      and trains steps 16-30 again: bitwise equal to the uninterrupted run?
+#   1. a run of the reference config (A0.44B, KHA-MLP-V, mb 6 x 5 x 4096, compiled) with
+#      train.deterministic=true, 30 steps on data/builtin, and its tokens/s;
+#   2. a resume: `kha-train replay` restores its checkpoint of step 15 and trains steps 16-30
+#      again: bitwise equal to the uninterrupted run?
 #   3. `kha-train bench` of the same workload with and without --deterministic, profiled, and
 #      scripts/kernel_diff.py: which kernels the mode changes and what each costs;
-#   4. with time left, the same 30 steps without the mode (where its losses part from 1.'s).
+#   4. with time left, a second deterministic run (bitwise equal to 1.?) and the same 30 steps
+#      without the mode (where its losses part from 1.'s).
+# (Two straight deterministic runs were already compared on the study model: training.md.)
 # Each part runs only if the time left allows it (about 110 s a training run or bench row).
 # Usage: bash scripts/device/determinism.sh [DEADLINE_S]
 # Carry: data/builtin, .whl (omegaconf, antlr4), .kha_commit (optional).
@@ -31,9 +32,8 @@ train30() {  # train30 NAME DETERMINISTIC RESERVE_S: 30 steps, unless RESERVE_S 
   echo "$1 (deterministic=$2): exit $?"; grep -E "^step +(6|16|30)/" $OUT/$1.log | cut -c1-110
   cp /tmp/$1/metrics.jsonl $OUT/$1.jsonl 2>/dev/null
 }
-train30 det1 true 150
-train30 det2 true 150
-t=$(( $(left) - 150 )); [ $t -gt 120 ] && t=120
+train30 det1 true 300
+t=$(( $(left) - 220 )); [ $t -gt 120 ] && t=120
 if [ -d /tmp/det1/checkpoints ] && [ $t -ge 60 ]; then  # resume from step 15 = uninterrupted?
   timeout --kill-after=10 $t python3 -m kha_train.cli replay /tmp/det1 --step 16 --after 14 \
     --json $OUT/replay.json > $OUT/replay.log 2>&1
@@ -41,13 +41,14 @@ if [ -d /tmp/det1/checkpoints ] && [ $t -ge 60 ]; then  # resume from step 15 = 
 fi
 for mode in plain det; do  # the plain row leaves the deterministic one its time
   flag=""; reserve=110; [ $mode = det ] && { flag=--deterministic; reserve=10; }
-  t=$(( $(left) - reserve )); [ $t -gt 150 ] && t=150
+  t=$(( $(left) - reserve )); [ $t -gt 130 ] && t=130
   [ $t -lt 60 ] && { echo "bench $mode: skipped"; continue; }
   timeout --kill-after=10 $t python3 -m kha_train.cli bench --config $cfg --variants kha \
     --micro-batch 6 --accum 5 --steps 3 --warmup 1 --no-sync-check $flag \
     --json $OUT/bench_$mode.jsonl 2>&1 | grep -vE "^\{" | tail -4
 done
 [ -f $OUT/bench_det.jsonl ] && python3 scripts/kernel_diff.py $OUT/bench_plain.jsonl $OUT/bench_det.jsonl
+train30 det2 true 10
 train30 plain false 10
 python3 - <<'P'
 import json, os, statistics
