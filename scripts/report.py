@@ -24,9 +24,21 @@ def _load(run: Path) -> dict[str, Any]:
     r = json.loads((run / "results.json").read_text())
     r["archive"] = run
     r.setdefault("status", "completed")  # archives from before the runner recorded it
-    with gzip.open(run / "metrics.jsonl.gz", "rt") as f:
-        r["records"] = [json.loads(line) for line in f if line.strip()]
+    r["records"] = _read_jsonl_gz(run / "metrics.jsonl.gz")
+    side = run / "rolled_back.jsonl.gz"  # the steps that rollbacks abandoned (study.py)
+    r["rolled_back"] = _read_jsonl_gz(side) if side.is_file() else []
     return r
+
+
+def _read_jsonl_gz(path: Path) -> list[dict[str, Any]]:
+    with gzip.open(path, "rt") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _spikes(d: dict[str, Any]) -> int:
+    """Spikes the run's detector flagged, those of the steps a rollback abandoned included (the
+    run's own count, ``spikes_total``, is restored with the checkpoint and so forgets them)."""
+    return d["spikes"] + sum(r.get("type") == "spike" for r in d.get("rolled_back", []))
 
 
 def _finished(ds: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -101,7 +113,7 @@ def write_report(
         if not ds:  # every seed diverged: when and how
             how = ", ".join(f"{d['status']} at step {d['steps']}" for d in failed)
             lines.append(f"| {v} | {runs} | diverged: {how} | | | | "
-                         f"{sum(d['spikes'] for d in failed)} | | | |")  # fmt: skip
+                         f"{sum(_spikes(d) for d in failed)} | | | |")  # fmt: skip
             continue
         bpb = _stats([d["final"]["eval_bpb"] for d in ds])
         loss = _stats([d["final"]["eval_loss"] for d in ds])
@@ -117,7 +129,7 @@ def write_report(
         vio_last = np.mean([d["max_violation_last"] or 0 for d in ds])
         lines.append(
             f"| {v} | {runs} | {bpb[0]:.4f} ({_fmt(bpb[1])}) | {loss[0]:.4f} ({_fmt(loss[1])}) "
-            f"| {diff} | {beyond} | {sum(d['spikes'] for d in ds)} | {vio_max:.2f} / "
+            f"| {diff} | {beyond} | {sum(_spikes(d) for d in ds)} | {vio_max:.2f} / "
             f"{vio_last:.2f} | {np.mean(flips) if flips else float('nan'):.1%} | "
             f"{np.mean([d['tokens_per_s'] or 0 for d in ds]) / 1e3:.0f}k |"
         )
@@ -141,6 +153,8 @@ def write_report(
             lines.append(f"| {d['run']} | {d['final']['eval_loss']:.4f} | {a['eval_loss']:.4f} | "
                          f"{d['final']['eval_bpb']:.4f} | {a['eval_bpb']:.4f} | {share} |")  # fmt: skip
     pngs = _plots(study, data, variants, results)
+    if defended:
+        pngs.insert(1, _grad_norm_plot(study, data, variants, results))
     lines += [""] + [f"![{p.stem}]({p.name})" for p in pngs]
     out = results / f"{study}.md"
     out.write_text("\n".join(lines) + "\n")
@@ -196,7 +210,7 @@ def _defenses_table(data: list[dict[str, Any]]) -> list[str]:
         f = d.get("defenses", {})
         skipped = f.get("spike_skipped", 0) + (d.get("nonfinite_skipped") or 0)
         lost = (skipped + f.get("steps_redone", 0)) * d["tokens"] / max(d["steps"], 1)
-        lines.append(f"| {d['run']} | {d['spikes']} | {skipped} | {f.get('rollbacks', 0)} | "
+        lines.append(f"| {d['run']} | {_spikes(d)} | {skipped} | {f.get('rollbacks', 0)} | "
                      f"{f.get('steps_redone', 0)} | {f.get('data_steps_skipped', 0)} | "
                      f"{lost / 1e6:.1f}M | {_bpb(d)} |")  # fmt: skip
     return lines
@@ -240,10 +254,11 @@ def _plots(
         for a in (ax, ax2):
             a.plot(*zip(*train), style, color=color[d["variant"]], lw=1,
                    label=d["run"])  # fmt: skip
-        spikes = [(r["step"], r["loss"]) for r in d["records"] if r.get("type") == "spike"]
+        kept_and_lost = d["records"] + d["rolled_back"]  # a rollback's spikes are in the second
+        spikes = [(r["step"], r["loss"]) for r in kept_and_lost if r.get("type") == "spike"]
         if spikes:
             ax.scatter(*zip(*spikes), marker="x", color=color[d["variant"]], s=40, zorder=5)
-        skips = [(r["step"], r["loss"]) for r in d["records"] if r.get("type") == "spike_skip"]
+        skips = [(r["step"], r["loss"]) for r in kept_and_lost if r.get("type") == "spike_skip"]
         if skips:  # updates the spike guard did not apply
             ax.scatter(*zip(*skips), marker="v", color=color[d["variant"]], s=30, zorder=5)
         for r in d["records"]:
@@ -358,6 +373,49 @@ def _plots(
         fig.suptitle(f"{study}: KHA matrices' distance from their init over training", fontsize=10)
         out.append(_save(fig, results / f"{study}_kha_drift.png"))
     return out
+
+
+def _grad_norm_plot(
+    study: str, data: list[dict[str, Any]], variants: list[str], results: Path
+) -> Path:
+    """The gradient norm of every logged step, the spikes that the defenses act on: each run's
+    flagged spikes (x), updates not applied (v), and for a rollback the steps it abandoned
+    (dotted) with their spikes, from the step it went back to (band)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    color = {v: COLORS[i % len(COLORS)] for i, v in enumerate(variants)}
+    fig, axes = plt.subplots(len(data), 1, figsize=(14, 2.6 * len(data)), dpi=100, sharex=True,
+                             sharey=True, squeeze=False)  # fmt: skip
+    for ax, d in zip(axes[:, 0], data):
+        c = color[d["variant"]]
+        train = [(r["step"], r["grad_norm"]) for r in d["records"] if r.get("type") == "train"]
+        ax.plot(*zip(*train), "-", color=c, lw=0.8, label=d["run"])
+        for number in sorted({r.get("rolled_back_by", 0) for r in d["rolled_back"]}):
+            lost = [(r["step"], r["grad_norm"]) for r in d["rolled_back"]
+                    if r.get("type") == "train" and r.get("rolled_back_by", 0) == number]  # fmt: skip
+            if lost:
+                ax.plot(*zip(*lost), ":", color=c, lw=0.8)
+        for recs in (d["records"], d["rolled_back"]):
+            for kind, mark in (("spike", "x"), ("spike_skip", "v")):
+                pts = [(r["step"], r["grad_norm"]) for r in recs if r.get("type") == kind]
+                if pts:
+                    ax.scatter(*zip(*pts), marker=mark, color=c, s=36, zorder=5)
+        for r in d["records"]:
+            if r.get("type") == "rollback":
+                ax.axvspan(r["to_step"], r["from_step"], color=c, alpha=0.15)
+        ax.set_yscale("log")
+        ax.set_ylabel("grad norm")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper right")
+    axes[-1, 0].set_xlabel(
+        "step (line: the mean of each logging interval; markers: the spiking step itself)"
+    )
+    axes[0, 0].set_title(f"{study}: gradient norm before clipping (x: spike flagged, v: update "
+                         "not applied, band and dotted: rolled back)")  # fmt: skip
+    return _save(fig, results / f"{study}_grad_norm.png")
 
 
 def _save(fig: Any, path: Path) -> Path:

@@ -26,3 +26,20 @@ def test_difference_is_paired_by_seed() -> None:
     # A seed the baseline lacks is left out; with none in common there is no comparison.
     assert _paired(_runs({1: 0.915, 3: 0.80}), base)[0] == "-0.0050 (s1)"
     assert _paired(_runs({3: 0.80}), base) == ("", "")
+
+
+def test_spikes_of_rolled_back_steps_are_counted_and_drawn(tmp_path) -> None:
+    """A rollback restores the run's spike count from its checkpoint, so the spike that
+    triggered it lives only in rolled_back.jsonl: the report counts and plots it from there."""
+    report = load_script("report")
+    train = [{"type": "train", "step": s, "loss": 3.0, "grad_norm": 0.4} for s in (10, 20, 30)]
+    lost = [{"type": "train", "step": 20, "loss": 3.1, "grad_norm": 2.0, "rolled_back_by": 1},
+            {"type": "spike", "step": 18, "loss": 3.2, "grad_norm": 5.0, "rolled_back_by": 1}]  # fmt: skip
+    rollback = {"type": "rollback", "step": 10, "from_step": 20, "to_step": 10}
+    run = {"run": "rb-s1", "variant": "rb", "spikes": 1, "records": [*train, rollback],
+           "rolled_back": lost}  # fmt: skip
+    plain = {"run": "plain-s1", "variant": "plain", "spikes": 1, "records": train,
+             "rolled_back": []}  # fmt: skip
+    assert report._spikes(run) == 2 and report._spikes(plain) == 1
+    png = report._grad_norm_plot("s", [run, plain], ["plain", "rb"], tmp_path)
+    assert png == tmp_path / "s_grad_norm.png" and png.stat().st_size > 0
