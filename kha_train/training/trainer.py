@@ -575,7 +575,7 @@ class Trainer:
         """Finish an in-flight async save (also after an error), stop the loaders' and the
         console's threads, and free the run directory."""
         try:
-            self.ckpt.wait()
+            self.ckpt.close()
         except Exception as e:  # the run's own error, if any, is the one to report
             self.log.info(f"warning: the last async checkpoint did not complete: {e}")
         self.log.stop_heartbeat()

@@ -111,19 +111,25 @@ def test_interrupted_saves_are_never_loaded_and_are_cleaned_up(tmp_path: Path) -
 
 
 def test_async_save_snapshots_the_state_at_save_time(tmp_path: Path) -> None:
+    """Each async save holds the state of its own step, though training goes on while it is
+    written and the second save stages into the host buffers of the first (reused)."""
     env, model, opt = setup()
     mgr = CheckpointManager(tmp_path, keep_last=2, async_save=True, env=env)
-    train_step(model, opt)
-    expected = snapshot(model, opt)
-    path = mgr.save(1, model, opt, {"step": 1}, "")
-    for _ in range(3):  # keeps training while the writer thread works
+    expected, paths = [], []
+    for step in (1, 2):
         train_step(model, opt)
-        mgr.poll()
+        expected.append(snapshot(model, opt))
+        paths.append(mgr.save(step, model, opt, {"step": step}, ""))
+        for _ in range(3):  # keeps training while the writer thread works
+            train_step(model, opt)
+            mgr.poll()
     mgr.wait()
-    assert (path / MARKER).is_file()
-    mgr.load(path, model, opt)
-    now = snapshot(model, opt)
-    assert all(torch.equal(now[k], expected[k]) for k in now)
+    for path, want in zip(paths, expected):
+        assert (path / MARKER).is_file()
+        mgr.load(path, model, opt)
+        now = snapshot(model, opt)
+        assert all(torch.equal(now[k], want[k]) for k in now)
+    assert not torch.equal(expected[0]["m.layers.0.weight"], expected[1]["m.layers.0.weight"])
 
 
 def test_loading_another_model_shape_names_keys_shapes_and_settings(tmp_path: Path) -> None:
