@@ -383,6 +383,10 @@ class Trainer:
             "skipped_samples": [start, end],
             "skipped_count": (last - f + 1) * self.loader.global_batch_size,
             "checkpoint": restored.path.name, "discarded": [p.name for p in discarded],
+            # what the abandoned steps flagged and skipped: the counters restored with the
+            # checkpoint no longer hold it, the end record adds it back
+            "spikes_abandoned": old_monitor.detector.num_spikes - self.monitor.detector.num_spikes,
+            "skips_abandoned": old_monitor.spike_skipped_total - self.monitor.spike_skipped_total,
             **d.detail,
         }  # fmt: skip
         self.rollbacks.add(record, c)
@@ -558,6 +562,11 @@ class Trainer:
             "spike_skipped": self.monitor.spike_skipped_total,
             "spikes_total": self.monitor.detector.num_spikes,
             "rollbacks": len(self.rollbacks.history),
+            # flagged or skipped in steps that a rollback abandoned (not in the counts above)
+            "spikes_rolled_back": sum(r.get("spikes_abandoned", 0) for r in self.rollbacks.history),
+            "spike_skipped_rolled_back": sum(
+                r.get("skips_abandoned", 0) for r in self.rollbacks.history
+            ),
         }  # fmt: skip
         self.log.event({"type": "end", **summary})
         if self.env.is_main:

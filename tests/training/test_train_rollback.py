@@ -140,6 +140,12 @@ def test_rollback_goes_back_before_the_spikes_and_never_reads_their_batches(
     assert all(r["step"] <= 4 for r in records(run, "spike_skip"))
     (end,) = records(run, "end")
     assert end["status"] == "completed" and end["rollbacks"] == 1
+    # The counters come back with the checkpoint; what the abandoned steps flagged and skipped
+    # is counted by the rollback and added back in the end record.
+    gone_spikes = sum(r["type"] == "spike" for r in gone)
+    assert gone_spikes >= 1 and rb["spikes_abandoned"] == gone_spikes
+    assert rb["skips_abandoned"] == 3 and end["spike_skipped_rolled_back"] == 3
+    assert end["spikes_rolled_back"] == gone_spikes
     # Checkpoint 6 is the one saved after the rollback; the loader state holds every range.
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
         f"step_{s:07d}" for s in (2, 4, 6, 8, 10)
