@@ -494,7 +494,7 @@ def _host_stager(device: torch.device) -> Any:
     allocates at the first save and reuses at every later one (one save is in flight at a time,
     so the writer is done with them), pinned on a GPU so that the copy runs at the bus's speed.
     DCP's default stages into fresh pageable memory at every save: on the replication study's
-    model that stalled training 1.5-1.7 s a save, half of a blocking save (docs/training.md)."""
+    model that stalled training 1.3-1.6 s a save, more than half of a blocking save (training.md)."""
     from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
     gpu = device.type == "cuda"
