@@ -14,6 +14,10 @@ class CheckpointConfig:
     # the state to host memory, into buffers kept for the run (pinned on a GPU: host memory the
     # size of this rank's checkpoint shard, model and optimizer).
     async_save: bool = False
+    # Who writes an async save: "thread" (a thread of the training process) or "process" (a
+    # writer process per rank, started at the first save and kept, reading the copy from shared
+    # memory: the write does not compete with the training loop for the interpreter).
+    async_mode: str = "thread"
     resume: str = "none"  # none | auto (newest complete checkpoint in dir) | a checkpoint path
     # Also write each checkpoint as a Hugging Face model (`kha-train export`, run in the
     # background on the CPU by rank 0) to <logging.run_dir>/hf/step_XXXXXXX; keeps keep_last.

@@ -60,6 +60,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
 from kha_train.config import ConfigError
 from kha_train.fs import FIXES, describe, find_os_error, short_write
@@ -125,16 +126,28 @@ def resolve_resume(resume: str, directory: Path) -> Path | None:
     return path
 
 
+# checkpoint.async_mode: who writes an async save (False: a thread, True: a process)
+_WRITER = {False: AsyncCheckpointerType.THREAD, True: AsyncCheckpointerType.PROCESS}
+
+
 class CheckpointManager:
     """Saves, publishes, rotates and loads checkpoints (see the module docstring)."""
 
-    def __init__(self, directory: Path, keep_last: int, async_save: bool, env: DistEnv) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        keep_last: int,
+        async_save: bool,
+        env: DistEnv,
+        async_mode: str = "thread",
+    ) -> None:
         self.directory = Path(directory)
         self.keep_last = keep_last
         self.async_save = async_save
         self.env = env
         self.group = gloo_group("checkpoint")  # DCP's collectives, also from the writer thread
-        self._stager = _host_stager(env.device) if async_save else None
+        self._process = async_mode == "process"  # checkpoint.async_mode
+        self._stager = _host_stager(env.device, shared=self._process) if async_save else None
         self._pending: tuple[int, Path, Path, Future] | None = None
         self._published: list[Path] = []  # rank 0: checkpoints completed since take_published()
         if env.is_main:
@@ -198,7 +211,11 @@ class CheckpointManager:
         state = {"model": model_sd, "optim": optim_sd}
         if self.async_save and not blocking:
             future = dcp.async_save(
-                state, checkpoint_id=str(tmp), process_group=self.group, async_stager=self._stager
+                state,
+                checkpoint_id=str(tmp),
+                process_group=self.group,
+                async_stager=self._stager,
+                async_checkpointer_type=_WRITER[self._process],
             )
             future = getattr(future, "upload_completion", future)  # newer torch: a response
             self._pending = (step, tmp, final, future)
@@ -489,10 +506,11 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _host_stager(device: torch.device) -> Any:
+def _host_stager(device: torch.device, shared: bool) -> Any:
     """The stager of the run's async saves: it copies the state into host buffers that it
     allocates at the first save and reuses at every later one (one save is in flight at a time,
-    so the writer is done with them), pinned on a GPU so that the copy runs at the bus's speed.
+    so the writer is done with them), pinned on a GPU so that the copy runs at the bus's speed,
+    and ``shared`` (memory a writer process reads without a copy) for ``async_mode=process``.
     DCP's default stages into fresh pageable memory at every save: on the replication study's
     model that stalled training 1.3-1.6 s a save, more than half of a blocking save (training.md)."""
     from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
@@ -501,7 +519,7 @@ def _host_stager(device: torch.device) -> Any:
     return DefaultStager(
         StagingOptions(
             use_pinned_memory=gpu,
-            use_shared_memory=False,  # the writer is a thread of this process
+            use_shared_memory=shared,
             use_async_staging=False,  # the copy is done when async_save returns: training may
             use_non_blocking_copy=gpu,  # update the weights at once (waited for in the call)
         )

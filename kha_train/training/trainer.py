@@ -117,7 +117,11 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.fused = is_fused(self.optimizer)
         self.ckpt = CheckpointManager(
-            self.ckpt_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save, self.env
+            self.ckpt_dir,
+            cfg.checkpoint.keep_last,
+            cfg.checkpoint.async_save,
+            self.env,
+            async_mode=cfg.checkpoint.async_mode,
         )
         self.monitor = self._new_monitor()
         self.rollbacks = Rollbacks(cfg.train.rollback, cfg.logging.spikes)

@@ -88,14 +88,24 @@ def test_deferred_gradient_sync_on_two_ranks_matches_one_rank(
     tmp_path, tiny_dataset, reference
 ) -> None:
     """parallel.defer_grad_sync: parameters stay gathered and gradients unsharded over each
-    rank's 2 micro-batches, reduced once per step; the same training as one rank."""
+    rank's 2 micro-batches, reduced once per step; the same training as one rank. Its
+    checkpoints are written in the background by a writer process per rank
+    (checkpoint.async_mode=process): complete, and the one of step 3 resumes to the same steps."""
     run = tmp_path / "deferred"
-    cfg = tiny_config(run, tiny_dataset, schedule=SCHEDULE, parallel={"defer_grad_sync": True})
+    ckpt = {"async_save": True, "async_mode": "process"}
+    cfg = tiny_config(run, tiny_dataset, schedule=SCHEDULE, parallel={"defer_grad_sync": True},
+                      checkpoint=ckpt)  # fmt: skip
     proc = run_process(
         torchrun_cmd(2, "-m", "kha_train.train", str(write_config(tmp_path / "d.yaml", cfg)))
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_close(losses(run), losses(reference), range(1, 7))
+    saved = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert saved == ["step_0000003", "step_0000006"]
+    one = tmp_path / "one"
+    resume = {"resume": str(run / "checkpoints" / "step_0000003")}
+    train_here(tiny_config(one, tiny_dataset, schedule=SCHEDULE, checkpoint=resume))
+    assert_close(losses(one), losses(reference), range(4, 7))
 
 
 def worker_pids(torchrun: subprocess.Popen) -> dict[int, int]:
