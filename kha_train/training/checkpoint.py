@@ -147,6 +147,8 @@ class CheckpointManager:
         self.env = env
         self.group = gloo_group("checkpoint")  # DCP's collectives, also from the writer thread
         self._process = async_mode == "process"  # checkpoint.async_mode
+        self._notes: list[str] = []  # warnings for the trainer to print (take_notes)
+        self._writer_lost = False
         self._stager = _host_stager(env.device, shared=self._process) if async_save else None
         self._pending: tuple[int, Path, Path, Future] | None = None
         self._published: list[Path] = []  # rank 0: checkpoints completed since take_published()
@@ -209,7 +211,7 @@ class CheckpointManager:
         self._all_ok(local_error)  # no rank enters DCP's collectives after a local failure
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        if self.async_save and not blocking:
+        if self.async_save and not blocking and self._writers_alive():
             future = dcp.async_save(
                 state,
                 checkpoint_id=str(tmp),
@@ -226,6 +228,27 @@ class CheckpointManager:
             if self.env.is_main:
                 self._publish(tmp, final)
 
+    def _writers_alive(self) -> bool:
+        """Whether an async save can go to the writers: always with threads; with writer
+        processes, if every rank's is alive (or not started yet), agreed over the ranks, so that
+        they all write in the background or all in this process (DCP's collectives differ)."""
+        if not self._process:
+            return True
+        alive = torch.tensor([int(_writer_process_alive())], dtype=torch.int32)
+        dist.all_reduce(alive, op=dist.ReduceOp.MIN, group=self.group)
+        if not alive.item() and not self._writer_lost:
+            self._writer_lost = True
+            self._notes.append(
+                "a checkpoint writer process (checkpoint.async_mode=process) has stopped: "
+                "checkpoints are written in the training process from now on (blocking)"
+            )
+        return bool(alive.item())
+
+    def take_notes(self) -> list[str]:
+        """Warnings since the last call (a writer process lost), for the run's log."""
+        notes, self._notes = self._notes, []
+        return notes
+
     def _all_ok(self, error: OSError | None) -> None:
         """Raise on every rank if any rank's local write failed (this rank's error, if any)."""
         failed = torch.tensor([error is not None], dtype=torch.int32)
@@ -241,7 +264,12 @@ class CheckpointManager:
         if self.env.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         os_error = find_os_error(e)
-        if os_error is not None:
+        if self._process and _writer_died(e):  # killed (a preemption's signal reaches it too)
+            cause = (
+                f"could not write checkpoint {tmp}: its writer process "
+                f"(checkpoint.async_mode=process) has stopped ({_short(e)})"
+            )
+        elif os_error is not None:
             cause = describe(os_error, "write checkpoint", tmp)
         elif short_write(e):
             cause = (
@@ -281,7 +309,11 @@ class CheckpointManager:
             if self.env.is_main:
                 self._publish(tmp, final)
         except (Exception, CheckpointException) as e:
-            raise self._failed_save(tmp, e) from e
+            error = self._failed_save(tmp, e)
+            if self._process and _writer_died(e):  # the run goes on; the next save is blocking
+                self._notes.append(str(error))
+                return
+            raise error from e
 
     def _publish(self, tmp: Path, final: Path) -> None:
         """Rank 0: write the manifest, mark ``tmp`` complete, rename it to ``final``, then rotate
@@ -504,6 +536,23 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["cpu"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _writer_process_alive() -> bool:
+    """Whether this rank's DCP checkpoint writer process is alive (True before it starts)."""
+    from torch.distributed.checkpoint import _async_process_executor as executor
+
+    writer = getattr(getattr(executor, "_CHECKPOINT_PROCESS", None), "_save_process", None)
+    return writer is None or writer.is_alive()
+
+
+def _writer_died(e: BaseException) -> bool:
+    """Whether an async save failed because its writer process is gone (killed, say)."""
+    return (
+        isinstance(find_os_error(e), BrokenPipeError | EOFError)
+        or ("background process is dead" in str(e))
+        or not _writer_process_alive()
+    )
 
 
 def _host_stager(device: torch.device, shared: bool) -> Any:

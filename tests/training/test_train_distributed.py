@@ -186,6 +186,34 @@ def test_sigterm_finishes_the_step_saves_and_exits_0(tmp_path, tiny_dataset) -> 
     assert records(run, "end")[0]["status"] == "preempted"
 
 
+def test_sigterm_to_the_whole_job_with_a_writer_process_saves_and_exits_0(
+    tmp_path, tiny_dataset
+) -> None:
+    """A cluster's preemption signals every process of the job: with
+    checkpoint.async_mode=process the writer process dies too, yet the run saves its last step
+    (in the training process) and exits 0 as a preempted run, whatever save was in flight."""
+    run = tmp_path / "run"
+    ckpt = {"every_steps": 2, "async_save": True, "async_mode": "process"}
+    cfg = tiny_config(run, tiny_dataset, train={"max_steps": 100000}, checkpoint=ckpt)
+    path = write_config(tmp_path / "run.yaml", cfg)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kha_train.train", str(path)], cwd=REPO, env=subprocess_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_for_step(run, 7, proc)
+        os.killpg(proc.pid, signal.SIGTERM)  # the trainer and its writer process
+        _, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert "error:" not in err
+    last = max(losses(run))
+    assert latest_checkpoint(run / "checkpoints").name == f"step_{last:07d}"
+    assert records(run, "end")[0]["status"] == "preempted"
+
+
 SLOW_PUBLISH = """
 import sys, time
 from pathlib import Path
