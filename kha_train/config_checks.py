@@ -252,8 +252,6 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
         errs.append("parallel.ac_every_n must be >= 1")
     if c.keep_last < 1 or c.every_steps < 0:
         errs.append("checkpoint.keep_last must be >= 1 and checkpoint.every_steps >= 0")
-    if c.async_mode not in ("thread", "process"):
-        errs.append(f"checkpoint.async_mode must be thread or process, got {c.async_mode!r}")
     if cfg.logging.log_every < 1:
         errs.append("logging.log_every must be >= 1")
     if cfg.logging.spikes.window < 2 or not _positive_finite(cfg.logging.spikes.z_threshold):

@@ -118,7 +118,6 @@ def test_extends_loop_and_missing_file(tmp_path: Path) -> None:
         (["train.val_batches=-1"], 1, "train.val_batches=-1"),
         (["train.max_nonfinite_in_row=0"], 1, "train.max_nonfinite_in_row must be >= 1"),
         (["data.prefetch=-1"], 1, "data.prefetch must be >= 0"),
-        (["checkpoint.async_mode=fork"], 1, "checkpoint.async_mode must be thread or process"),
         (["model.norm_eps=2.0"], 1, "model.norm_eps=2.0 must be in (0, 1)"),
         (["model.rope_theta=inf"], 1, "model.rope_theta must be a positive finite"),
         (["model.moe.bias_update_rate=nan"], 1, "model.moe.bias_update_rate must be >= 0"),

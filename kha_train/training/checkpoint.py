@@ -60,7 +60,6 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
 from kha_train.config import ConfigError
 from kha_train.fs import FIXES, describe, find_os_error, short_write
@@ -126,30 +125,15 @@ def resolve_resume(resume: str, directory: Path) -> Path | None:
     return path
 
 
-# checkpoint.async_mode: who writes an async save (False: a thread, True: a process)
-_WRITER = {False: AsyncCheckpointerType.THREAD, True: AsyncCheckpointerType.PROCESS}
-
-
 class CheckpointManager:
     """Saves, publishes, rotates and loads checkpoints (see the module docstring)."""
 
-    def __init__(
-        self,
-        directory: Path,
-        keep_last: int,
-        async_save: bool,
-        env: DistEnv,
-        async_mode: str = "thread",
-    ) -> None:
+    def __init__(self, directory: Path, keep_last: int, async_save: bool, env: DistEnv) -> None:
         self.directory = Path(directory)
         self.keep_last = keep_last
         self.async_save = async_save
         self.env = env
         self.group = gloo_group("checkpoint")  # DCP's collectives, also from the writer thread
-        self._process = async_mode == "process"  # checkpoint.async_mode
-        self._notes: list[str] = []  # warnings for the trainer to print (take_notes)
-        self._writer_lost = False
-        self._stager = _host_stager(env.device, shared=self._process) if async_save else None
         self._pending: tuple[int, Path, Path, Future] | None = None
         self._published: list[Path] = []  # rank 0: checkpoints completed since take_published()
         if env.is_main:
@@ -211,14 +195,12 @@ class CheckpointManager:
         self._all_ok(local_error)  # no rank enters DCP's collectives after a local failure
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        if self.async_save and not blocking and self._writers_alive():
-            future = dcp.async_save(
-                state,
-                checkpoint_id=str(tmp),
-                process_group=self.group,
-                async_stager=self._stager,
-                async_checkpointer_type=_WRITER[self._process],
-            )
+        if self.async_save and not blocking:
+            if self.env.device.type == "cpu":
+                # Host tensors are not copied by every torch version's staging: snapshot them,
+                # or the writer thread would see the next steps' updates.
+                state = _clone_tree(state)
+            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.group)
             future = getattr(future, "upload_completion", future)  # newer torch: a response
             self._pending = (step, tmp, final, future)
         else:
@@ -227,27 +209,6 @@ class CheckpointManager:
             # gather), and the RNG files were written before that: rank 0 can publish.
             if self.env.is_main:
                 self._publish(tmp, final)
-
-    def _writers_alive(self) -> bool:
-        """Whether an async save can go to the writers: always with threads; with writer
-        processes, if every rank's is alive (or not started yet), agreed over the ranks, so that
-        they all write in the background or all in this process (DCP's collectives differ)."""
-        if not self._process:
-            return True
-        alive = torch.tensor([int(_writer_process_alive())], dtype=torch.int32)
-        dist.all_reduce(alive, op=dist.ReduceOp.MIN, group=self.group)
-        if not alive.item() and not self._writer_lost:
-            self._writer_lost = True
-            self._notes.append(
-                "a checkpoint writer process (checkpoint.async_mode=process) has stopped: "
-                "checkpoints are written in the training process from now on (blocking)"
-            )
-        return bool(alive.item())
-
-    def take_notes(self) -> list[str]:
-        """Warnings since the last call (a writer process lost), for the run's log."""
-        notes, self._notes = self._notes, []
-        return notes
 
     def _all_ok(self, error: OSError | None) -> None:
         """Raise on every rank if any rank's local write failed (this rank's error, if any)."""
@@ -264,12 +225,7 @@ class CheckpointManager:
         if self.env.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         os_error = find_os_error(e)
-        if self._process and _writer_died(e):  # killed (a preemption's signal reaches it too)
-            cause = (
-                f"could not write checkpoint {tmp}: its writer process "
-                f"(checkpoint.async_mode=process) has stopped ({_short(e)})"
-            )
-        elif os_error is not None:
+        if os_error is not None:
             cause = describe(os_error, "write checkpoint", tmp)
         elif short_write(e):
             cause = (
@@ -289,15 +245,6 @@ class CheckpointManager:
         if self._pending is not None and self._pending[3].done():
             self.wait()
 
-    def close(self) -> None:
-        """Finish the in-flight async save (its error is raised) and free the staging buffers."""
-        try:
-            self.wait()
-        finally:
-            if self._stager is not None:
-                self._stager.close()
-                self._stager = None
-
     def wait(self) -> None:
         """Block until the in-flight async save (if any) is written and published."""
         if self._pending is None:
@@ -309,11 +256,7 @@ class CheckpointManager:
             if self.env.is_main:
                 self._publish(tmp, final)
         except (Exception, CheckpointException) as e:
-            error = self._failed_save(tmp, e)
-            if self._process and _writer_died(e):  # the run goes on; the next save is blocking
-                self._notes.append(str(error))
-                return
-            raise error from e
+            raise self._failed_save(tmp, e) from e
 
     def _publish(self, tmp: Path, final: Path) -> None:
         """Rank 0: write the manifest, mark ``tmp`` complete, rename it to ``final``, then rotate
@@ -538,38 +481,19 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _writer_process_alive() -> bool:
-    """Whether this rank's DCP checkpoint writer process is alive (True before it starts)."""
-    from torch.distributed.checkpoint import _async_process_executor as executor
+def _clone_tree(x: Any) -> Any:
+    """A copy of a nested state dict whose tensors (DTensors included) own their memory."""
+    from torch.distributed.tensor import DTensor
 
-    writer = getattr(getattr(executor, "_CHECKPOINT_PROCESS", None), "_save_process", None)
-    return writer is None or writer.is_alive()
-
-
-def _writer_died(e: BaseException) -> bool:
-    """Whether an async save failed because its writer process is gone (killed, say)."""
-    return (
-        isinstance(find_os_error(e), BrokenPipeError | EOFError)
-        or ("background process is dead" in str(e))
-        or not _writer_process_alive()
-    )
-
-
-def _host_stager(device: torch.device, shared: bool) -> Any:
-    """The stager of the run's async saves: it copies the state into host buffers that it
-    allocates at the first save and reuses at every later one (one save is in flight at a time,
-    so the writer is done with them), pinned on a GPU so that the copy runs at the bus's speed,
-    and ``shared`` (memory a writer process reads without a copy) for ``async_mode=process``.
-    DCP's default stages into fresh pageable memory at every save: on the replication study's
-    model that stalled training 1.3-1.6 s a save, more than half of a blocking save (training.md)."""
-    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-
-    gpu = device.type == "cuda"
-    return DefaultStager(
-        StagingOptions(
-            use_pinned_memory=gpu,
-            use_shared_memory=shared,
-            use_async_staging=False,  # the copy is done when async_save returns: training may
-            use_non_blocking_copy=gpu,  # update the weights at once (waited for in the call)
+    if isinstance(x, DTensor):
+        local = x.to_local().detach().clone()
+        return DTensor.from_local(
+            local, x.device_mesh, x.placements, run_check=False, shape=x.shape, stride=x.stride()
         )
-    )
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    if isinstance(x, dict):
+        return {k: _clone_tree(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_clone_tree(v) for v in x]
+    return x

@@ -37,12 +37,7 @@ from kha_train.fs import StorageError, storage_error
 from kha_train.training import distributed as D
 from kha_train.training.build import build_loaders, build_model, config_snapshot, resume_path
 from kha_train.training.checkpoint import CheckpointManager, complete_checkpoints
-from kha_train.training.checkpoint_checks import (
-    STEP_DIR,
-    CheckpointError,
-    check_free_space,
-    stray_entries,
-)
+from kha_train.training.checkpoint_checks import STEP_DIR, check_free_space, stray_entries
 from kha_train.training.determinism import make_deterministic
 from kha_train.training.evaluator import build_evaluator
 from kha_train.training.hf_export import HFExporter
@@ -122,11 +117,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.fused = is_fused(self.optimizer)
         self.ckpt = CheckpointManager(
-            self.ckpt_dir,
-            cfg.checkpoint.keep_last,
-            cfg.checkpoint.async_save,
-            self.env,
-            async_mode=cfg.checkpoint.async_mode,
+            self.ckpt_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save, self.env
         )
         self.monitor = self._new_monitor()
         self.rollbacks = Rollbacks(cfg.train.rollback, cfg.logging.spikes)
@@ -283,10 +274,6 @@ class Trainer:
 
     def save_checkpoint(self, *, blocking: bool = False) -> Path:
         self._drain()
-        if not blocking and D.any_rank(self._stop_signal is not None):
-            blocking = True  # a stop came: the run's last save, written before it exits
-        if blocking:
-            self._settle_async_save()
         if self.exporter is not None:  # its checkpoint may be rotated away by this save
             self.exporter.wait()
         self.log.activity(f"saving checkpoint step {self.step}")
@@ -294,26 +281,10 @@ class Trainer:
             self.step, self.model, self.optimizer, self.trainer_state(), self.config_yaml,
             blocking=blocking,
         )  # fmt: skip
-        self._checkpoint_notes()
         self.log.activity("training")
         self._last_saved = self.step
         self.log.event({"type": "checkpoint", "step": self.step, "path": str(path)})
         return path
-
-    def _checkpoint_notes(self) -> None:
-        for note in self.ckpt.take_notes():
-            self.log.info(f"warning: {note}")
-
-    def _settle_async_save(self) -> None:
-        """Before a blocking save (a stop's, the run's last): wait for the async save in flight.
-        If it failed, say so and go on: the blocking save writes this step in this process, so
-        the run keeps its state rather than failing with it unsaved. (A preemption's signal
-        reaches every process of the job, ``checkpoint.async_mode=process``'s writer too.)"""
-        try:
-            self.ckpt.wait()
-        except CheckpointError as e:
-            self.log.info(f"warning: {e}; step {self.step} is saved in this process instead")
-        self._checkpoint_notes()
 
     def _export_published(self, wait: bool = False) -> None:
         """``checkpoint.export_hf``: start the export of newly completed checkpoints, report
@@ -524,9 +495,7 @@ class Trainer:
                     self.evaluate()
                 if save_now:
                     self.save_checkpoint()
-                if self._stop_signal is None:
-                    self.ckpt.poll()
-                    self._checkpoint_notes()
+                self.ckpt.poll()
                 self._export_published()
                 if D.any_rank(self._stop_signal is not None):
                     stopped = True
@@ -615,7 +584,7 @@ class Trainer:
         """Finish an in-flight async save (also after an error), stop the loaders' and the
         console's threads, and free the run directory."""
         try:
-            self.ckpt.close()
+            self.ckpt.wait()
         except Exception as e:  # the run's own error, if any, is the one to report
             self.log.info(f"warning: the last async checkpoint did not complete: {e}")
         self.log.stop_heartbeat()

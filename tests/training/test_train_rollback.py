@@ -163,16 +163,12 @@ def test_rollback_goes_back_before_the_spikes_and_never_reads_their_batches(
     assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.parametrize("mode", ["thread", "process"])
-def test_rollback_with_async_saves_takes_the_same_steps(
-    straight, tmp_path, tiny_dataset, mode
-) -> None:
-    """checkpoint.async_save (written by a thread or a process): the rollback waits for the
-    save in flight, restores the same checkpoint and reads the same batches; the losses equal
-    the blocking-save run's."""
+def test_rollback_with_async_saves_takes_the_same_steps(straight, tmp_path, tiny_dataset) -> None:
+    """checkpoint.async_save: the rollback waits for the save in flight, restores the same
+    checkpoint and reads the same batches; the losses equal the blocking-save run's."""
     run, seen = straight
     async_run = tmp_path / "async"
-    ckpt = {"every_steps": 2, "keep_last": 5, "async_save": True, "async_mode": mode}
+    ckpt = {"every_steps": 2, "keep_last": 5, "async_save": True}
     t = train_here(rb_config(async_run, tiny_dataset, checkpoint=ckpt), Poisoned)
     assert t.seen == seen
     (rb,) = records(async_run, "rollback")
