@@ -391,16 +391,20 @@ def _grad_norm_plot(
                              sharey=True, squeeze=False)  # fmt: skip
     for ax, d in zip(axes[:, 0], data):
         c = color[d["variant"]]
-        train = [(r["step"], r["grad_norm"]) for r in d["records"] if r.get("type") == "train"]
-        ax.plot(*zip(*train), "-", color=c, lw=0.8, label=d["run"])
+        train = [(r["step"], r["grad_norm"]) for r in d["records"]
+                 if r.get("type") == "train" and _positive(r.get("grad_norm"))]  # fmt: skip
+        if train:
+            ax.plot(*zip(*train), "-", color=c, lw=0.8, label=d["run"])
         for number in sorted({r.get("rolled_back_by", 0) for r in d["rolled_back"]}):
             lost = [(r["step"], r["grad_norm"]) for r in d["rolled_back"]
-                    if r.get("type") == "train" and r.get("rolled_back_by", 0) == number]  # fmt: skip
+                    if r.get("type") == "train" and r.get("rolled_back_by", 0) == number
+                    and _positive(r.get("grad_norm"))]  # fmt: skip
             if lost:
                 ax.plot(*zip(*lost), ":", color=c, lw=0.8)
         for recs in (d["records"], d["rolled_back"]):
             for kind, mark in (("spike", "x"), ("spike_skip", "v")):
-                pts = [(r["step"], r["grad_norm"]) for r in recs if r.get("type") == kind]
+                pts = [(r["step"], r["grad_norm"]) for r in recs
+                       if r.get("type") == kind and _positive(r.get("grad_norm"))]  # fmt: skip
                 if pts:
                     ax.scatter(*zip(*pts), marker=mark, color=c, s=36, zorder=5)
         for r in d["records"]:
@@ -416,6 +420,11 @@ def _grad_norm_plot(
     axes[0, 0].set_title(f"{study}: gradient norm before clipping (x: spike flagged, v: update "
                          "not applied, band and dotted: rolled back)")  # fmt: skip
     return _save(fig, results / f"{study}_grad_norm.png")
+
+
+def _positive(x: Any) -> bool:
+    """A value a log-scale plot can show (records of older runs may lack it, or hold NaN)."""
+    return isinstance(x, int | float) and bool(np.isfinite(x)) and x > 0
 
 
 def _save(fig: Any, path: Path) -> Path:
