@@ -10,6 +10,8 @@
 # AdamW moments alone take about 91 GiB of the 139.
 # Each row: build, compile, 1 warm-up and 3 timed steps, the profile breakdown (about 1.5 min).
 # Usage: bash scripts/device/ac_sweep.sh [DEADLINE_S]
+#   ROWS="NAME:AC:MB:ACCUM[:ARG,ARG...] ..." runs those rows instead (e.g.
+#   ROWS="full_mb4:full:4:2 sel_nodefer:selective:2:4:--no-defer-sync").
 # Carry: .whl (omegaconf, antlr4), .kha_commit (optional).
 set -u
 export PYTHONUNBUFFERED=1
@@ -28,11 +30,18 @@ row() {  # row NAME AC MICRO_BATCH ACCUM [BENCH_ARGS...]
     --variants kha --ac $ac --micro-batch $mb --accum $accum --seq-len 4096 --steps 3 --warmup 1 \
     --no-sync-check --json $OUT/$name.jsonl "$@" 2>&1 | grep -vE '^\{' | tail -3
 }
-row full_mb2 full 2 4
-row none_mb1_reshard none 1 8 --reshard
-row none_mb2_reshard none 2 4 --reshard
-row selective_mb2_reshard selective 2 4 --reshard
-row selective_mb2 selective 2 4
-row every2_mb2 every_n 2 4
+if [ -n "${ROWS:-}" ]; then
+  for spec in $ROWS; do
+    IFS=: read -r name ac mb accum args <<< "$spec"
+    row $name $ac $mb $accum ${args//,/ }
+  done
+else
+  row full_mb2 full 2 4
+  row none_mb1_reshard none 1 8 --reshard
+  row none_mb2_reshard none 2 4 --reshard
+  row selective_mb2_reshard selective 2 4 --reshard
+  row selective_mb2 selective 2 4
+  row every2_mb2 every_n 2 4
+fi
 echo "== done after $(( $(date +%s) - start ))s"
 ls $OUT/*.jsonl > /dev/null 2>&1 && python3 scripts/perf_table.py $OUT/*.jsonl | tee $OUT/table.md
