@@ -5,7 +5,7 @@ with the settings it ran under, for docs/performance.md.
 
 Reads ``kha-train bench --json`` files (one JSON line per variant and precision) and the logs of
 the peer scripts in ../shared/peers (torchtitan's ``RESULT ...`` line, Hugging Face's ``HF ...``
-line), in the order given. Every row says tokens per optimizer step (micro-batch x accumulation
+line), in the order given, gzipped or not (docs/results/throughput keeps them gzipped). Every row says tokens per optimizer step (micro-batch x accumulation
 x sequence), precision, activation checkpointing, loss kernel and FSDP settings where they
 apply, so that a row is only set beside another of the same tokens per step; the table says
 when they differ. A second table splits the GPU time of each profiled row by part.
@@ -14,6 +14,7 @@ when they differ. A second table splits the GPU time of each profiled row by par
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import re
 import sys
@@ -34,10 +35,21 @@ COLUMNS = ("system", "tokens / step (mb x accum x seq)", "settings", "step ms", 
            "MFU", "peak mem")  # fmt: skip
 
 
+def _text(path: Path) -> str:
+    if path.suffix == ".gz":
+        return gzip.decompress(path.read_bytes()).decode(errors="replace")
+    return path.read_text(errors="replace")
+
+
+def _kind(path: Path) -> str:
+    """The file's kind by its name, a ``.gz`` ending aside: ``.jsonl`` (ours) or a log."""
+    return Path(path.stem).suffix if path.suffix == ".gz" else path.suffix
+
+
 def ours(path: Path) -> list[dict[str, Any]]:
     """The rows of a ``kha-train bench --json`` file (a failed run: its error)."""
     rows = []
-    for line in path.read_text().splitlines():
+    for line in _text(path).splitlines():
         if not line.strip():
             continue
         r = json.loads(line)
@@ -57,6 +69,8 @@ def ours(path: Path) -> list[dict[str, Any]]:
             settings.append(f"fp8 {f.get('recipe')} dims >= {f.get('min_dim')}")
         if r.get("deterministic"):
             settings.append("deterministic")
+        if r.get("alloc_retries"):  # cudaMalloc failed, cache flushed: each costs a device sync
+            settings.append(f"{r['alloc_retries']} allocator retries")
         rows.append({
             "system": f"kha-train, {kha}", "mb": mb, "accum": accum, "seq": seq,
             "settings": ", ".join(settings), "ms": r.get("step_ms"),
@@ -68,7 +82,7 @@ def ours(path: Path) -> list[dict[str, Any]]:
 
 def peer(path: Path) -> list[dict[str, Any]]:
     """The result line of a peer script's log (none: the run failed; its last line says why)."""
-    text = path.read_text(errors="replace")
+    text = _text(path)
     for m in TT.finditer(text):
         mode = {"amp": "fp32 params + bf16 autocast", "bf16": "bf16 params"}.get(
             m["mode"], m["mode"]
@@ -77,7 +91,7 @@ def peer(path: Path) -> list[dict[str, Any]]:
     for m in HF.finditer(text):
         return [_peer_row(m, "HF transformers", f"bf16 params, attention {m['attn']}", accum=1)]
     last = next((ln for ln in reversed(text.splitlines()) if ln.strip()), "empty log")
-    return [{"system": path.stem, "error": last.strip()[:200]}]
+    return [{"system": path.name.split(".")[0], "error": last.strip()[:200]}]
 
 
 def _peer_row(m: re.Match[str], system: str, settings: str, accum: int | None = None) -> dict:
@@ -137,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.files:
         if not path.is_file():
             raise SystemExit(f"{path} does not exist")
-        rows += ours(path) if path.suffix == ".jsonl" else peer(path)
+        rows += ours(path) if _kind(path) == ".jsonl" else peer(path)
     print(table(rows))
     breakdown = breakdown_table(rows)
     if breakdown:

@@ -65,3 +65,30 @@ def test_rows_of_ours_and_the_peers_with_their_settings(tmp_path, capsys) -> Non
     assert out[14] == "| system | settings | GPU ms / step | moe | attention |"
     assert out[16].startswith("| kha-train, KHA-MLP on V (1 x 8 x 4096) | bf16, AC every 2")
     assert out[16].endswith("| 2000.0 | 1400.0 (70%) | 600.0 (30%) |")
+
+
+def test_gzipped_archives_and_allocator_retries(tmp_path, capsys) -> None:
+    """docs/results/throughput keeps the rows gzipped; a row whose allocator had to flush its
+    cache and retry says so (each retry synchronises the device: the step's wall time grows)."""
+    import gzip
+
+    pt = _module()
+    settings = {"micro_batch": 8, "accum": 1, "seq_len": 4096, "ac": "selective"}
+    ours = tmp_path / "ac_sel_mb8.jsonl.gz"
+    ours.write_bytes(gzip.compress(json.dumps(
+        {"variant": "kha", "precision": "bf16", "step_ms": 906.5, "tokens_per_s": 36149.0,
+         "mfu": 0.352, "peak_mem_gib": 125.5, "alloc_retries": 6, "settings": settings}
+    ).encode() + b"\n"))  # fmt: skip
+    tt = tmp_path / "tt_bf16_mb4x1.log.gz"
+    tt.write_bytes(
+        gzip.compress(
+            b"RESULT torchtitan-0.3.0 Qwen3MoE attn=sdpa mode=bf16 compile=True seq=4096 mb=4 "
+            b"accum=1 clip=True: 192.1 ms/step, 85,286 tok/s, 426.5 TFLOP/s, MFU 43.12% "
+            b"(peak 989e12), peak mem 55.57 GiB alloc / 60.88 GiB reserved\n"
+        )
+    )
+    assert pt.main([str(ours), str(tt)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[2] == ("| kha-train, KHA-MLP on V | 32,768 (8 x 1 x 4096) | bf16, AC selective, "
+                      "loss chunked, 6 allocator retries | 906.5 | 36.1k | 35.2% | 125.5 GiB |")  # fmt: skip
+    assert out[3].startswith("| torchtitan 0.3.0 | 16,384 (4 x 1 x 4096) | bf16 params")
