@@ -140,6 +140,8 @@ def format_record(r: dict[str, Any], total_steps: int) -> str:
     mem = r.get("mem_peak_alloc_gib", r.get("mem_peak_rss_gib"))
     if mem is not None:
         parts.append(f"mem {mem:.1f} GiB")
+    if r.get("alloc_retries"):
+        parts.append(f"alloc retries {r['alloc_retries']}")
     add("data_wait_frac", "data {:.0%}")
     if "moe_max_violation_mean" in r:
         parts.append(f"maxvio {r['moe_max_violation_mean']:.2f}")

@@ -58,12 +58,18 @@ def peak_flops(device: torch.device, override_tflops: float | None = None) -> fl
 
 
 def memory_stats(device: torch.device) -> dict[str, float]:
-    """Peak memory since the last call (GiB): device allocator on CUDA, process RSS on CPU."""
+    """Peak memory since the last call (GiB): device allocator on CUDA, process RSS on CPU.
+
+    On CUDA also ``alloc_retries``, the allocator's retries since the start: times a cudaMalloc
+    failed and the cache was flushed to retry it. Each one synchronises the device; on one H200
+    a step with them ran 20% slower than its GPU time (docs/performance.md).
+    """
     gib = 1024**3
     if device.type == "cuda":
         out = {
             "mem_peak_alloc_gib": torch.cuda.max_memory_allocated(device) / gib,
             "mem_peak_reserved_gib": torch.cuda.max_memory_reserved(device) / gib,
+            "alloc_retries": torch.cuda.memory_stats(device).get("num_alloc_retries", 0),
         }
         torch.cuda.reset_peak_memory_stats(device)
         return out

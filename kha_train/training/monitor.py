@@ -35,6 +35,7 @@ from kha_train.training.history import StepHistory
 from kha_train.training.kha_drift import kha_drift
 from kha_train.training.loggers import RunLoggers
 from kha_train.training.metrics import LossWindow, WindowTimer, moe_record, peak_flops, train_record
+from kha_train.training.parallel import reshards_after_forward
 from kha_train.training.schedule import lr_at
 from kha_train.training.spike_explain import Explanation, SpikeExplainer
 from kha_train.training.spike_guard import RESET, build_guard, skipped_for_spike, spike_metrics
@@ -76,6 +77,7 @@ class StepMonitor:
         self.window = LossWindow()  # host sums over the logging window (drains may split it)
         self.last_counts: torch.Tensor | None = None  # expert counts of the latest step
         self.flops_per_token = _model_flops(cfg)
+        self.warned_alloc_retries = False  # the allocator-retry warning is given once a run
         self.peak_flops = peak_flops(env.device, cfg.logging.peak_tflops)
 
     def state_dict(self) -> dict[str, Any]:
@@ -217,6 +219,9 @@ class StepMonitor:
             rec["kha_drift"] = drift
         self.window = LossWindow()
         log.log(rec)
+        if rec.get("alloc_retries") and not self.warned_alloc_retries:
+            self.warned_alloc_retries = True
+            log.info(alloc_retry_warning(rec["alloc_retries"], cfg, self.env.world_size))
 
     def _parts_by_step(self, steps: list[Any]) -> dict[int, dict[str, Any]]:
         """step -> ``{"grad_norm_parts": {part: norm}}``: for the logging window and the
@@ -311,6 +316,23 @@ class StepMonitor:
                     rec.update(e.record_fields())
                     e.recorded = True
                 log.event(rec, echo=echo)
+
+
+def alloc_retry_warning(retries: int, cfg: Config, world_size: int) -> str:
+    """What to do when the CUDA allocator had to flush its cache to allocate (the step runs at
+    the edge of device memory; each retry synchronises the device)."""
+    fixes = []
+    if not reshards_after_forward(cfg.parallel, world_size):
+        fixes.append("parallel.reshard_after_forward=true (frees the gathered bf16 weights "
+                     "between forward and backward)")  # fmt: skip
+    if cfg.parallel.activation_checkpointing in ("none", "every_n"):
+        fixes.append("parallel.activation_checkpointing=selective (or full)")
+    fixes.append(f"a smaller train.micro_batch_size (now {cfg.train.micro_batch_size})")
+    return (
+        f"warning: the CUDA allocator ran out of cached memory and retried {retries} time(s): "
+        "each retry synchronises the device, and steps slow down (20% on one H200 in "
+        "docs/performance.md). Try " + ", or ".join(fixes) + "."
+    )
 
 
 def _model_flops(cfg: Config) -> float | None:
