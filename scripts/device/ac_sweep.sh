@@ -12,6 +12,7 @@
 # Usage: bash scripts/device/ac_sweep.sh [DEADLINE_S]
 #   ROWS="NAME:AC:MB:ACCUM[:ARG,ARG...] ..." runs those rows instead (e.g.
 #   ROWS="full_mb4:full:4:2 sel_nodefer:selective:2:4:--no-defer-sync").
+#   CONFIG=configs/paper/table5/moe_a0.8b_kha_mlp.yaml times another model (default: the main).
 # Carry: .whl (omegaconf, antlr4), .kha_commit (optional).
 set -u
 export PYTHONUNBUFFERED=1
@@ -26,7 +27,7 @@ row() {  # row NAME AC MICRO_BATCH ACCUM [BENCH_ARGS...]
   local t=$(( $(left) - 5 )); [ $t -gt 150 ] && t=150
   [ $t -lt 60 ] && { echo "== $name: skipped, $(left) s left"; return; }
   echo "== $name (--ac $ac, micro-batch $mb x accum $accum $*, timeout ${t}s)"
-  timeout --kill-after=10 $t python3 -m kha_train.cli bench --config configs/paper/main/kha.yaml \
+  timeout --kill-after=10 $t python3 -m kha_train.cli bench --config ${CONFIG:-configs/paper/main/kha.yaml} \
     --variants kha --ac $ac --micro-batch $mb --accum $accum --seq-len 4096 --steps 3 --warmup 1 \
     --no-sync-check --json $OUT/$name.jsonl "$@" 2>&1 | grep -vE '^\{' | tail -3
 }
