@@ -62,7 +62,7 @@ def memory_stats(device: torch.device) -> dict[str, float]:
 
     On CUDA also ``alloc_retries``, the allocator's retries since the start: times a cudaMalloc
     failed and the cache was flushed to retry it. Each one synchronises the device; on one H200
-    a step with them ran 20% slower than its GPU time (docs/performance.md).
+    steps with them took 23-41% longer than their GPU time (docs/performance.md).
     """
     gib = 1024**3
     if device.type == "cuda":

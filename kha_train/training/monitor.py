@@ -330,8 +330,8 @@ def alloc_retry_warning(retries: int, cfg: Config, world_size: int) -> str:
     fixes.append(f"a smaller train.micro_batch_size (now {cfg.train.micro_batch_size})")
     return (
         f"warning: the CUDA allocator ran out of cached memory and retried {retries} time(s): "
-        "each retry synchronises the device, and steps slow down (20% on one H200 in "
-        "docs/performance.md). Try " + ", or ".join(fixes) + "."
+        "each retry synchronises the device, and steps slow down (they took 23-41% longer than "
+        "their GPU time on one H200, docs/performance.md). Try " + ", or ".join(fixes) + "."
     )
 
 
