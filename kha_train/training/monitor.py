@@ -29,13 +29,13 @@ from torch import nn
 
 from kha_train.config import Config
 from kha_train.training.clipping import build_clipper, load_clip_state
+from kha_train.training.device_memory import alloc_retry_warning
 from kha_train.training.distributed import DistEnv
 from kha_train.training.grad_parts import GradParts
 from kha_train.training.history import StepHistory
 from kha_train.training.kha_drift import kha_drift
 from kha_train.training.loggers import RunLoggers
 from kha_train.training.metrics import LossWindow, WindowTimer, moe_record, peak_flops, train_record
-from kha_train.training.parallel import reshards_after_forward
 from kha_train.training.schedule import lr_at
 from kha_train.training.spike_explain import Explanation, SpikeExplainer
 from kha_train.training.spike_guard import RESET, build_guard, skipped_for_spike, spike_metrics
@@ -316,23 +316,6 @@ class StepMonitor:
                     rec.update(e.record_fields())
                     e.recorded = True
                 log.event(rec, echo=echo)
-
-
-def alloc_retry_warning(retries: int, cfg: Config, world_size: int) -> str:
-    """What to do when the CUDA allocator had to flush its cache to allocate (the step runs at
-    the edge of device memory; each retry synchronises the device)."""
-    fixes = []
-    if not reshards_after_forward(cfg.parallel, world_size):
-        fixes.append("parallel.reshard_after_forward=true (frees the gathered bf16 weights "
-                     "between forward and backward)")  # fmt: skip
-    if cfg.parallel.activation_checkpointing in ("none", "every_n"):
-        fixes.append("parallel.activation_checkpointing=selective (or full)")
-    fixes.append(f"a smaller train.micro_batch_size (now {cfg.train.micro_batch_size})")
-    return (
-        f"warning: the CUDA allocator ran out of cached memory and retried {retries} time(s): "
-        "each retry synchronises the device, and steps slow down (they took 23-41% longer than "
-        "their GPU time on one H200, docs/performance.md). Try " + ", or ".join(fixes) + "."
-    )
 
 
 def _model_flops(cfg: Config) -> float | None:

@@ -36,9 +36,10 @@ from kha_train.config_checks import total_steps, validate
 from kha_train.fs import StorageError, storage_error
 from kha_train.training import distributed as D
 from kha_train.training.build import build_loaders, build_model, config_snapshot, resume_path
-from kha_train.training.checkpoint import CheckpointManager, complete_checkpoints
+from kha_train.training.checkpoint import CheckpointManager, complete_checkpoints, latest_checkpoint
 from kha_train.training.checkpoint_checks import STEP_DIR, check_free_space, stray_entries
 from kha_train.training.determinism import make_deterministic
+from kha_train.training.device_memory import OutOfDeviceMemoryError, out_of_memory_message
 from kha_train.training.evaluator import build_evaluator
 from kha_train.training.hf_export import HFExporter
 from kha_train.training.loggers import RunLoggers, read_jsonl
@@ -525,6 +526,15 @@ class Trainer:
         except RollbackLimitError:
             self._finish("rollback_limit", exit_code=1)
             raise
+        except torch.OutOfMemoryError as e:
+            # The state may be half-way through a step: end the run without saving it, and say
+            # what to change (training/device_memory.py).
+            message = out_of_memory_message(
+                e, cfg, self.env.world_size, self.step, self.device,
+                latest_checkpoint(self.ckpt_dir),
+            )  # fmt: skip
+            self._finish("out_of_memory", exit_code=1, error=message)  # the CLI prints it
+            raise OutOfDeviceMemoryError(message) from e
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
@@ -555,7 +565,7 @@ class Trainer:
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._stop_signal = signal.Signals(signum).name
 
-    def _finish(self, status: str, exit_code: int = 0) -> None:
+    def _finish(self, status: str, exit_code: int = 0, error: str | None = None) -> None:
         summary = {
             "status": status, "step": self.step, "tokens_seen": self.step * self.tokens_per_step,
             "nonfinite_skipped": self.monitor.skipped_total,
@@ -568,6 +578,8 @@ class Trainer:
                 r.get("skips_abandoned", 0) for r in self.rollbacks.history
             ),
         }  # fmt: skip
+        if error is not None:
+            summary["error"] = error
         self.log.event({"type": "end", **summary})
         if self.env.is_main:
             try:

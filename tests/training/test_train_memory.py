@@ -8,12 +8,18 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from train_helpers import build, records, tiny_config, train_here
 
 from kha_train.config import ConfigError
 from kha_train.training import metrics
+from kha_train.training.device_memory import (
+    OutOfDeviceMemoryError,
+    alloc_retry_warning,
+    memory_fixes,
+)
 from kha_train.training.loggers import format_record
-from kha_train.training.monitor import alloc_retry_warning
+from kha_train.training.trainer import Trainer
 
 
 def test_retries_are_logged_and_warned_about_once(
@@ -38,20 +44,28 @@ def test_retries_are_logged_and_warned_about_once(
     # One GPU: gathered weights are kept after the forward, no activation checkpointing.
     assert "parallel.reshard_after_forward=true" in text
     assert "parallel.activation_checkpointing=selective" in text
-    assert "train.micro_batch_size (now 2)" in text
+    assert "train.micro_batch_size (now 2;" in text
     assert "alloc retries 5" in text  # the console line
 
 
-def test_the_warning_leaves_out_what_the_run_already_does(tmp_path: Path) -> None:
+def test_the_fixes_leave_out_what_the_run_already_does(tmp_path: Path) -> None:
     cfg = build(tiny_config(tmp_path / "run", tmp_path / "data", parallel={
         "reshard_after_forward": True, "activation_checkpointing": "selective"}))  # fmt: skip
     text = alloc_retry_warning(3, cfg, world_size=1)
-    assert "reshard_after_forward" not in text and "activation_checkpointing" not in text
-    assert "train.micro_batch_size (now 2)" in text
+    assert "reshard_after_forward" not in text
+    assert "activation_checkpointing=full" in text and "=selective" not in text
+    assert "train.micro_batch_size (now 2;" in text
     # Sharded over 8 ranks, null resolves to resharding: not suggested either.
     cfg = build(tiny_config(tmp_path / "run", tmp_path / "data"))
     assert "reshard_after_forward" not in alloc_retry_warning(3, cfg, world_size=8)
     assert "reshard_after_forward=true" in alloc_retry_warning(3, cfg, world_size=1)
+    # Micro-batch 1, full checkpointing, the fused loss: only more GPUs is left.
+    cfg = build(tiny_config(tmp_path / "run", tmp_path / "data", train={"micro_batch_size": 1},
+                            parallel={"activation_checkpointing": "full",
+                                      "reshard_after_forward": True}))  # fmt: skip
+    cfg.parallel.loss_kernel = "cce"
+    fixes = memory_fixes(cfg, 1)
+    assert len(fixes) == 1 and fixes[0].startswith("more GPUs"), fixes
 
 
 def test_console_line_shows_retries_only_when_there_are_some() -> None:
@@ -73,3 +87,39 @@ def test_the_trainer_asks_for_expandable_segments_unless_told_otherwise(
     with pytest.raises(ConfigError, match="not found"):
         run(str(tmp_path / "missing.yaml"))
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"
+
+
+class OutOfMemoryAt(Trainer):
+    """Runs out of device memory in step 5's forward, as CUDA's allocator would report it."""
+
+    def _step(self, micro_batches):
+        if self.step + 1 == 5:
+            raise torch.OutOfMemoryError(
+                "CUDA out of memory. Tried to allocate 192.00 MiB. GPU 0 has a total capacity "
+                "of 139.80 GiB of which 3.12 MiB is free."
+            )
+        super()._step(micro_batches)
+
+
+def test_out_of_memory_ends_the_run_with_the_fixes_and_the_checkpoint(tmp_path, tiny_dataset):
+    run = tmp_path / "run"
+    cfg = tiny_config(run, tiny_dataset)  # checkpoints every 3 steps, 6 steps
+    with pytest.raises(OutOfDeviceMemoryError) as info:
+        train_here(cfg, OutOfMemoryAt)
+    message = str(info.value)
+    assert message.startswith("out of GPU memory after 4 completed step(s): CUDA out of memory.")
+    assert "step_0000003, is intact" in message and "checkpoint.resume=auto" in message
+    for fix in ("parallel.activation_checkpointing=selective", "parallel.reshard_after_forward",
+                "train.micro_batch_size (now 2", "parallel.loss_kernel=cce", "more GPUs"):  # fmt: skip
+        assert fix in message, fix
+    assert type(info.value).__module__.startswith("kha_train")  # the CLI prints it, no traceback
+    end = records(run, "end")[-1]
+    assert end["status"] == "out_of_memory" and end["step"] == 4 and end["error"] == message
+    # Nothing saved after the failure; the run resumes from step 3 with the suggested settings.
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000003"]
+    cfg["train"]["micro_batch_size"] = 1
+    cfg["parallel"] = {"activation_checkpointing": "selective"}
+    cfg["checkpoint"]["resume"] = "auto"
+    train_here(cfg)
+    assert records(run, "end")[-1]["status"] == "completed"
+    assert [r["step"] for r in records(run)][-3:] == [4, 5, 6]

@@ -1,0 +1,95 @@
+"""When a run meets the edge of GPU memory: what it says and what it suggests.
+
+Two cases, both with the fixes that fit the run's own settings:
+- the CUDA allocator had to flush its cache and retry a cudaMalloc (the run goes on, slower:
+  each retry synchronises the device; steps with them took 23-41% longer than their GPU time on
+  one H200, docs/performance.md): one warning per run (``monitor.py``);
+- the allocation failed (torch.OutOfMemoryError): the run ends with an ``out_of_memory`` record
+  and :class:`OutOfDeviceMemoryError`, whose message names the step, the memory, the last
+  checkpoint and the fixes (``trainer.py``). Nothing is saved after the failure: the model and
+  optimizer may be half-way through a step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from kha_train.config import ACMode, Config, LossKernel
+from kha_train.training.parallel import reshards_after_forward
+
+
+class OutOfDeviceMemoryError(RuntimeError):
+    """The GPU ran out of memory during a run; the message says what to change."""
+
+
+def memory_fixes(cfg: Config, world_size: int) -> list[str]:
+    """The settings that lower a rank's peak memory, most effective first, leaving out what the
+    run does already (docs/performance.md measured them on the paper's main model)."""
+    p, fixes = cfg.parallel, []
+    if p.activation_checkpointing in (ACMode.none, ACMode.every_n):
+        fixes.append(
+            "parallel.activation_checkpointing=selective (keeps the matrix products' outputs, "
+            "recomputes the rest; full keeps only each block's input)"
+        )
+    elif p.activation_checkpointing == ACMode.selective:
+        fixes.append("parallel.activation_checkpointing=full (keeps only each block's input)")
+    if not reshards_after_forward(p, world_size):
+        fixes.append(
+            "parallel.reshard_after_forward=true (frees the gathered bf16 weights between "
+            "forward and backward)"
+        )
+    if cfg.train.micro_batch_size > 1:
+        fixes.append(
+            f"a smaller train.micro_batch_size (now {cfg.train.micro_batch_size}; the step keeps "
+            "its train.global_batch_tokens with more micro-batches)"
+        )
+    if p.loss_kernel == LossKernel.chunked:
+        fixes.append("parallel.loss_kernel=cce (the LM head's logits never whole; slower)")
+    fixes.append(
+        "more GPUs (FSDP divides the fp32 weights, gradients and AdamW moments, 16 bytes per "
+        "parameter, among them)"
+    )
+    return fixes
+
+
+def alloc_retry_warning(retries: int, cfg: Config, world_size: int) -> str:
+    """The one warning of a run whose allocator flushed its cache to allocate."""
+    return (
+        f"warning: the CUDA allocator ran out of cached memory and retried {retries} time(s): "
+        "each retry synchronises the device, and steps slow down (they took 23-41% longer than "
+        "their GPU time on one H200, docs/performance.md). Try "
+        + "; or ".join(memory_fixes(cfg, world_size))
+        + "."
+    )
+
+
+def out_of_memory_message(
+    error: BaseException,
+    cfg: Config,
+    world_size: int,
+    step: int,
+    device: torch.device,
+    last_checkpoint: Path | None,
+) -> str:
+    """What ran out, where, and what to change (then resume from the last checkpoint)."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    lines = [f"out of GPU memory after {step} completed step(s): {first}"]
+    if device.type == "cuda":
+        gib = 2**30
+        total = torch.cuda.get_device_properties(device).total_memory / gib
+        peak = torch.cuda.max_memory_allocated(device) / gib
+        lines.append(f"peak allocated {peak:.1f} GiB of the device's {total:.1f} GiB")
+    lines.append(
+        "nothing was saved after the failure; "
+        + (
+            f"the last checkpoint, {last_checkpoint}, is intact: after the change, "
+            "checkpoint.resume=auto continues from it"
+            if last_checkpoint is not None
+            else "no checkpoint was written before it"
+        )
+    )
+    lines.append("to fit, try: " + "; or ".join(memory_fixes(cfg, world_size)))
+    lines.append("`kha-train info CONFIG` estimates the memory per GPU of each setting")
+    return "\n  ".join(lines)
