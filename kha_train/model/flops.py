@@ -160,10 +160,13 @@ def train_memory_estimate(
     activation_checkpointing: str = "none",
     loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     ac_every_n: int = 2,
+    reshard_after_forward: bool = True,
 ) -> dict[str, float]:
     """A rough per-rank training memory estimate in bytes (expect +-30%), FSDP over n_ranks:
     fp32 weights, fp32 grads and AdamW moments sharded; bf16 copies of two gathered blocks
-    (the current one and the prefetched next); activations of one micro-batch; the LM head and
+    (the current one and the prefetched next), or of every block when ``reshard_after_forward``
+    is off (parallel.reshard_after_forward: the gathered weights are kept from each block's
+    forward to its backward, as on one GPU by default); activations of one micro-batch; the LM head and
     loss (one chunk of logits, the stored head gradients). Activations by
     ``activation_checkpointing`` (parallel.activation_checkpointing): none, every block's;
     full, the block inputs plus one block being recomputed; every_n, that for every n-th block
@@ -194,7 +197,8 @@ def train_memory_estimate(
         "weights": 4 * total / n_ranks,
         "grads": 4 * total / n_ranks,
         "optimizer": 8 * total / n_ranks,
-        "gathered_params": 2 * 2 * block_params + (2 * V * D if n_ranks > 1 else 0),
+        "gathered_params": 2 * (2 if reshard_after_forward else cfg.num_layers) * block_params
+        + (2 * V * D if n_ranks > 1 else 0),
         "activations": float(acts),
         "head_and_loss": float(head),
     }

@@ -84,11 +84,13 @@ def info_text(cfg, ranks: int) -> str:
         f"KV cache        {kv_cache_bytes_per_token(m) / 1024:.1f} KiB/token in bf16 "
         f"({kv_cache_elems_per_token_per_layer(m)} values per layer{_cache_parts(m)})"
     )
+    from kha_train.training.parallel import reshards_after_forward, settings_line
+
     p = cfg.parallel
     mem = train_memory_estimate(
         m, cfg.train.micro_batch_size, seq, ranks,
         activation_checkpointing=ACMode(p.activation_checkpointing).value,
-        ac_every_n=p.ac_every_n,
+        ac_every_n=p.ac_every_n, reshard_after_forward=reshards_after_forward(p, ranks),
     )  # fmt: skip
     parts = ", ".join(f"{k} {v / 2**30:.1f}" for k, v in mem.items() if k != "total")
     lines.append(
@@ -96,8 +98,6 @@ def info_text(cfg, ranks: int) -> str:
         f"{cfg.train.micro_batch_size} x {seq}, activation checkpointing "
         f"{cfg.parallel.activation_checkpointing.value}: {parts}"
     )
-    from kha_train.training.parallel import settings_line
-
     lines.append(f"on {ranks} GPU(s)    {settings_line(cfg, 'cuda', ranks)}")
     lines.append(f"on a CPU        {settings_line(cfg, 'cpu', 1)}")
     return "\n".join(lines)

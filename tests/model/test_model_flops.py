@@ -124,6 +124,12 @@ def test_memory_estimate_scales_sensibly() -> None:
         train_memory_estimate(cfg, micro_batch=4, seq_len=4096, activation_checkpointing="some")
     # torchtitan measured 55.6 GiB for this config at micro-batch 4 on one H100 (NOTES.md).
     assert 35 * 2**30 < one["total"] < 90 * 2**30
+    # Kept from forward to backward (one GPU's default), every block's bf16 weights stay
+    # gathered, not two: (12 - 2) more blocks at 2 bytes per parameter.
+    kept = train_memory_estimate(cfg, micro_batch=4, seq_len=4096, reshard_after_forward=False)
+    block = (total - cfg.vocab_size * cfg.hidden_size) / cfg.num_layers
+    assert kept["gathered_params"] - one["gathered_params"] == pytest.approx(2 * 10 * block)
+    assert kept["total"] - one["total"] == pytest.approx(2 * 10 * block)
 
 
 def test_info_command(capsys) -> None:
