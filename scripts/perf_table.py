@@ -70,7 +70,9 @@ def ours(path: Path) -> list[dict[str, Any]]:
         if r.get("deterministic"):
             settings.append("deterministic")
         if r.get("alloc_retries"):  # cudaMalloc failed, cache flushed: each costs a device sync
-            settings.append(f"{r['alloc_retries']} allocator retries")
+            timed = r.get("alloc_retries_timed")  # files before it counted warm-up and compile too
+            settings.append(f"{r['alloc_retries']} allocator retries"
+                            + (f" ({timed} in the timed steps)" if timed is not None else ""))  # fmt: skip
         rows.append({
             "system": f"kha-train, {kha}", "mb": mb, "accum": accum, "seq": seq,
             "settings": ", ".join(settings), "ms": r.get("step_ms"),

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import time
 from typing import Any
 
@@ -281,8 +280,9 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
 def main(args: argparse.Namespace) -> int:
     import torch  # here, not at the top: `kha-train --help` imports this module
 
-    # Less fragmentation near full memory (set before CUDA initialises; the trainer does too).
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    from kha_train.training.device_memory import default_allocator_config
+
+    default_allocator_config()  # before CUDA initialises, as the trainer does
     if not torch.cuda.is_available():
         raise SystemExit("kha-train bench needs a CUDA GPU")
     if args.deterministic:  # before any CUDA work: cuBLAS reads its workspace setting once

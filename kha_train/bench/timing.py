@@ -44,6 +44,7 @@ def time_workload(w: Workload) -> dict[str, Any]:
         w.step()
     sync()
     torch.cuda.reset_peak_memory_stats()
+    retries_before = _alloc_retries()
     state_before = gpu_state()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -53,6 +54,7 @@ def time_workload(w: Workload) -> dict[str, Any]:
     end.record()
     sync()
     wall = time.perf_counter() - t0
+    retries_timed = _alloc_retries() - retries_before
     state_after = gpu_state()
     step_ms = start.elapsed_time(end) / s.steps
     tokens = s.micro_batch * s.seq_len * s.accum
@@ -79,8 +81,14 @@ def time_workload(w: Workload) -> dict[str, Any]:
         "mfu": tps * fpt / (s.peak_tflops * 1e12),
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
         # cudaMalloc retries mean the allocator ran out of cached blocks: slow, and it syncs.
-        "alloc_retries": torch.cuda.memory_stats().get("num_alloc_retries", 0),
+        # Since the process started (warm-up and compile included), and in the timed steps.
+        "alloc_retries": _alloc_retries(),
+        "alloc_retries_timed": retries_timed,
         "loss": float(result.loss),
         "gpu_before": state_before,
         "gpu_after": state_after,
     }
+
+
+def _alloc_retries() -> int:
+    return torch.cuda.memory_stats().get("num_alloc_retries", 0)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from typing import TextIO
 
 
@@ -35,10 +34,9 @@ def _train(args: argparse.Namespace) -> int:
 
 def run(config_path: str, overrides: list[str] | None = None, console: TextIO | None = None) -> int:
     """Load the config, train, tear down. The body of ``kha-train train`` and ``kha_train.train``."""
-    # Expandable segments: less fragmentation near full memory, where the allocator would
-    # otherwise flush its cache and retry (a device sync each). Read when CUDA's allocator
-    # starts, so set before any CUDA work; a value the user exported wins. The bench does the same.
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    from kha_train.training.device_memory import default_allocator_config
+
+    default_allocator_config()  # before any CUDA work; the bench does the same
     from kha_train.config import load_config
     from kha_train.training import distributed as D
     from kha_train.training.trainer import Trainer

@@ -2,22 +2,36 @@
 
 Two cases, both with the fixes that fit the run's own settings:
 - the CUDA allocator had to flush its cache and retry a cudaMalloc (the run goes on, slower:
-  each retry synchronises the device; steps with them took 23-41% longer than their GPU time on
-  one H200, docs/performance.md): one warning per run (``monitor.py``);
+  each retry synchronises the device; benchmark rows with 6 retries took 23-41% longer than their
+  GPU time on one H200, docs/performance.md): one warning per run (``monitor.py``);
 - the allocation failed (torch.OutOfMemoryError): the run ends with an ``out_of_memory`` record
   and :class:`OutOfDeviceMemoryError`, whose message names the step, the memory, the last
   checkpoint and the fixes (``trainer.py``). Nothing is saved after the failure: the model and
   optimizer may be half-way through a step.
+
+Both are rank 0's view: its allocator's retries, and its record. A rank that runs out of memory
+prints the error and exits; torchrun then stops the others (rank 0 writes no end record then).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
 from kha_train.config import ACMode, Config, LossKernel
 from kha_train.training.parallel import reshards_after_forward
+
+
+def default_allocator_config() -> None:
+    """Expandable segments unless the user configured the allocator: less fragmentation near
+    full memory, where the allocator would otherwise flush its cache and retry. Read when
+    CUDA's allocator starts, so call it before any CUDA work. torch >= 2.9 reads
+    ``PYTORCH_ALLOC_CONF`` and falls back to the older ``PYTORCH_CUDA_ALLOC_CONF``; a value in
+    either wins."""
+    if not (os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")):
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
 
 
 class OutOfDeviceMemoryError(RuntimeError):
@@ -41,9 +55,19 @@ def memory_fixes(cfg: Config, world_size: int) -> list[str]:
             "forward and backward)"
         )
     if cfg.train.micro_batch_size > 1:
+        accum = cfg.train.global_batch_tokens // (
+            cfg.train.micro_batch_size * cfg.data.seq_len * world_size
+        )
         fixes.append(
             f"a smaller train.micro_batch_size (now {cfg.train.micro_batch_size}; the step keeps "
-            "its train.global_batch_tokens with more micro-batches)"
+            "its train.global_batch_tokens with more micro-batches"
+            + (
+                ", and from one micro-batch to several it also keeps an fp32 gradient "
+                "(4 bytes per parameter) between them: the main model's peak rose from 8 x 1 to "
+                "4 x 2 on one H200)"
+                if accum == 1
+                else ")"
+            )
         )
     if p.loss_kernel == LossKernel.chunked:
         fixes.append("parallel.loss_kernel=cce (the LM head's logits never whole; slower)")
@@ -58,8 +82,8 @@ def alloc_retry_warning(retries: int, cfg: Config, world_size: int) -> str:
     """The one warning of a run whose allocator flushed its cache to allocate."""
     return (
         f"warning: the CUDA allocator ran out of cached memory and retried {retries} time(s): "
-        "each retry synchronises the device, and steps slow down (they took 23-41% longer than "
-        "their GPU time on one H200, docs/performance.md). Try "
+        "each retry synchronises the device, and steps slow down (benchmark rows with 6 retries "
+        "took 23-41% longer than their GPU time on one H200, docs/performance.md). Try "
         + "; or ".join(memory_fixes(cfg, world_size))
         + "."
     )
@@ -80,14 +104,17 @@ def out_of_memory_message(
         gib = 2**30
         total = torch.cuda.get_device_properties(device).total_memory / gib
         peak = torch.cuda.max_memory_allocated(device) / gib
-        lines.append(f"peak allocated {peak:.1f} GiB of the device's {total:.1f} GiB")
+        lines.append(
+            f"peak allocated since the last logged step {peak:.1f} GiB of the device's "
+            f"{total:.1f} GiB"
+        )
     lines.append(
         "nothing was saved after the failure; "
         + (
             f"the last checkpoint, {last_checkpoint}, is intact: after the change, "
             "checkpoint.resume=auto continues from it"
             if last_checkpoint is not None
-            else "no checkpoint was written before it"
+            else "no published checkpoint was found"
         )
     )
     lines.append("to fit, try: " + "; or ".join(memory_fixes(cfg, world_size)))

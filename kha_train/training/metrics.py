@@ -60,9 +60,9 @@ def peak_flops(device: torch.device, override_tflops: float | None = None) -> fl
 def memory_stats(device: torch.device) -> dict[str, float]:
     """Peak memory since the last call (GiB): device allocator on CUDA, process RSS on CPU.
 
-    On CUDA also ``alloc_retries``, the allocator's retries since the start: times a cudaMalloc
-    failed and the cache was flushed to retry it. Each one synchronises the device; on one H200
-    steps with them took 23-41% longer than their GPU time (docs/performance.md).
+    On CUDA also ``alloc_retries``, the allocator's retries since the start (the monitor logs
+    each window's): times a cudaMalloc failed and the cache was flushed to retry it. Each one
+    synchronises the device (training/device_memory.py).
     """
     gib = 1024**3
     if device.type == "cuda":

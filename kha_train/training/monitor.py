@@ -78,6 +78,7 @@ class StepMonitor:
         self.last_counts: torch.Tensor | None = None  # expert counts of the latest step
         self.flops_per_token = _model_flops(cfg)
         self.warned_alloc_retries = False  # the allocator-retry warning is given once a run
+        self.retries_seen: int | None = None  # the allocator's retries at the last logged step
         self.peak_flops = peak_flops(env.device, cfg.logging.peak_tflops)
 
     def state_dict(self) -> dict[str, Any]:
@@ -218,8 +219,13 @@ class StepMonitor:
         if drift:
             rec["kha_drift"] = drift
         self.window = LossWindow()
+        first_window = self.retries_seen is None
+        if "alloc_retries" in rec:  # the allocator's count since the start -> this window's
+            seen, self.retries_seen = self.retries_seen or 0, rec["alloc_retries"]
+            rec["alloc_retries"] -= seen
         log.log(rec)
-        if rec.get("alloc_retries") and not self.warned_alloc_retries:
+        # Warned once, and not for the first window (compilation and first allocations).
+        if rec.get("alloc_retries") and not first_window and not self.warned_alloc_retries:
             self.warned_alloc_retries = True
             log.info(alloc_retry_warning(rec["alloc_retries"], cfg, self.env.world_size))
 

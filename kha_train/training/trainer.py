@@ -23,6 +23,7 @@ all-reduce of the preemption flag (host memory: it does not wait for the GPU).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import signal
 import time
@@ -530,14 +531,25 @@ class Trainer:
             # The state may be half-way through a step: end the run without saving it, and say
             # what to change (training/device_memory.py).
             message = out_of_memory_message(
-                e, cfg, self.env.world_size, self.step, self.device,
-                latest_checkpoint(self.ckpt_dir),
-            )  # fmt: skip
+                e, cfg, self.env.world_size, self.step, self.device, self._saved_checkpoint()
+            )
             self._finish("out_of_memory", exit_code=1, error=message)  # the CLI prints it
             raise OutOfDeviceMemoryError(message) from e
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+
+    def _saved_checkpoint(self) -> Path | None:
+        """The newest published checkpoint after a failure, an async save in flight finished
+        first (it copied a consistent state before the failure); None when there is none or the
+        folder cannot be read (the failure, not this, is what gets reported)."""
+        # A failed async save: close() reports it; an older checkpoint may still be there.
+        with contextlib.suppress(Exception):
+            self.ckpt.wait()
+        try:
+            return latest_checkpoint(self.ckpt_dir)
+        except Exception:
+            return None
 
     def _logged_end_status(self) -> str | None:
         """The status of the last end record in the run's metrics log (None: none there)."""

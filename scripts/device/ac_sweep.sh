@@ -3,7 +3,7 @@
 # (configs/paper/main/kha.yaml, 6.1B total / 1.0B active, 128 experts top-8) in bf16 under each
 # activation-checkpointing mode, all at 8 x 4096 tokens per optimizer step, one process per
 # row (a failed row, out of memory say, is reported and the next one runs), most promising
-# first: full mb 2 x 4 (today's 31.9% MFU); then with --reshard (reshard_after_forward: each
+# first: full mb 2 x 4 (round 1's setting: 31.9% MFU then); then with --reshard (reshard_after_forward: each
 # block's gathered bf16 weights freed after its forward, about 11 GiB of this model's 112 GiB
 # peak, the room activations need): none mb 1 x 8, none mb 2 x 4, selective mb 2 x 4; then
 # selective mb 2 x 4 and every_n (2) mb 2 x 4 without it. The fp32 weights, gradients and
@@ -34,6 +34,7 @@ row() {  # row NAME AC MICRO_BATCH ACCUM [BENCH_ARGS...]
 if [ -n "${ROWS:-}" ]; then
   for spec in $ROWS; do
     IFS=: read -r name ac mb accum args <<< "$spec"
+    if [ -z "$accum" ]; then echo "== ROWS entry '$spec': want NAME:AC:MB:ACCUM[:ARGS]"; continue; fi
     row $name $ac $mb $accum ${args//,/ }
   done
 else

@@ -22,12 +22,11 @@ from kha_train.training.loggers import format_record
 from kha_train.training.trainer import Trainer
 
 
-def test_retries_are_logged_and_warned_about_once(
-    tmp_path: Path, tiny_dataset, monkeypatch
-) -> None:
-    # The CPU has no caching allocator: stand in for CUDA's stats, as its counter would read
-    # (cumulative: none in the first window, 2 by the second, 5 by the third).
-    seen = iter([0, 2, 5, 5, 5, 5, 5, 5])
+def _train_with_retries(tmp_path, dataset, monkeypatch, counts: list[int]) -> tuple[list, str]:
+    """Train 6 steps, logging steps 1, 2, 4 and 6, with the allocator's retry counter (since the
+    start, as CUDA reports it) reading ``counts`` at those steps. The CPU has no caching
+    allocator: its stats are stood in for."""
+    seen = iter(counts)
     monkeypatch.setattr(
         metrics,
         "memory_stats",
@@ -35,17 +34,30 @@ def test_retries_are_logged_and_warned_about_once(
     )
     run = tmp_path / "run"
     console = io.StringIO()
-    train_here(tiny_config(run, tiny_dataset, logging={"log_every": 2}), console=console)
-    recs = records(run)
-    assert [r["alloc_retries"] for r in recs] == [0, 2, 5, 5]
-    text = console.getvalue()
+    train_here(tiny_config(run, dataset, logging={"log_every": 2}), console=console)
+    return records(run), console.getvalue()
+
+
+def test_retries_are_logged_by_window_and_warned_about_once(
+    tmp_path: Path, tiny_dataset, monkeypatch
+) -> None:
+    recs, text = _train_with_retries(tmp_path, tiny_dataset, monkeypatch, [0, 2, 5, 5])
+    assert [r["alloc_retries"] for r in recs] == [0, 2, 3, 0]  # each window's own
     assert text.count("the CUDA allocator ran out of cached memory and retried") == 1, text
     assert "retried 2 time(s)" in text
     # One GPU: gathered weights are kept after the forward, no activation checkpointing.
     assert "parallel.reshard_after_forward=true" in text
     assert "parallel.activation_checkpointing=selective" in text
     assert "train.micro_batch_size (now 2;" in text
-    assert "alloc retries 5" in text  # the console line
+    assert "alloc retries 3" in text and "alloc retries 0" not in text  # the console lines
+
+
+def test_retries_while_the_first_step_compiles_are_logged_not_warned_about(
+    tmp_path: Path, tiny_dataset, monkeypatch
+) -> None:
+    recs, text = _train_with_retries(tmp_path, tiny_dataset, monkeypatch, [4, 4, 4, 4])
+    assert [r["alloc_retries"] for r in recs] == [4, 0, 0, 0]
+    assert "ran out of cached memory" not in text
 
 
 def test_the_fixes_leave_out_what_the_run_already_does(tmp_path: Path) -> None:
@@ -79,14 +91,23 @@ def test_the_trainer_asks_for_expandable_segments_unless_told_otherwise(
 ) -> None:
     from kha_train.training.commands import run
 
-    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    # Set, then delete, so that monkeypatch restores the outside value (or its absence).
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.setenv(name, "x")
+        monkeypatch.delenv(name)
     with pytest.raises(ConfigError, match="not found"):  # after the allocator setting
         run(str(tmp_path / "missing.yaml"))
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    # A value the user gave, under either name (torch >= 2.9 reads the newer one first), wins.
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
     with pytest.raises(ConfigError, match="not found"):
         run(str(tmp_path / "missing.yaml"))
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "max_split_size_mb:256")
+    with pytest.raises(ConfigError, match="not found"):
+        run(str(tmp_path / "missing.yaml"))
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
 
 
 class OutOfMemoryAt(Trainer):
