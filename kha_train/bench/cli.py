@@ -155,6 +155,7 @@ def format_table(results: list[dict[str, Any]], s: BenchSettings) -> str:
         if "bf16" in by and "fp8" in by:
             speedup = by["fp8"]["tokens_per_s"] / by["bf16"]["tokens_per_s"]
             lines.append(f"FP8 speed-up ({variant}): tokens/s x{speedup:.4f} over bf16")
+            lines.append(fp8_numerics_line(variant, by["bf16"], by["fp8"]))
     for r in ok:
         if "breakdown_ms" in r:
             parts = sorted(r["breakdown_ms"].items(), key=lambda kv: -kv[1])
@@ -164,6 +165,25 @@ def format_table(results: list[dict[str, Any]], s: BenchSettings) -> str:
                 + ", ".join(f"{k} {v:.1f} ({100 * v / total:.0f}%)" for k, v in parts)
             )
     return "\n".join(lines)
+
+
+# FP8 against bf16 on the first step: same seed, same weights, same tokens, so the losses differ
+# only by FP8's rounding of the converted GEMMs (e4m3 keeps 3 mantissa bits: a few 1e-3 on a
+# loss near ln(vocab) ~ 12 here); 2e-2 flags a broken path, not rounding.
+FP8_FIRST_LOSS_RTOL = 2e-2
+
+
+def fp8_numerics_line(variant: str, bf16: dict[str, Any], fp8: dict[str, Any]) -> str:
+    """The bench's FP8 correctness check: the first step's loss in FP8 against bf16's."""
+    if "first_loss" not in bf16 or "first_loss" not in fp8:
+        return f"FP8 numerics ({variant}): not checked (no first-step loss)"
+    a, b = bf16["first_loss"], fp8["first_loss"]
+    rel = abs(b - a) / max(abs(a), 1e-12)
+    verdict = "ok" if rel <= FP8_FIRST_LOSS_RTOL else f"FAILED (over {FP8_FIRST_LOSS_RTOL:g})"
+    return (
+        f"FP8 numerics ({variant}): first-step loss {b:.5f} vs bf16 {a:.5f}, "
+        f"relative difference {rel:.1e}: {verdict}"
+    )
 
 
 def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:

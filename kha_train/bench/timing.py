@@ -40,8 +40,10 @@ def time_workload(w: Workload) -> dict[str, Any]:
     result is "ok", or the error a host-device synchronisation inside the step raised (after
     the timing, so that such a finding does not cost the measurement)."""
     s = w.s
+    first = None  # the first step's result: its loss is the initial model's (numerics check)
     for _ in range(s.warmup):
-        w.step()
+        r = w.step()
+        first = r if first is None else first
     sync()
     torch.cuda.reset_peak_memory_stats()
     retries_before = _alloc_retries()
@@ -51,6 +53,7 @@ def time_workload(w: Workload) -> dict[str, Any]:
     t0 = time.perf_counter()
     for _ in range(s.steps):
         result = w.step()
+        first = result if first is None else first
     end.record()
     sync()
     wall = time.perf_counter() - t0
@@ -85,6 +88,7 @@ def time_workload(w: Workload) -> dict[str, Any]:
         "alloc_retries": _alloc_retries(),
         "alloc_retries_timed": retries_timed,
         "loss": float(result.loss),
+        "first_loss": float(first.loss),
         "gpu_before": state_before,
         "gpu_after": state_after,
     }

@@ -367,3 +367,30 @@ def test_the_benchmark_compares_precisions_and_reports_failed_runs() -> None:
               "error": "OutOfMemoryError: CUDA out of memory"}  # fmt: skip
     text = format_table([row("bf16", 40000.0), failed], s)
     assert "failed: OutOfMemoryError" in text and "FP8 speed-up" not in text
+
+
+# -- the bench's FP8 check ------------------------------------------------------------------------
+
+
+def test_the_bench_check_compares_the_first_step_losses() -> None:
+    """`kha-train bench --precision bf16,fp8`'s check: same seed, weights and tokens, so the first
+    step's FP8 loss is bf16's up to FP8 rounding (emulated here, the same casts and scales)."""
+    from kha_train.bench import BenchSettings
+    from kha_train.bench.cli import FP8_FIRST_LOSS_RTOL, fp8_numerics_line
+    from kha_train.bench.workload import Workload
+
+    s = BenchSettings(seq_len=16, micro_batch=2, accum=2, fp8=ALL)
+    first = {}
+    try:
+        for precision in (Precision.bf16, Precision.fp8):
+            w = Workload(TINY, s, CPU, precision=precision)
+            assert len(w.fp8_modules) == (0 if precision == Precision.bf16 else 21)
+            first[precision.value] = {"first_loss": float(w.step().loss)}
+            D.teardown()
+    finally:
+        D.teardown()
+    rel = abs(first["fp8"]["first_loss"] / first["bf16"]["first_loss"] - 1)
+    assert 0 < rel < FP8_FIRST_LOSS_RTOL, rel  # rounded, not broken
+    assert fp8_numerics_line("kha", first["bf16"], first["fp8"]).endswith(": ok")
+    broken = {"first_loss": first["bf16"]["first_loss"] * 1.1}  # e.g. a mis-scaled GEMM
+    assert "FAILED" in fp8_numerics_line("kha", first["bf16"], broken)
