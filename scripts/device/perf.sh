@@ -70,5 +70,5 @@ if [ "$(left)" -ge 100 ]; then
 fi
 echo "== done after $(( $(date +%s) - start ))s" | tee -a $log
 ls $OUT/*.jsonl > /dev/null 2>&1 && python3 scripts/perf_table.py $OUT/*.jsonl | tee $OUT/table.md
-grep -E "^(FP8 speed-up|kha +(bf16|fp8)|ref|main |== )" $log
+grep -E "^(FP8 speed-up|FP8 numerics|kha +(bf16|fp8)|ref|main |== )" $log
 ls -la $OUT
