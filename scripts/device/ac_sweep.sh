@@ -46,4 +46,6 @@ else
   row every2_mb2 every_n 2 4
 fi
 echo "== done after $(( $(date +%s) - start ))s"
-ls $OUT/*.jsonl > /dev/null 2>&1 && python3 scripts/perf_table.py $OUT/*.jsonl | tee $OUT/table.md
+if ls $OUT/*.jsonl > /dev/null 2>&1; then
+  python3 scripts/perf_table.py $OUT/*.jsonl | tee $OUT/table.md
+fi

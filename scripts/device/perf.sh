@@ -69,6 +69,8 @@ if [ "$(left)" -ge 100 ]; then
     --json $OUT/main512.jsonl --ac full --micro-batch 2 --accum 4 --seq-len 4096
 fi
 echo "== done after $(( $(date +%s) - start ))s" | tee -a $log
-ls $OUT/*.jsonl > /dev/null 2>&1 && python3 scripts/perf_table.py $OUT/*.jsonl | tee $OUT/table.md
+if ls $OUT/*.jsonl > /dev/null 2>&1; then
+  python3 scripts/perf_table.py $OUT/*.jsonl | tee $OUT/table.md
+fi
 grep -E "^(FP8 speed-up|FP8 numerics|kha +(bf16|fp8)|ref|main |== )" $log
 ls -la $OUT

@@ -49,4 +49,6 @@ for split in $splits; do
   fi
 done
 echo "== done after $(( $(date +%s) - start ))s"
-[ ${#files[@]} -gt 0 ] && python3 scripts/perf_table.py "${files[@]}" | tee $OUT/table.md
+if [ ${#files[@]} -gt 0 ]; then
+  python3 scripts/perf_table.py "${files[@]}" | tee $OUT/table.md
+fi

@@ -49,4 +49,6 @@ echo "== done after $(( $(date +%s) - start ))s"
 files=(); for f in ours_mb6x5.jsonl tt_amp_mb6x5.log ours_mb4x1.jsonl tt_bf16_mb4x1.log hf_mb4x1.log; do
   [ -f $OUT/$f ] && files+=($OUT/$f)
 done
-[ ${#files[@]} -gt 0 ] && python3 scripts/perf_table.py "${files[@]}" | tee $OUT/table.md
+if [ ${#files[@]} -gt 0 ]; then
+  python3 scripts/perf_table.py "${files[@]}" | tee $OUT/table.md
+fi
