@@ -14,26 +14,15 @@ set -u
 export PYTHONUNBUFFERED=1
 deadline=${1:-560}; shift || true
 splits=${*:-6x5 15x2 10x3 30x1}
-start=$(date +%s)
-left() { echo $(( deadline - ($(date +%s) - start) )); }
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
-if [ "${TT:-1}" = 1 ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/peers .whl/peers/*.whl || exit 1
-fi
+source "$(dirname "$0")/lib.sh"  # left, install_wheels, logged_row
+install_wheels .whl /tmp/site
+[ "${TT:-1}" = 1 ] && install_wheels .whl/peers /tmp/peers
 export PYTHONPATH=/tmp/site:$PWD
 echo "commit $(cat .kha_commit 2>/dev/null || echo unknown), $(date -u +%FT%TZ)"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 cfg=${CONFIG:-configs/paper/table5/moe_a0.44b_kha_mlp.yaml}
 row() {  # row NAME CAP_S COMMAND...
-  local name=$1 cap=$2; shift 2
-  local t=$(( $(left) - 5 )); [ $t -gt $cap ] && t=$cap
-  [ $t -lt 45 ] && { echo "== $name: skipped, $(left) s left"; return; }
-  echo "== $name (timeout ${t}s)"
-  timeout --kill-after=10 $t "$@" > $OUT/$name.log 2>&1
-  echo "== $name: exit $?"
-  grep -E "^(kha|nokha) |^RESULT|failed|OOM" $OUT/$name.log | cut -c1-240
+  logged_row "$1" "$2" "^(kha|nokha) |^RESULT|failed|OOM" "${@:3}"
 }
 files=()
 for split in $splits; do

@@ -15,24 +15,15 @@ set -u
 export PYTHONUNBUFFERED=1
 deadline=${1:-560}; shift || true
 extra=("$@")
-start=$(date +%s)
-left() { echo $(( deadline - ($(date +%s) - start) )); }
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/peers .whl/peers/*.whl || exit 1
+source "$(dirname "$0")/lib.sh"  # left, install_wheels, logged_row
+install_wheels .whl /tmp/site
+install_wheels .whl/peers /tmp/peers
 export PYTHONPATH=/tmp/site:$PWD
 echo "commit $(cat .kha_commit 2>/dev/null || echo unknown), $(date -u +%FT%TZ)"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 cfg=configs/paper/table5/moe_a0.44b_kha_mlp.yaml
 row() {  # row NAME CAP_S COMMAND...
-  local name=$1 cap=$2; shift 2
-  local t=$(( $(left) - 5 )); [ $t -gt $cap ] && t=$cap
-  [ $t -lt 45 ] && { echo "== $name: skipped, $(left) s left"; return; }
-  echo "== $name (timeout ${t}s)"
-  timeout --kill-after=10 $t "$@" > $OUT/$name.log 2>&1
-  echo "== $name: exit $?"
-  grep -E "^(kha|nokha) |KHA overhead|GPU time/step|^RESULT|^HF |OOM" $OUT/$name.log | cut -c1-260
+  logged_row "$1" "$2" "^(kha|nokha) |KHA overhead|GPU time/step|^RESULT|^HF |OOM" "${@:3}"
 }
 row ours_mb6x5 170 python3 -m kha_train.cli bench --config $cfg --variants kha,nokha \
   --micro-batch 6 --accum 5 --seq-len 4096 --steps 4 --warmup 1 --json $OUT/ours_mb6x5.jsonl \
