@@ -21,9 +21,8 @@
 set -u
 export PYTHONUNBUFFERED=1
 deadline=${1:-525}
-start=$(date +%s)
+source "$(dirname "$0")/lib.sh"  # left, install_wheels
 log=$OUT/perf.log
-left() { echo $(( deadline - ($(date +%s) - start) )); }
 # part NAME CAP_S COMMAND...: run it under timeout min(CAP_S, time left - 5 s)
 part() {
   local name=$1 cap=$2; shift 2
@@ -34,8 +33,7 @@ part() {
   echo "== $name: exit ${PIPESTATUS[0]} after $(( $(date +%s) - start ))s" | tee -a $log
 }
 
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
+install_wheels .whl /tmp/site
 export PYTHONPATH=/tmp/site:$PWD
 {
   echo "commit $(cat .kha_commit 2>/dev/null || echo unknown), $(date -u +%FT%TZ)"
