@@ -248,6 +248,16 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
             f"parallel.dp_replicate x dp_shard = {p.dp_replicate} x {p.dp_shard} must equal the "
             f"number of ranks {world_size} (or set parallel.dp_shard=-1)"
         )
+    if p.single_device and world_size > 1:
+        errs.append(
+            f"parallel.single_device=true runs one process without FSDP2, but {world_size} "
+            "ranks were started: drop it, or run one process"
+        )
+    if p.single_device and t.precision == Precision.fp32:
+        errs.append(
+            "parallel.single_device=true keeps fp32 master weights under bf16 ones: it needs "
+            "train.precision bf16 or fp8, not fp32"
+        )
     if p.activation_checkpointing == ACMode.every_n and p.ac_every_n < 1:
         errs.append("parallel.ac_every_n must be >= 1")
     if c.keep_last < 1 or c.every_steps < 0:

@@ -248,9 +248,10 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak (H100: 989)")
     p.add_argument(
         "--mode",
-        choices=["fsdp", "autocast"],
+        choices=["fsdp", "single", "autocast"],
         default="fsdp",
-        help="fsdp: the trainer's FSDP2 bf16 mixed precision; autocast: fp32 weights "
+        help="fsdp: the trainer's FSDP2 bf16 mixed precision; single: parallel.single_device "
+        "(no FSDP2: flat bf16 weights, fp32 masters, FlatAdamW); autocast: fp32 weights "
         "on one GPU under bf16 autocast (the baseline of docs/performance.md)",
     )
     p.add_argument(

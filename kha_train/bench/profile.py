@@ -21,7 +21,7 @@ from kha_train.bench.workload import Workload
 # head + loss (a profiler range the benchmark puts around the model's loss call). Inside
 # compiled blocks ops have no names of their own, so the rest is split by kernel name.
 STACK_CATEGORIES = [
-    ("optimizer", ("optimizer.step", "adamw", "clip_grad", "_foreach_norm")),
+    ("optimizer", ("optimizer.step", "optimizer.zero_grad", "adamw", "clip_grad", "_foreach_norm")),
     ("lm_head+loss", ("lm_head+loss",)),
 ]
 KERNEL_CATEGORIES = [

@@ -27,7 +27,8 @@ class BenchSettings:
     loss_chunk: int | None = None  # tokens per LM-head + loss chunk (None: the model's default)
     compile_loss: bool = True  # torch.compile the LM-head + loss chunk (Transformer.compile_loss)
     loss_kernel: LossKernel = LossKernel.chunked  # parallel.loss_kernel
-    # fsdp: the trainer's FSDP2 mixed precision | autocast: fp32 weights + autocast
+    # fsdp: the trainer's FSDP2 mixed precision | single: parallel.single_device (no FSDP2,
+    # flat buffers, FlatAdamW) | autocast: fp32 weights + autocast
     mode: str = "fsdp"
     # parallel.fp8: which projections run FP8 GEMMs when a variant runs in precision fp8
     fp8: Fp8Config = dataclasses.field(default_factory=Fp8Config)
@@ -43,4 +44,5 @@ class BenchSettings:
             compile_loss=self.compile_loss,
             loss_kernel=self.loss_kernel,
             fp8=self.fp8,
+            single_device=self.mode == "single" or None,
         )

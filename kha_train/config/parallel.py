@@ -81,4 +81,13 @@ class ParallelConfig:
     # costs a full-size fp32 gradient per rank. null: on when nothing is sharded (dp_shard 1:
     # one GPU, or pure replication), where it costs no memory.
     defer_grad_sync: bool | None = None
+    # One process without FSDP2 (training/flat_params.py, flat_adamw.py): bf16 weights and
+    # gradients in flat buffers, fp32 master weights, and AdamW as one elementwise pass per
+    # weight-decay group that also writes the bf16 weights. On one GPU it skips FSDP2's casts
+    # and copies (docs/performance.md has the figures). Same precision as FSDP2's except that
+    # with several micro-batches per step their fp32 sum is rounded to bf16 once before the
+    # update. Checkpoints are FSDP2's: runs resume across the two. null: off; true needs one
+    # process and train.precision bf16 or fp8 (reshard_after_forward and defer_grad_sync then
+    # have nothing to do).
+    single_device: bool | None = None
     fp8: Fp8Config = field(default_factory=Fp8Config)  # read only when train.precision=fp8

@@ -29,6 +29,7 @@ from kha_train.model import Transformer
 from kha_train.training.activation_checkpoint import apply_activation_checkpointing
 from kha_train.training.checkpoint import complete_checkpoints, resolve_resume
 from kha_train.training.distributed import DistEnv
+from kha_train.training.flat_params import apply_single_device
 from kha_train.training.fp8 import convert_to_fp8
 from kha_train.training.parallel import (
     apply_compile,
@@ -48,7 +49,8 @@ def build_model(
     compile_loss: bool = True,
     fsdp: bool = True,
 ) -> Transformer:
-    """The model, parallelized, on ``device``, initialised from ``seed``, in train mode.
+    """The model, parallelized, on ``device``, initialised from ``seed``, in train mode
+    (with ``parallel.single_device``: one process, no FSDP2, weights in flat buffers).
 
     ``compile_loss``: compile the LM head + loss chunk kernel on CUDA (``Transformer.
     compile_loss``). ``fsdp=False`` leaves out FSDP2 (FP8 conversion, AC and compile still
@@ -70,6 +72,8 @@ def build_model(
     torch.manual_seed(seed)
     with init_weights_like_single_device():
         model.init_weights()
+    if fsdp and parallel.single_device:
+        apply_single_device(model)  # bf16 weights in flat buffers, fp32 masters beside them
     return model.train()
 
 

@@ -125,6 +125,10 @@ def resolve_resume(resume: str, directory: Path) -> Path | None:
     return path
 
 
+# Optimizer group keys that choose the implementation, not the update (see CheckpointManager.load).
+_OPTIM_IMPL_KEYS = ("fused", "foreach", "capturable", "differentiable")
+
+
 class CheckpointManager:
     """Saves, publishes, rotates and loads checkpoints (see the module docstring)."""
 
@@ -393,9 +397,15 @@ class CheckpointManager:
             dcp.load(state, checkpoint_id=str(path), process_group=self.group)
         except (Exception, CheckpointException) as e:
             raise CheckpointError(f"checkpoint {path}: its shards do not load ({_short(e)})") from e
+        # The groups' settings come back from the file; which kernel runs stays this run's: a
+        # checkpoint of torch's foreach AdamW (CPU) or of FlatAdamW must not switch a fused one
+        # off, or its device-side skip of non-finite steps (training/step.py).
+        impl = [{k: g[k] for k in _OPTIM_IMPL_KEYS if k in g} for g in optimizer.param_groups]
         set_state_dict(
             model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
         )
+        for group, keep in zip(optimizer.param_groups, impl):
+            group.update(keep)
         rng_file = path / RNG_DIR / f"rank_{self.env.rank:05d}.pt"
         if rng_file.is_file():  # absent when resuming on more ranks than saved
             try:  # plain tensors only: no code runs from a checkpoint file

@@ -12,7 +12,9 @@ Names are matched after removing the wrapper prefixes that activation checkpoint
 
 Implementation (``optim.implementation``): ``fused`` is one kernel over all parameters and can
 skip a non-finite step on the device without a host sync (see ``step.py``); ``foreach`` is the
-multi-tensor fallback. ``auto`` picks fused on CUDA and foreach on CPU.
+multi-tensor fallback. ``auto`` picks fused on CUDA and foreach on CPU. A model prepared for one
+process without FSDP2 (``parallel.single_device``) gets ``FlatAdamW`` (``flat_adamw.py``: the
+same rule over flat buffers, with fp32 master weights and a device-side skip) whatever this says.
 
 Also the gradient arithmetic the step and ``clipping.py`` share, on the device and correct for
 FSDP2's sharded (DTensor) gradients: the global grad norm, each tensor's norm, and scaling the
@@ -77,8 +79,20 @@ def summarize_groups(optimizer: torch.optim.Optimizer) -> list[ParamGroupSummary
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, device: torch.device
+) -> torch.optim.Optimizer:
     """AdamW over ``model``'s parameters with the decay groups above."""
+    from kha_train.training.flat_params import flat_params_of
+
+    flat = flat_params_of(model)
+    if flat is not None:
+        from kha_train.training.flat_adamw import FlatAdamW
+
+        return FlatAdamW(
+            flat, param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+            eps=cfg.eps, weight_decay=cfg.weight_decay,
+        )  # fmt: skip
     impl = cfg.implementation
     if impl == "auto":
         impl = "fused" if device.type == "cuda" else "foreach"
@@ -94,15 +108,27 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
 
 
 def is_fused(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether the optimizer runs the fused kernel (which honours ``found_inf``)."""
-    return bool(optimizer.defaults.get("fused"))
+    """Whether the optimizer runs a fused kernel that honours ``found_inf`` and ``grad_scale``
+    (torch's fused AdamW, or FlatAdamW)."""
+    return bool(optimizer.defaults.get("fused")) or getattr(optimizer, "skips_on_device", False)
+
+
+def end_micro_batch(optimizer: torch.optim.Optimizer, last: bool) -> None:
+    """After each micro-batch's backward: FlatAdamW moves the gradients into its fp32
+    accumulator (``flat_params.py``); nothing for torch's AdamW (FSDP2 accumulates)."""
+    hook = getattr(optimizer, "end_micro_batch", None)
+    if hook is not None:
+        hook(last)
 
 
 def global_grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
-    """The L2 norm of all parameters' gradients over every rank, a device scalar (no sync)."""
-    norm = torch.nn.utils.get_total_norm(
-        [p.grad for p in params if p.grad is not None], foreach=True
-    )
+    """The L2 norm of all parameters' gradients over every rank, a device scalar (no sync);
+    fp32 also for bf16 gradients (FlatAdamW's)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads and not isinstance(grads[0], DTensor) and grads[0].dtype != torch.float32:
+        norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32)
+        return torch.linalg.vector_norm(torch.stack(norms))
+    norm = torch.nn.utils.get_total_norm(grads, foreach=True)
     if isinstance(norm, DTensor):
         norm = norm.full_tensor()  # the sum of the shards' squares over ranks
     return norm
@@ -151,7 +177,11 @@ def tensor_grad_norms(grads: list[torch.Tensor]) -> torch.Tensor:
     DTensors are summed over the mesh dimensions they are sharded on, one all-reduce per
     distinct (mesh, placements) (with FSDP2: one all-reduce of n floats). Replicated dimensions
     (HSDP's replicas) hold the same values and are not summed."""
-    norms = torch._foreach_norm([_local(g) for g in grads])
+    local = [_local(g) for g in grads]
+    if local and local[0].dtype != torch.float32:  # bf16 (FlatAdamW): fp32 norms
+        norms = torch._foreach_norm(local, 2.0, dtype=torch.float32)
+    else:
+        norms = torch._foreach_norm(local)
     groups: dict[object, list[int]] = {}
     for i, g in enumerate(grads):
         key = (g.device_mesh, tuple(g.placements)) if isinstance(g, DTensor) else None

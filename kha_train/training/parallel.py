@@ -11,6 +11,10 @@ Order (each step needs the previous one's result):
    before FSDP, so FSDP's hooks stay outside the graphs);
 3. FSDP2 ``fully_shard`` on each block, then on the root (embedding, final norm, head).
 
+With ``parallel.single_device`` (one process) step 3 is replaced: each block casts its inputs to
+bf16 (as FSDP2 would), and after the weights are initialised ``build_model`` moves them into
+flat buffers with fp32 master weights (training/flat_params.py).
+
 Mixed precision (precision=bf16, and fp8 around its FP8 GEMMs): parameters are all-gathered and
 computed in bf16, the sharded master weights and the optimizer stay fp32, gradients are
 reduce-scattered in fp32.
@@ -37,6 +41,7 @@ from torch.overrides import TorchFunctionMode
 
 from kha_train.config import ACMode, Config, ParallelConfig, Precision
 from kha_train.training.activation_checkpoint import apply_activation_checkpointing
+from kha_train.training.flat_params import cast_block_inputs
 from kha_train.training.fp8 import convert_to_fp8
 
 
@@ -99,6 +104,14 @@ def parallelize(
     """
     if precision == Precision.fp8:  # first: it checks that this machine runs FP8
         convert_to_fp8(model, cfg.fp8, device)
+    if cfg.single_device:
+        if precision == Precision.fp32:
+            raise ValueError("parallel.single_device needs precision bf16 or fp8")
+        apply_activation_checkpointing(model, cfg)
+        cast_block_inputs(model)  # before compile: the casts join the blocks' graphs
+        if compiles(cfg, device):
+            apply_compile(model)
+        return model
     if mesh is None:
         if not dist.is_initialized():
             from kha_train.training.distributed import init_distributed
@@ -129,12 +142,17 @@ def settings_line(cfg: Config, device: torch.device | str, world_size: int) -> s
     ac = f"every_{p.ac_every_n}" if p.activation_checkpointing == ACMode.every_n else ac
     defer, reshard = defers_grad_sync(p, world_size), reshards_after_forward(p, world_size)
     cuda = torch.device(device).type == "cuda"
+    sharding = (
+        "single device (no FSDP2, flat buffers), "
+        if p.single_device
+        else f"defer_grad_sync {on[defer]}{auto[p.defer_grad_sync is None]}, "
+        f"reshard_after_forward {on[reshard]}{auto[p.reshard_after_forward is None]}, "
+    )
     return (
         f"compile {on[compiles(p, device)]}{auto[p.compile is None]}, "
         f"loss compile {on[p.compile_loss and cuda]}, activation checkpointing {ac}, "
-        f"defer_grad_sync {on[defer]}{auto[p.defer_grad_sync is None]}, "
-        f"reshard_after_forward {on[reshard]}{auto[p.reshard_after_forward is None]}, "
-        f"attention {cfg.model.attn_backend.value}, precision {cfg.train.precision.value}"
+        + sharding
+        + f"attention {cfg.model.attn_backend.value}, precision {cfg.train.precision.value}"
         + (fp8_settings(p) if cfg.train.precision == Precision.fp8 else "")
     )
 

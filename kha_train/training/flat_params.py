@@ -1,0 +1,187 @@
+"""One process without FSDP2 (``parallel.single_device``): the weights and gradients in flat
+buffers, the fp32 master weights beside the bf16 ones the model computes with.
+
+FSDP2 on a one-GPU mesh still casts every fp32 weight into a bf16 gather buffer and "gathers"
+it (a copy), copies each bf16 gradient into an fp32 reduce buffer and "reduces" it (a copy), and
+leaves AdamW a few hundred fp32 tensors: on the reference model at one micro-batch per step
+that is 14.6 ms of copies and 25.8 ms of AdamW in a 184 ms step (docs/performance.md). Here:
+
+    tensor                         dtype   where
+    ---------------------------    -----   ------------------------------------------------
+    model parameters (``.data``)   bf16    views into ``param``: forward and backward use them
+    their ``.grad``                bf16    views into ``grad``: autograd adds into them in place
+    master weights                 fp32    ``master``: what checkpoints hold and AdamW updates
+    gradient accumulator           fp32    ``acc``: only with several micro-batches per step
+
+Each buffer is laid out in one parameter order, groups contiguous (the optimizer's weight-decay
+groups: :meth:`FlatParams.reorder`), so an optimizer step is one elementwise pass per group
+(``flat_adamw.py``), which also writes the bf16 weights: no separate cast.
+
+Precision is FSDP2's mixed precision on one GPU: bf16 parameters, inputs of each block cast to
+bf16 (FSDP2's ``cast_forward_inputs``: the RoPE tables), fp32 master weights and optimizer. Its
+gradients: with one micro-batch per step each is the bf16 gradient autograd produced, as with
+FSDP2; with several, the micro-batches' gradients are summed in fp32 (``acc``, as FSDP2 does)
+and the sum rounded to bf16 once, after the last (:meth:`end_micro_batch`).
+
+Checkpoints: the model's state dict returns the fp32 master weights under the parameters' names
+and loading one writes the master weights and the bf16 copies, so checkpoints are those of the
+FSDP2 path, both ways.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+
+class FlatParams:
+    """The flat buffers of ``model``'s trainable parameters (module docstring); rebinds every
+    parameter's ``.data`` to its bf16 view and ``.grad`` to its gradient view. Build after the
+    weights are initialised: the fp32 values become the master weights."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> None:
+        self.model, self.dtype = model, dtype
+        # Unique parameters (a tied embedding and head is one) in model order.
+        self.params: list[nn.Parameter] = [p for p in model.parameters() if p.requires_grad]
+        self.acc: torch.Tensor | None = None
+        self._acc_holds = False  # acc holds this step's earlier micro-batches
+        self._layout(self.params, [p.data.float() for p in self.params])
+        # (Plain functions: torch marks its hooks with an attribute, which a bound method refuses.)
+        model.register_state_dict_post_hook(functools.partial(FlatParams._masters_into, self))
+        model.register_load_state_dict_pre_hook(functools.partial(FlatParams._load_masters, self))
+
+    def _layout(self, order: list[nn.Parameter], values: list[torch.Tensor]) -> None:
+        """Allocate the buffers in ``order`` and fill master and bf16 weights from ``values``."""
+        self.params = order
+        n = sum(p.numel() for p in order)
+        device = values[0].device if values else torch.device("cpu")
+        self.master = torch.empty(n, dtype=torch.float32, device=device)
+        self.param = torch.empty(n, dtype=self.dtype, device=device)
+        self.grad = torch.zeros(n, dtype=self.dtype, device=device)
+        self.offsets: dict[nn.Parameter, tuple[int, int]] = {}
+        at = 0
+        for p, v in zip(order, values):
+            self.offsets[p] = (at, at + p.numel())
+            self.master[at : at + p.numel()].copy_(v.reshape(-1))
+            at += p.numel()
+        self.param.copy_(self.master)
+        for p in order:
+            p.data = self.view(self.param, p)
+        self.attach_grads()
+
+    def view(self, flat: torch.Tensor, p: nn.Parameter) -> torch.Tensor:
+        """``p``'s part of a flat buffer, in ``p``'s shape."""
+        start, end = self.offsets[p]
+        return flat[start:end].view(p.shape)
+
+    def master_of(self, p: nn.Parameter) -> torch.Tensor:
+        """``p``'s fp32 master weight (a view: writing it changes the master)."""
+        return self.view(self.master, p)
+
+    def reorder(self, groups: Iterable[list[nn.Parameter]]) -> list[tuple[int, int]]:
+        """Lay the buffers out group after group (every parameter in exactly one group); returns
+        each group's [start, end) in the flat buffers. Copies the weights once."""
+        order = [p for g in groups for p in g]
+        if len(order) != len(self.params) or set(order) != set(self.params):
+            raise ValueError("the optimizer's groups must hold every trainable parameter once")
+        values = [self.master_of(p).clone() for p in order]
+        self._layout(order, values)
+        bounds, at = [], 0
+        for g in groups:
+            size = sum(p.numel() for p in g)
+            bounds.append((at, at + size))
+            at += size
+        return bounds
+
+    def attach_grads(self) -> None:
+        """Point every ``.grad`` at its view of the gradient buffer (autograd then accumulates
+        into it in place); after something set them to None."""
+        for p in self.params:
+            if p.grad is None or p.grad.data_ptr() != self.view(self.grad, p).data_ptr():
+                p.grad = self.view(self.grad, p)
+
+    def zero_grads(self) -> None:
+        """Zero the gradient buffer (one memset) and keep the views attached."""
+        self.grad.zero_()
+        self._acc_holds = False
+        self.attach_grads()
+
+    @torch.no_grad()
+    def end_micro_batch(self, last: bool) -> None:
+        """After each micro-batch's backward: with several per step, move the gradient into the
+        fp32 accumulator (and zero it for the next micro-batch); after the ``last``, leave the
+        fp32 sum, rounded to bf16 once, in the gradient buffer."""
+        if last:
+            if self._acc_holds:
+                self.grad.copy_(self.acc + self.grad)  # type: ignore[operator]
+                self._acc_holds = False
+            return
+        if self.acc is None:
+            self.acc = torch.empty_like(self.master)
+        if self._acc_holds:
+            self.acc.add_(self.grad)
+        else:
+            self.acc.copy_(self.grad)
+            self._acc_holds = True
+        self.grad.zero_()
+
+    def sync_params(self) -> None:
+        """bf16 weights <- master weights (after the masters were written directly)."""
+        self.param.copy_(self.master)
+
+    # state-dict hooks ---------------------------------------------------------------------------
+
+    # (The root's hooks see the state dict's keys, from which the activation-checkpoint wrapper
+    # removes its prefix, hence the clean names.)
+
+    def _masters_into(self, module, state_dict, prefix, local_metadata) -> None:
+        for name, p in module.named_parameters(remove_duplicate=False):
+            key = prefix + _clean(name)
+            if p in self.offsets and key in state_dict:
+                state_dict[key] = self.master_of(p)
+
+    def _load_masters(self, module, state_dict, prefix, *args) -> None:
+        with torch.no_grad():
+            for name, p in module.named_parameters(remove_duplicate=False):
+                value = state_dict.get(prefix + _clean(name))
+                # (A shape mismatch is reported by the load itself.)
+                if p in self.offsets and isinstance(value, torch.Tensor) and value.shape == p.shape:
+                    self.master_of(p).copy_(value)
+
+
+def _clean(name: str) -> str:
+    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+
+
+def flat_params_of(model: nn.Module) -> FlatParams | None:
+    """The :class:`FlatParams` of a model prepared by :func:`apply_single_device`, else None."""
+    return getattr(model, "flat_params", None)
+
+
+def _to_dtype(dtype: torch.dtype):
+    def cast(x: object) -> object:
+        return x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return tree_map(cast, args), tree_map(cast, kwargs)
+
+    return hook
+
+
+def cast_block_inputs(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> None:
+    """Cast the floating-point inputs of every block to ``dtype`` before its forward, as
+    FSDP2's mixed precision does (``cast_forward_inputs``). Before compile: inside its graph."""
+    for block in model.layers:
+        block.register_forward_pre_hook(_to_dtype(dtype), with_kwargs=True)
+
+
+def apply_single_device(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> FlatParams:
+    """Move ``model``'s initialised weights into :class:`FlatParams` (kept as
+    ``model.flat_params``, which ``build_optimizer`` finds)."""
+    flat = FlatParams(model, dtype)
+    model.flat_params = flat  # type: ignore[assignment]
+    return flat

@@ -1,0 +1,187 @@
+"""One process without FSDP2 (parallel.single_device: training/flat_params.py, flat_adamw.py):
+the update is torch's AdamW, training follows the FSDP2 path, checkpoints resume exactly and
+across the two paths, and impossible settings are refused."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from train_helpers import build, losses, tiny_config, train_here
+
+from kha_train.config import ConfigError, OptimConfig
+from kha_train.training import distributed as D
+from kha_train.training.flat_adamw import FlatAdamW
+from kha_train.training.flat_params import FlatParams
+from kha_train.training.optim import build_optimizer, clip_gradients, param_groups
+from kha_train.training.trainer import Trainer
+
+
+class TwoLayers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 16)
+        self.norm = nn.LayerNorm(16)
+        self.out = nn.Linear(16, 4, bias=False)
+
+
+def test_flat_adamw_is_torch_adamw_on_the_master_weights() -> None:
+    """Same gradients (bf16, as autograd leaves them), decay groups, clipping through
+    grad_scale and a skipped step: the fp32 master weights and moments follow torch's AdamW
+    on fp32 weights to fp32 rounding, and the bf16 weights are the masters rounded."""
+    torch.manual_seed(0)
+    model = TwoLayers()
+    ref = TwoLayers()
+    ref.load_state_dict(model.state_dict())
+    cfg = OptimConfig(lr=1e-2, weight_decay=0.1, implementation="foreach")
+    flat = FlatParams(model)
+    ours = FlatAdamW(flat, param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                     eps=cfg.eps, weight_decay=cfg.weight_decay)  # fmt: skip
+    theirs = build_optimizer(ref, cfg, torch.device("cpu"))
+    assert [g["weight_decay"] for g in ours.param_groups] == [0.1, 0.0]
+    named_ref = dict(ref.named_parameters())
+    for step in range(5):
+        g = torch.Generator().manual_seed(step)
+        for name, p in model.named_parameters():
+            grad = torch.randn(p.shape, generator=g).to(torch.bfloat16) * (step + 1)
+            p.grad.copy_(grad)  # the views autograd accumulates into
+            named_ref[name].grad = grad.float()
+        skip = step == 2
+        norm = torch.linalg.vector_norm(
+            torch.stack([p.grad.float().norm() for p in model.parameters()])
+        )
+        clip_gradients(ours, list(model.parameters()), norm, max_norm=1.0)
+        ours.found_inf = torch.tensor(float(skip))
+        ours.step()
+        if not skip:
+            torch.nn.utils.clip_grads_with_norm_(list(ref.parameters()), 1.0, norm)
+            theirs.step()
+        ours.zero_grad()
+        assert all(float(p.grad.abs().sum()) == 0 for p in model.parameters())
+    for name, p in model.named_parameters():
+        want = named_ref[name].detach()
+        torch.testing.assert_close(flat.master_of(p), want, rtol=1e-5, atol=1e-6)
+        assert p.dtype == torch.bfloat16
+        assert torch.equal(p.detach(), flat.master_of(p).to(torch.bfloat16)), name
+        st, ref_st = ours.state[p], theirs.state[named_ref[name]]
+        torch.testing.assert_close(st["exp_avg"], ref_st["exp_avg"], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(st["exp_avg_sq"], ref_st["exp_avg_sq"], rtol=1e-5, atol=1e-9)
+        assert float(st["step"]) == float(ref_st["step"]) == 4.0  # the skipped step not counted
+    # The model's state dict holds the fp32 masters under the usual names.
+    sd = model.state_dict()
+    assert {k: v.dtype for k, v in sd.items()} == {k: torch.float32 for k in ref.state_dict()}
+
+
+def test_micro_batches_accumulate_in_fp32() -> None:
+    """Several micro-batches: their gradients are summed in fp32 and rounded to bf16 once."""
+    model = TwoLayers()
+    flat = FlatParams(model)
+    parts = [torch.full((flat.grad.numel(),), v, dtype=torch.bfloat16) for v in (1.0, 2**-9, 2**-9)]
+    for i, part in enumerate(parts):
+        flat.grad.add_(part)  # what autograd's accumulation does
+        flat.end_micro_batch(last=i == len(parts) - 1)
+    # bf16 additions would round 1 + 2^-9 back to 1 each time; the fp32 sum is 1 + 2^-8.
+    assert torch.all(flat.grad == torch.tensor(1 + 2**-8, dtype=torch.bfloat16))
+    flat.zero_grads()
+    flat.grad.add_(parts[0])
+    flat.end_micro_batch(last=True)  # one micro-batch: the gradient as autograd left it
+    assert torch.all(flat.grad == 1.0)
+
+
+class StopAt3(Trainer):
+    """Behaves as if SIGTERM arrived during step 3 (a checkpoint is saved, the run stops)."""
+
+    def _step(self, micro_batches):
+        result = super()._step(micro_batches)
+        if self.step == 3:
+            self._stop_signal = "SIGTERM"
+        return result
+
+
+def _run(path: Path, dataset: Path, single: bool, **sections) -> dict:
+    cfg = tiny_config(path, dataset, **sections)
+    cfg.setdefault("train", {})["precision"] = "bf16"
+    cfg.setdefault("parallel", {})["single_device"] = single
+    return cfg
+
+
+def test_trains_like_fsdp_and_resumes_exactly(tmp_path: Path, tiny_dataset: Path) -> None:
+    """The same 6 steps (4 micro-batches each) on both paths: the first step's loss is the
+    same, the rest agree to bf16's rounding. 3 steps, stop, resume, 3 more == 6 straight,
+    bitwise (the masters and moments are checkpointed, the bf16 weights rebuilt from them)."""
+    fsdp, straight, split = tmp_path / "fsdp", tmp_path / "straight", tmp_path / "split"
+    train_here(_run(fsdp, tiny_dataset, single=False))
+    train_here(_run(straight, tiny_dataset, single=True))
+    ref, ours = losses(fsdp), losses(straight)
+    assert ours[1] == ref[1]
+    for step in ref:
+        assert abs(ours[step] - ref[step]) <= 2e-3 * abs(ref[step]), (step, ours, ref)
+    cfg = _run(split, tiny_dataset, single=True)
+    train_here(cfg, StopAt3)
+    assert sorted(losses(split)) == [1, 2, 3]
+    cfg["checkpoint"]["resume"] = "auto"
+    train_here(cfg)
+    assert losses(split) == ours
+
+
+@pytest.mark.parametrize("first", [False, True])
+def test_checkpoints_resume_across_the_two_paths(
+    tmp_path: Path, tiny_dataset: Path, first: bool
+) -> None:
+    """A checkpoint of one path loads into the other: the same fp32 weights and AdamW state
+    (checked tensor by tensor after loading), and training goes on."""
+    run = tmp_path / "run"
+    train_here(_run(run, tiny_dataset, single=first, train={"max_steps": 3}))
+    cfg = build(_run(run, tiny_dataset, single=not first, train={"max_steps": 6},
+                     checkpoint={"resume": "auto"}))  # fmt: skip
+    saved = build(_run(tmp_path / "other", tiny_dataset, single=first))
+    t = Trainer(cfg, console=io.StringIO())
+    try:
+        assert t.step == 3
+        assert isinstance(t.optimizer, FlatAdamW) == (not first)
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(t.model, t.optimizer)
+        loaded = _full(model_sd)
+        assert all(v.dtype == torch.float32 for k, v in loaded.items() if "weight" in k)
+        import torch.distributed.checkpoint as dcp
+
+        ref = {"model": _full(model_sd), "optim": _full(optim_sd)}
+        dcp.load(ref, checkpoint_id=str(run / "checkpoints/step_0000003"))
+        for k, v in loaded.items():
+            assert torch.equal(v, ref["model"][k]), k
+        for k, v in _full(optim_sd)["state"].items():
+            for name in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(v[name].float(), ref["optim"]["state"][k][name].float()), k
+        t.train()
+    finally:
+        t.close()
+        D.teardown()
+    assert sorted(losses(run)) == list(range(1, 7))
+    assert saved.parallel.single_device == first
+
+
+def _full(tree):
+    if isinstance(tree, dict):
+        return {k: _full(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_full(v) for v in tree]
+    if isinstance(tree, torch.Tensor):
+        t = tree.full_tensor() if hasattr(tree, "full_tensor") else tree
+        return t.detach().clone()
+    return tree
+
+
+def test_impossible_settings_are_refused(tmp_path: Path, tiny_dataset: Path) -> None:
+    from kha_train.config_checks import validate
+
+    cfg = build(_run(tmp_path, tiny_dataset, single=True))
+    with pytest.raises(ConfigError, match="single_device=true runs one process"):
+        validate(cfg, world_size=2)
+    fp32 = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision="fp32"))
+    with pytest.raises(ConfigError, match=r"needs train\.precision bf16 or fp8"):
+        validate(fp32)
