@@ -6,6 +6,7 @@
 #   1. mb 4 x 1: ours single (profiled), ours FSDP2 (profiled), torchtitan bf16 (compiled)
 #   2. mb 6 x 5: ours single (profiled), torchtitan amp (fp32 params + autocast), ours FSDP2
 # Usage: bash scripts/device/single.sh [DEADLINE_S] [KHA_BENCH_ARGS...]
+# Returns table.md and single.tar.gz (every row's log and JSON).
 # Carry: .whl (omegaconf, antlr4; torchtitan's wheels in .whl/peers), .peers_src, .kha_commit.
 set -u
 export PYTHONUNBUFFERED=1
@@ -44,3 +45,6 @@ done
 if [ ${#files[@]} -gt 0 ]; then
   python3 scripts/perf_table.py "${files[@]}" | tee $OUT/table.md
 fi
+# At most 8 files come back from a call: everything but the table in one archive.
+(cd $OUT && tar czf single.tar.gz --exclude=table.md --exclude=single.tar.gz . \
+  && find . -type f ! -name table.md ! -name single.tar.gz -delete)
