@@ -26,8 +26,9 @@ import torch
 
 from kha_train.training.flat_params import FlatParams
 
-# Elements per pass: bounds eager temporaries and gives the compiled kernel few distinct shapes.
-CHUNK = 1 << 26
+# Elements per pass: bounds the eager version's temporaries (CPU); the compiled kernel makes none,
+# and its passes are as long as 32-bit indexing allows (fewer launches, few distinct shapes).
+CHUNK_EAGER, CHUNK_COMPILED = 1 << 24, 1 << 30
 
 
 def _adamw_chunk(
@@ -134,21 +135,25 @@ class FlatAdamW(torch.optim.Optimizer):
                     torch.full((), g["eps"], device=dev),
                 ]
             ).float()
-            for a in range(start, end, CHUNK):
-                b = min(a + CHUNK, end)
+            chunk = CHUNK_COMPILED if dev.type == "cuda" else CHUNK_EAGER
+            for a in range(start, end, chunk):
+                b = min(a + chunk, end)
                 update(
                     f.master[a:b], f.param[a:b], f.grad[a:b],
                     self.exp_avg[a:b], self.exp_avg_sq[a:b], coef, beta1, beta2,
                 )  # fmt: skip
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the flat gradient buffer; the ``.grad`` views stay (``set_to_none`` is not
-        honoured: autograd accumulates into them)."""
+        """``.grad`` to None (the flat buffers are overwritten by the next step's gradients)."""
         self.flat.zero_grads()
 
-    def end_micro_batch(self, last: bool) -> None:
-        """After each micro-batch's backward (``FlatParams.end_micro_batch``)."""
-        self.flat.end_micro_batch(last)
+    def begin_micro_batch(self, index: int, count: int) -> None:
+        """Before micro-batch ``index`` of ``count`` (``FlatParams.begin_micro_batch``)."""
+        self.flat.begin_micro_batch(index, count)
+
+    def end_micro_batch(self) -> None:
+        """After its backward (``FlatParams.end_micro_batch``)."""
+        self.flat.end_micro_batch()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load torch AdamW's state dict format (ours, or the FSDP2 path's) into the flat

@@ -9,7 +9,7 @@ that is 14.6 ms of copies and 25.8 ms of AdamW in a 184 ms step (docs/performanc
     tensor                         dtype   where
     ---------------------------    -----   ------------------------------------------------
     model parameters (``.data``)   bf16    views into ``param``: forward and backward use them
-    their ``.grad``                bf16    views into ``grad``: autograd adds into them in place
+    their ``.grad``                bf16    views into ``grad``, filled after the last backward
     master weights                 fp32    ``master``: what checkpoints hold and AdamW updates
     gradient accumulator           fp32    ``acc``: only with several micro-batches per step
 
@@ -21,7 +21,7 @@ Precision is FSDP2's mixed precision on one GPU: bf16 parameters, inputs of each
 bf16 (FSDP2's ``cast_forward_inputs``: the RoPE tables), fp32 master weights and optimizer. Its
 gradients: with one micro-batch per step each is the bf16 gradient autograd produced, as with
 FSDP2; with several, the micro-batches' gradients are summed in fp32 (``acc``, as FSDP2 does)
-and the sum rounded to bf16 once, after the last (:meth:`end_micro_batch`).
+and the sum rounded to bf16 once, after the last (:meth:`_take_grad`).
 
 Checkpoints: the model's state dict returns the fp32 master weights under the parameters' names
 and loading one writes the master weights and the bf16 copies, so checkpoints are those of the
@@ -48,11 +48,14 @@ class FlatParams:
         # Unique parameters (a tied embedding and head is one) in model order.
         self.params: list[nn.Parameter] = [p for p in model.parameters() if p.requires_grad]
         self.acc: torch.Tensor | None = None
-        self._acc_holds = False  # acc holds this step's earlier micro-batches
+        self._index, self._count = 0, 1  # the micro-batch in flight (begin_micro_batch)
+        self._taken: set[nn.Parameter] = set()
         self._layout(self.params, [p.data.float() for p in self.params])
         # (Plain functions: torch marks its hooks with an attribute, which a bound method refuses.)
         model.register_state_dict_post_hook(functools.partial(FlatParams._masters_into, self))
         model.register_load_state_dict_pre_hook(functools.partial(FlatParams._load_masters, self))
+        for p in self.params:
+            p.register_post_accumulate_grad_hook(self._take_grad)
 
     def _layout(self, order: list[nn.Parameter], values: list[torch.Tensor]) -> None:
         """Allocate the buffers in ``order`` and fill master and bf16 weights from ``values``."""
@@ -62,6 +65,7 @@ class FlatParams:
         self.master = torch.empty(n, dtype=torch.float32, device=device)
         self.param = torch.empty(n, dtype=self.dtype, device=device)
         self.grad = torch.zeros(n, dtype=self.dtype, device=device)
+        self.acc = None  # allocated by the first step with several micro-batches
         self.offsets: dict[nn.Parameter, tuple[int, int]] = {}
         at = 0
         for p, v in zip(order, values):
@@ -71,7 +75,7 @@ class FlatParams:
         self.param.copy_(self.master)
         for p in order:
             p.data = self.view(self.param, p)
-        self.attach_grads()
+            p.grad = None
 
     def view(self, flat: torch.Tensor, p: nn.Parameter) -> torch.Tensor:
         """``p``'s part of a flat buffer, in ``p``'s shape."""
@@ -97,37 +101,61 @@ class FlatParams:
             at += size
         return bounds
 
-    def attach_grads(self) -> None:
-        """Point every ``.grad`` at its view of the gradient buffer (autograd then accumulates
-        into it in place); after something set them to None."""
-        for p in self.params:
-            if p.grad is None or p.grad.data_ptr() != self.view(self.grad, p).data_ptr():
-                p.grad = self.view(self.grad, p)
+    # Gradients --------------------------------------------------------------------------------
+    # Autograd leaves each micro-batch's gradient of a parameter in a tensor of its own (``.grad``
+    # is None before the backward, so nothing is added); the hook below, run right after, moves
+    # it into the flat buffers and frees it. With one micro-batch per step that is one bf16 copy
+    # (4 bytes per parameter; adding into a zeroed buffer would read and write 8).
 
-    def zero_grads(self) -> None:
-        """Zero the gradient buffer (one memset) and keep the views attached."""
-        self.grad.zero_()
-        self._acc_holds = False
-        self.attach_grads()
+    def begin_micro_batch(self, index: int, count: int) -> None:
+        """Before micro-batch ``index`` of ``count`` of a step (see :meth:`_take_grad`)."""
+        self._index, self._count = index, count
+        self._taken: set[nn.Parameter] = set()
+        if count > 1 and self.acc is None:
+            self.acc = torch.empty_like(self.master)
 
     @torch.no_grad()
-    def end_micro_batch(self, last: bool) -> None:
-        """After each micro-batch's backward: with several per step, move the gradient into the
-        fp32 accumulator (and zero it for the next micro-batch); after the ``last``, leave the
-        fp32 sum, rounded to bf16 once, in the gradient buffer."""
-        if last:
-            if self._acc_holds:
-                self.grad.copy_(self.acc + self.grad)  # type: ignore[operator]
-                self._acc_holds = False
-            return
-        if self.acc is None:
-            self.acc = torch.empty_like(self.master)
-        if self._acc_holds:
-            self.acc.add_(self.grad)
+    def _take_grad(self, p: nn.Parameter) -> None:
+        """Post-accumulate-grad hook of every parameter: one micro-batch per step: grad <- g;
+        several: acc <- g (first), acc += g, and after the last grad <- bf16(acc + g). Until
+        the last, ``.grad`` is left None (the next backward then allocates afresh); after it
+        ``.grad`` is the parameter's view of the gradient buffer."""
+        g, first, last = p.grad, self._index == 0, self._index == self._count - 1
+        if self._count == 1:
+            self.view(self.grad, p).copy_(g)
+        elif first:
+            self.view(self.acc, p).copy_(g)
+        elif not last:
+            self.view(self.acc, p).add_(g)
         else:
-            self.acc.copy_(self.grad)
-            self._acc_holds = True
-        self.grad.zero_()
+            torch.add(self.view(self.acc, p), g, out=self.view(self.grad, p))
+        self._taken.add(p)
+        p.grad = self.view(self.grad, p) if last else None
+
+    @torch.no_grad()
+    def end_micro_batch(self) -> None:
+        """After each micro-batch's backward: a parameter that got no gradient in it (unused by
+        that micro-batch's tokens) has its accumulator zeroed (first) or its gradient taken from
+        it (last), so no stale value from an earlier step survives."""
+        first, last = self._index == 0, self._index == self._count - 1
+        for p in self.params:
+            if p in self._taken:
+                continue
+            if first and self._count > 1:
+                self.view(self.acc, p).zero_()
+            if last:
+                grad = self.view(self.grad, p)
+                if self._count > 1:
+                    grad.copy_(self.view(self.acc, p))
+                else:
+                    grad.zero_()
+                p.grad = grad
+
+    def zero_grads(self) -> None:
+        """After the optimizer step: ``.grad`` back to None (nothing to zero: the next step's
+        gradients overwrite the buffers)."""
+        for p in self.params:
+            p.grad = None
 
     def sync_params(self) -> None:
         """bf16 weights <- master weights (after the masters were written directly)."""

@@ -113,12 +113,20 @@ def is_fused(optimizer: torch.optim.Optimizer) -> bool:
     return bool(optimizer.defaults.get("fused")) or getattr(optimizer, "skips_on_device", False)
 
 
-def end_micro_batch(optimizer: torch.optim.Optimizer, last: bool) -> None:
-    """After each micro-batch's backward: FlatAdamW moves the gradients into its fp32
-    accumulator (``flat_params.py``); nothing for torch's AdamW (FSDP2 accumulates)."""
+def begin_micro_batch(optimizer: torch.optim.Optimizer, index: int, count: int) -> None:
+    """Before micro-batch ``index`` of the step's ``count``: FlatAdamW takes each gradient into
+    its flat buffers as autograd produces it (``flat_params.py``); nothing for torch's AdamW
+    (FSDP2 accumulates)."""
+    hook = getattr(optimizer, "begin_micro_batch", None)
+    if hook is not None:
+        hook(index, count)
+
+
+def end_micro_batch(optimizer: torch.optim.Optimizer) -> None:
+    """After that micro-batch's backward (FlatAdamW: parameters that got no gradient)."""
     hook = getattr(optimizer, "end_micro_batch", None)
     if hook is not None:
-        hook(last)
+        hook()
 
 
 def global_grad_norm(params: list[torch.Tensor]) -> torch.Tensor:

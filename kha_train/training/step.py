@@ -18,7 +18,7 @@
 Gradients are reduced (and parameters resharded) only after the last micro-batch when
 ``parallel.defer_grad_sync`` says so (:func:`~kha_train.training.parallel.set_micro_batch_sync`).
 With ``parallel.single_device`` (no FSDP2) the optimizer accumulates them in fp32 instead
-(:func:`~kha_train.training.optim.end_micro_batch`).
+(:func:`~kha_train.training.optim.begin_micro_batch`).
 
 No host-device sync: loss, grad norm, the ok flag, the skip flags and the counts come back as
 device tensors (:class:`StepResult`); the trainer keeps them in a small history buffer until a
@@ -48,7 +48,13 @@ from kha_train.model.loss import IGNORE_INDEX
 from kha_train.training.clipping import Clipper, GlobalNormClip
 from kha_train.training.fp8 import precompute_fp8_scales
 from kha_train.training.grad_parts import GradParts
-from kha_train.training.optim import end_micro_batch, global_grad_norm, is_fused, set_lr
+from kha_train.training.optim import (
+    begin_micro_batch,
+    end_micro_batch,
+    global_grad_norm,
+    is_fused,
+    set_lr,
+)
 from kha_train.training.parallel import set_micro_batch_sync
 from kha_train.training.spike_guard import NONFINITE, SpikeGuard, finite_verdict
 
@@ -114,9 +120,10 @@ def train_step(
     last = len(micro_batches) - 1
     for i, batch in enumerate(micro_batches):
         set_micro_batch_sync(model, parallel, last=i == last)
+        begin_micro_batch(optimizer, i, len(micro_batches))
         loss = model(batch.input_ids, batch.labels) if compute_loss is None else compute_loss(batch)
         (loss * weights[i]).backward()
-        end_micro_batch(optimizer, last=i == last)
+        end_micro_batch(optimizer)
         loss_sum += loss.detach().float() * weights[i]
     if world > 1:
         dist.all_reduce(loss_sum)

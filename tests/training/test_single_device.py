@@ -48,7 +48,7 @@ def test_flat_adamw_is_torch_adamw_on_the_master_weights() -> None:
         g = torch.Generator().manual_seed(step)
         for name, p in model.named_parameters():
             grad = torch.randn(p.shape, generator=g).to(torch.bfloat16) * (step + 1)
-            p.grad.copy_(grad)  # the views autograd accumulates into
+            p.grad = flat.view(flat.grad, p).copy_(grad)  # where the backward leaves it
             named_ref[name].grad = grad.float()
         skip = step == 2
         norm = torch.linalg.vector_norm(
@@ -61,7 +61,7 @@ def test_flat_adamw_is_torch_adamw_on_the_master_weights() -> None:
             torch.nn.utils.clip_grads_with_norm_(list(ref.parameters()), 1.0, norm)
             theirs.step()
         ours.zero_grad()
-        assert all(float(p.grad.abs().sum()) == 0 for p in model.parameters())
+        assert all(p.grad is None for p in model.parameters())
     for name, p in model.named_parameters():
         want = named_ref[name].detach()
         torch.testing.assert_close(flat.master_of(p), want, rtol=1e-5, atol=1e-6)
@@ -76,20 +76,44 @@ def test_flat_adamw_is_torch_adamw_on_the_master_weights() -> None:
     assert {k: v.dtype for k, v in sd.items()} == {k: torch.float32 for k in ref.state_dict()}
 
 
-def test_micro_batches_accumulate_in_fp32() -> None:
-    """Several micro-batches: their gradients are summed in fp32 and rounded to bf16 once."""
+@pytest.mark.parametrize("count", [1, 3])
+def test_gradients_of_micro_batches_are_summed_in_fp32(count: int) -> None:
+    """The backward's bf16 gradients land in the flat buffer: one micro-batch: as autograd made
+    them; several: summed in fp32 and rounded to bf16 once, a parameter unused by a micro-batch
+    included. Exact: the same kernels on the same inputs, summed in the same order."""
+    torch.manual_seed(0)
     model = TwoLayers()
+    plain = TwoLayers().to(torch.bfloat16)  # the same bf16 weights, no flat buffers
+    plain.load_state_dict(model.state_dict())
     flat = FlatParams(model)
-    parts = [torch.full((flat.grad.numel(),), v, dtype=torch.bfloat16) for v in (1.0, 2**-9, 2**-9)]
-    for i, part in enumerate(parts):
-        flat.grad.add_(part)  # what autograd's accumulation does
-        flat.end_micro_batch(last=i == len(parts) - 1)
-    # bf16 additions would round 1 + 2^-9 back to 1 each time; the fp32 sum is 1 + 2^-8.
-    assert torch.all(flat.grad == torch.tensor(1 + 2**-8, dtype=torch.bfloat16))
+    xs = [torch.randn(5, 8, dtype=torch.bfloat16) for _ in range(count)]
+
+    def loss(m: TwoLayers, x: torch.Tensor, i: int) -> torch.Tensor:
+        h = m.norm(m.proj(x))
+        return (m.out(h).float().square().sum() if i != 1 else h.float().sum()) / 3
+
+    total = {n: torch.zeros(p.shape) for n, p in plain.named_parameters()}
+    for i, x in enumerate(xs):
+        flat.begin_micro_batch(i, count)
+        loss(model, x, i).backward()  # micro-batch 1 does not use `out`
+        flat.end_micro_batch()
+        assert all((p.grad is not None) == (i == count - 1) for p in model.parameters())
+        plain.zero_grad(set_to_none=True)
+        loss(plain, x, i).backward()
+        for n, p in plain.named_parameters():
+            if p.grad is not None:
+                total[n] += p.grad.float()
+    for n, p in model.named_parameters():
+        assert p.grad.dtype == torch.bfloat16
+        assert p.grad.data_ptr() == flat.view(flat.grad, p).data_ptr()
+        assert torch.equal(p.grad, total[n].to(torch.bfloat16)), n
+    # A second step starts clean (no stale accumulator, no stale gradient).
     flat.zero_grads()
-    flat.grad.add_(parts[0])
-    flat.end_micro_batch(last=True)  # one micro-batch: the gradient as autograd left it
-    assert torch.all(flat.grad == 1.0)
+    assert all(p.grad is None for p in model.parameters())
+    flat.begin_micro_batch(0, 1)
+    loss(model, xs[0], 1).backward()  # `out` unused: its gradient is zero, not last step's
+    flat.end_micro_batch()
+    assert torch.equal(model.out.weight.grad, torch.zeros_like(model.out.weight))
 
 
 class StopAt3(Trainer):
