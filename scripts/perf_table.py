@@ -60,6 +60,8 @@ def ours(path: Path) -> list[dict[str, Any]]:
         ac = f"every {s.get('ac_every_n')}" if ac == "every_n" else ac
         settings = [r.get("precision", "bf16"), f"AC {ac}",
                     f"loss {s.get('loss_kernel', 'chunked')}"]  # fmt: skip
+        if s.get("mode") == "single":
+            settings.append("single device (no FSDP2)")
         if s.get("reshard"):
             settings.append("reshard_after_forward")
         if s.get("defer_sync") is False:

@@ -29,7 +29,7 @@ def test_rows_of_ours_and_the_peers_with_their_settings(tmp_path, capsys) -> Non
         {"variant": "kha", "precision": "bf16", "step_ms": 2000.0, "tokens_per_s": 16384.0,
          "mfu": 0.45, "peak_mem_gib": 130.0, "breakdown_ms": {"attention": 600.0, "moe": 1400.0},
          "settings": {**settings, "micro_batch": 1, "accum": 8, "ac": "every_n", "ac_every_n": 2,
-                      "reshard": True, "defer_sync": False}}) + "\n")  # fmt: skip
+                      "reshard": True, "defer_sync": False, "mode": "single"}}) + "\n")  # fmt: skip
     tt = tmp_path / "tt_amp_mb6x5.log"  # the line ../shared/peers/tt_peer.py prints
     tt.write_text(
         "warming up\nRESULT torchtitan-0.3.0 Qwen3MoE attn=sdpa mode=amp compile=True seq=4096 "
@@ -57,7 +57,8 @@ def test_rows_of_ours_and_the_peers_with_their_settings(tmp_path, capsys) -> Non
     )
     assert "failed: torch.OutOfMemoryError: CUDA out of memory" in out[7]
     assert (
-        "| 32,768 (1 x 8 x 4096) | bf16, AC every 2, loss chunked, reshard_after_forward, "
+        "| 32,768 (1 x 8 x 4096) | bf16, AC every 2, loss chunked, single device (no FSDP2), "
+        "reshard_after_forward, "
         "gradient sync every micro-batch | 2000.0 | 16.4k | 45.0% | 130.0 GiB |"
     ) in out[8]
     assert out[10].startswith("Tokens per optimizer step differ between rows")

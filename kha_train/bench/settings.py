@@ -44,5 +44,5 @@ class BenchSettings:
             compile_loss=self.compile_loss,
             loss_kernel=self.loss_kernel,
             fp8=self.fp8,
-            single_device=self.mode == "single" or None,
+            single_device=self.mode == "single",
         )

@@ -86,8 +86,10 @@ class ParallelConfig:
     # weight-decay group that also writes the bf16 weights. On one GPU it skips FSDP2's casts
     # and copies (docs/performance.md has the figures). Same precision as FSDP2's except that
     # with several micro-batches per step their fp32 sum is rounded to bf16 once before the
-    # update. Checkpoints are FSDP2's: runs resume across the two. null: off; true needs one
-    # process and train.precision bf16 or fp8 (reshard_after_forward and defer_grad_sync then
-    # have nothing to do).
-    single_device: bool | None = None
+    # update. Checkpoints are FSDP2's: runs resume across the two. Needs one process and
+    # train.precision bf16 or fp8 (reshard_after_forward and defer_grad_sync then have nothing
+    # to do). Memory: the bf16 weights stay whole (no resharding) and several micro-batches per
+    # step add an fp32 accumulator (4 bytes per parameter), so a model that fits only with
+    # reshard_after_forward may not fit (the A0.8B at micro-batch 8 x 4 on one H200 did not).
+    single_device: bool = False
     fp8: Fp8Config = field(default_factory=Fp8Config)  # read only when train.precision=fp8

@@ -46,5 +46,5 @@ if [ ${#files[@]} -gt 0 ]; then
   python3 scripts/perf_table.py "${files[@]}" | tee $OUT/table.md
 fi
 # At most 8 files come back from a call: everything but the table in one archive.
-(cd $OUT && tar czf single.tar.gz --exclude=table.md --exclude=single.tar.gz . \
-  && find . -type f ! -name table.md ! -name single.tar.gz -delete)
+(cd $OUT && tar czf /tmp/single.tar.gz --exclude=table.md . \
+  && find . -type f ! -name table.md -delete && mv /tmp/single.tar.gz .)

@@ -394,3 +394,20 @@ def test_the_bench_check_compares_the_first_step_losses() -> None:
     assert fp8_numerics_line("kha", first["bf16"], first["fp8"]).endswith(": ok")
     broken = {"first_loss": first["bf16"]["first_loss"] * 1.1}  # e.g. a mis-scaled GEMM
     assert "FAILED" in fp8_numerics_line("kha", first["bf16"], broken)
+
+
+def test_fp8_trains_without_fsdp2_and_resumes_into_it(tmp_path: Path, tiny_dataset: Path) -> None:
+    """parallel.single_device with emulated FP8: the converted projections compute from the
+    flat bf16 weights, the run trains, and its checkpoint resumes on the FSDP2 path."""
+    run = tmp_path / "run"
+    opts = {"fp8": {"min_dim": 16, "emulate": True}, "single_device": True}
+    fp8 = {"precision": "fp8"}
+    cfg = tiny_config(run, tiny_dataset, train={**fp8, "max_steps": 3}, parallel=opts)
+    trainer = train_here(cfg)
+    assert type(trainer.optimizer).__name__ == "FlatAdamW"
+    assert sum(hasattr(m, "forward_with_weight") for m in trainer.model.modules()) > 0
+    cfg = tiny_config(run, tiny_dataset, train={**fp8, "max_steps": 6},
+                      parallel={**opts, "single_device": False}, checkpoint={"resume": "auto"})  # fmt: skip
+    train_here(cfg)
+    got = losses(run)
+    assert sorted(got) == [1, 2, 3, 4, 5, 6] and all(v == v for v in got.values())

@@ -209,3 +209,22 @@ def test_impossible_settings_are_refused(tmp_path: Path, tiny_dataset: Path) -> 
     fp32 = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision="fp32"))
     with pytest.raises(ConfigError, match=r"needs train\.precision bf16 or fp8"):
         validate(fp32)
+
+
+def test_a_checkpoint_does_not_change_which_adamw_kernel_runs(
+    tmp_path: Path, tiny_dataset: Path
+) -> None:
+    """A checkpoint saved by FlatAdamW (or by torch's foreach AdamW) holds group settings
+    such as fused=None; loading it into a fused AdamW keeps the fused kernel, whose
+    device-side skip of non-finite steps the step relies on."""
+    run = tmp_path / "run"
+    train_here(_run(run, tiny_dataset, single=True, train={"max_steps": 3}))
+    cfg = build(_run(run, tiny_dataset, single=False, train={"max_steps": 6},
+                     optim={"implementation": "fused"}, checkpoint={"resume": "auto"}))  # fmt: skip
+    t = Trainer(cfg, console=io.StringIO())
+    try:
+        assert t.step == 3
+        assert all(g["fused"] is True and not g["foreach"] for g in t.optimizer.param_groups)
+    finally:
+        t.close()
+        D.teardown()
