@@ -161,6 +161,8 @@ def train_memory_estimate(
     loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     ac_every_n: int = 2,
     reshard_after_forward: bool = True,
+    single_device: bool = False,
+    accumulates: bool = False,
 ) -> dict[str, float]:
     """A rough per-rank training memory estimate in bytes (expect +-30%), FSDP over n_ranks:
     fp32 weights, fp32 grads and AdamW moments sharded; bf16 copies of two gathered blocks
@@ -171,7 +173,11 @@ def train_memory_estimate(
     ``activation_checkpointing`` (parallel.activation_checkpointing): none, every block's;
     full, the block inputs plus one block being recomputed; every_n, that for every n-th block
     (``ac_every_n``) and all of the others'; selective, every block's matrix-product outputs
-    plus one block's recomputed rest."""
+    plus one block's recomputed rest.
+
+    ``single_device`` (parallel.single_device, one rank, no FSDP2): fp32 master weights and
+    moments, the bf16 weights all resident, bf16 gradients, and with ``accumulates`` (several
+    micro-batches per step) an fp32 gradient accumulator."""
     total, _ = param_counts(cfg)
     tokens = micro_batch * seq_len
     D, V = cfg.hidden_size, cfg.vocab_size
@@ -202,5 +208,8 @@ def train_memory_estimate(
         "activations": float(acts),
         "head_and_loss": float(head),
     }
+    if single_device:
+        out["grads"] = (2 + (4 if accumulates else 0)) * total
+        out["gathered_params"] = 2 * total  # the bf16 weights, every one resident
     out["total"] = sum(out.values())
     return out

@@ -91,6 +91,8 @@ def info_text(cfg, ranks: int) -> str:
         m, cfg.train.micro_batch_size, seq, ranks,
         activation_checkpointing=ACMode(p.activation_checkpointing).value,
         ac_every_n=p.ac_every_n, reshard_after_forward=reshards_after_forward(p, ranks),
+        single_device=p.single_device,
+        accumulates=cfg.train.global_batch_tokens > cfg.train.micro_batch_size * seq * ranks,
     )  # fmt: skip
     parts = ", ".join(f"{k} {v / 2**30:.1f}" for k, v in mem.items() if k != "total")
     lines.append(

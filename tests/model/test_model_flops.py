@@ -116,6 +116,13 @@ def test_memory_estimate_scales_sensibly() -> None:
     total, _ = param_counts(cfg)
     assert one["weights"] + one["grads"] + one["optimizer"] == 16 * total
     assert eight["optimizer"] == one["optimizer"] / 8
+    # parallel.single_device: bf16 gradients and weights whole; an fp32 accumulator with
+    # several micro-batches per step.
+    single = train_memory_estimate(cfg, micro_batch=4, seq_len=4096, single_device=True)
+    acc = train_memory_estimate(cfg, 4, 4096, single_device=True, accumulates=True)
+    assert single["grads"] == 2 * total and acc["grads"] == 6 * total
+    assert single["gathered_params"] == 2 * total and single["optimizer"] == one["optimizer"]
+    assert single["total"] < one["total"] < acc["total"]
     assert acts["full"] < one["activations"] / 4
     # Every 2nd block: about half of none's; selective keeps the GEMM outputs, less than none.
     assert acts["full"] < acts["every_n"] < one["activations"] * 0.6
