@@ -228,3 +228,17 @@ def test_a_checkpoint_does_not_change_which_adamw_kernel_runs(
     finally:
         t.close()
         D.teardown()
+
+
+def test_the_settings_line_and_memory_estimate_name_the_mode(
+    tmp_path: Path, tiny_dataset: Path
+) -> None:
+    from kha_train.tools.info import info_text
+    from kha_train.training.parallel import settings_line
+
+    cfg = build(_run(tmp_path, tiny_dataset, single=True))
+    line = settings_line(cfg, "cuda", 1)
+    assert "single device (no FSDP2, flat buffers)" in line and "reshard" not in line
+    fsdp = build(_run(tmp_path, tiny_dataset, single=False))
+    assert "reshard_after_forward off (auto)" in settings_line(fsdp, "cuda", 1)
+    assert "grads" in info_text(cfg, 1) and info_text(cfg, 1) != info_text(fsdp, 1)
