@@ -50,32 +50,38 @@ class FlatParams:
         self.acc: torch.Tensor | None = None
         self._index, self._count = 0, 1  # the micro-batch in flight (begin_micro_batch)
         self._taken: set[nn.Parameter] = set()
-        self._layout(self.params, [p.data.float() for p in self.params])
+        self._layout(self.params)
         # (Plain functions: torch marks its hooks with an attribute, which a bound method refuses.)
         model.register_state_dict_post_hook(functools.partial(FlatParams._masters_into, self))
         model.register_load_state_dict_pre_hook(functools.partial(FlatParams._load_masters, self))
         for p in self.params:
             p.register_post_accumulate_grad_hook(self._take_grad)
 
-    def _layout(self, order: list[nn.Parameter], values: list[torch.Tensor]) -> None:
-        """Allocate the buffers in ``order`` and fill master and bf16 weights from ``values``."""
-        self.params = order
-        n = sum(p.numel() for p in order)
-        device = values[0].device if values else torch.device("cpu")
-        self.master = torch.empty(n, dtype=torch.float32, device=device)
-        self.param = torch.empty(n, dtype=self.dtype, device=device)
-        self.grad = torch.zeros(n, dtype=self.dtype, device=device)
-        self.acc = None  # allocated by the first step with several micro-batches
-        self.offsets: dict[nn.Parameter, tuple[int, int]] = {}
-        at = 0
-        for p, v in zip(order, values):
-            self.offsets[p] = (at, at + p.numel())
-            self.master[at : at + p.numel()].copy_(v.reshape(-1))
+    def _layout(self, order: list[nn.Parameter]) -> None:
+        """Lay the buffers out in ``order``: the fp32 masters from the current weights (the
+        initialised fp32 parameters, or the masters of an earlier layout), then the bf16
+        weights, then the gradients, each old buffer freed before the next is allocated (peak:
+        12 bytes per parameter, as many as the fp32 model and its masters)."""
+        offsets, at = {}, 0
+        for p in order:
+            offsets[p] = (at, at + p.numel())
             at += p.numel()
+        device = order[0].device if order else torch.device("cpu")
+        master = torch.empty(at, dtype=torch.float32, device=device)
+        for p in order:
+            old = self.master_of(p) if hasattr(self, "master") else p.data
+            start, end = offsets[p]
+            master[start:end].copy_(old.reshape(-1))
+        old = None  # a view would keep the old master alive
+        self.master, self.offsets, self.params = master, offsets, order
+        self.grad = self.acc = None  # freed; acc comes back with the first accumulating step
+        for p in order:
+            p.grad = None
+        self.param = torch.empty(at, dtype=self.dtype, device=device)
         self.param.copy_(self.master)
         for p in order:
-            p.data = self.view(self.param, p)
-            p.grad = None
+            p.data = self.view(self.param, p)  # frees the fp32 parameter or the old bf16 buffer
+        self.grad = torch.zeros(at, dtype=self.dtype, device=device)
 
     def view(self, flat: torch.Tensor, p: nn.Parameter) -> torch.Tensor:
         """``p``'s part of a flat buffer, in ``p``'s shape."""
@@ -89,11 +95,11 @@ class FlatParams:
     def reorder(self, groups: Iterable[list[nn.Parameter]]) -> list[tuple[int, int]]:
         """Lay the buffers out group after group (every parameter in exactly one group); returns
         each group's [start, end) in the flat buffers. Copies the weights once."""
+        groups = [list(g) for g in groups]
         order = [p for g in groups for p in g]
         if len(order) != len(self.params) or set(order) != set(self.params):
             raise ValueError("the optimizer's groups must hold every trainable parameter once")
-        values = [self.master_of(p).clone() for p in order]
-        self._layout(order, values)
+        self._layout(order)
         bounds, at = [], 0
         for g in groups:
             size = sum(p.numel() for p in g)
