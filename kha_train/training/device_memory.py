@@ -49,7 +49,13 @@ def memory_fixes(cfg: Config, world_size: int) -> list[str]:
         )
     elif p.activation_checkpointing == ACMode.selective:
         fixes.append("parallel.activation_checkpointing=full (keeps only each block's input)")
-    if not reshards_after_forward(p, world_size):
+    if p.single_device:
+        fixes.append(
+            "parallel.single_device=false with parallel.reshard_after_forward=true (FSDP2 "
+            "frees the bf16 weights between forward and backward; single_device keeps them all, "
+            "and an fp32 gradient accumulator with several micro-batches per step)"
+        )
+    elif not reshards_after_forward(p, world_size):
         fixes.append(
             "parallel.reshard_after_forward=true (frees the gathered bf16 weights between "
             "forward and backward)"

@@ -78,6 +78,10 @@ def test_the_fixes_leave_out_what_the_run_already_does(tmp_path: Path) -> None:
     cfg.parallel.loss_kernel = "cce"
     fixes = memory_fixes(cfg, 1)
     assert len(fixes) == 1 and fixes[0].startswith("more GPUs"), fixes
+    # One process without FSDP2 keeps every bf16 weight: going back to FSDP2 is the fix.
+    cfg.parallel.single_device = True
+    fixes = memory_fixes(cfg, 1)
+    assert fixes[0].startswith("parallel.single_device=false with"), fixes
 
 
 def test_console_line_shows_retries_only_when_there_are_some() -> None:
