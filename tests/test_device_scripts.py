@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,6 +75,24 @@ def test_splits_runs_ours_and_torchtitan_at_each_split(tmp_path: Path) -> None:
     assert table[3].startswith("| torchtitan 0.3.0 | 122,880 (6 x 5 x 4096)")
     assert "failed: OutOfMemoryError" in table[4]  # ours at 30 x 1, reported, the next one runs
     assert table[5].startswith("| torchtitan 0.3.0 | 122,880 (30 x 1 x 4096)")
+
+
+def test_single_runs_both_modes_beside_torchtitan_and_archives_the_rows(tmp_path: Path) -> None:
+    _, calls, out = run_script(tmp_path, "single.sh", "500")
+    benches = bench_calls(calls)
+    assert [b.split("--mode ")[1].split()[0] for b in benches] == ["single", "fsdp"] * 2
+    peers = [c.split(" | ")[1] for c in calls if "tt_peer.py" in c]
+    assert peers == ["MODE=bf16 MB=4 ACCUM=1", "MODE=amp MB=6 ACCUM=5"]
+    table = (out / "table.md").read_text()
+    assert (
+        "| 16,384 (4 x 1 x 4096) | bf16, AC none, loss chunked, single device (no FSDP2) |" in table
+    )
+    assert "| torchtitan 0.3.0 | 122,880 (6 x 5 x 4096) | fp32 params + bf16 autocast" in table
+    # Two files come back: the table and one archive of every row's log and JSON.
+    assert sorted(p.name for p in out.iterdir()) == ["single.tar.gz", "table.md"]
+    with tarfile.open(out / "single.tar.gz") as tar:
+        names = sorted(tar.getnames())
+    assert "single_mb4x1.jsonl" in names and "tt_amp_mb6x5.log" in names and len(names) == 10
 
 
 def test_throughput_table_of_ours_and_the_peers(tmp_path: Path) -> None:

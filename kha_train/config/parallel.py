@@ -88,8 +88,9 @@ class ParallelConfig:
     # with several micro-batches per step their fp32 sum is rounded to bf16 once before the
     # update. Checkpoints are FSDP2's: runs resume across the two. Needs one process and
     # train.precision bf16 or fp8 (reshard_after_forward and defer_grad_sync then have nothing
-    # to do). Memory: the bf16 weights stay whole (no resharding) and several micro-batches per
-    # step add an fp32 accumulator (4 bytes per parameter), so a model that fits only with
-    # reshard_after_forward may not fit (the A0.8B at micro-batch 8 x 4 on one H200 did not).
+    # to do). Memory: the bf16 weights and gradient buffer stay allocated all step (4 bytes per
+    # parameter; FSDP2 frees gathered weights and fills its gradients as the backward frees
+    # activations), so a model that fits only with reshard_after_forward may not fit (the A0.8B
+    # at micro-batch 8 x 4 on one H200 did not).
     single_device: bool = False
     fp8: Fp8Config = field(default_factory=Fp8Config)  # read only when train.precision=fp8

@@ -269,6 +269,7 @@ def _score_sharded(
     env = D.init_distributed(args.device)
     try:
         cfg.parallel.compile = False  # a few forwards: compiling would take longer
+        cfg.parallel.single_device = False  # sharded over the ranks, whatever the run trained with
         cfg.parallel.activation_checkpointing = ACMode.none
         precision = Precision.bf16 if bf16 else Precision.fp32
         model = build_model(cfg.model, cfg.parallel, precision, env.device, seed=0)

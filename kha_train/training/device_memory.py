@@ -52,8 +52,8 @@ def memory_fixes(cfg: Config, world_size: int) -> list[str]:
     if p.single_device:
         fixes.append(
             "parallel.single_device=false with parallel.reshard_after_forward=true (FSDP2 "
-            "frees the bf16 weights between forward and backward; single_device keeps them all, "
-            "and an fp32 gradient accumulator with several micro-batches per step)"
+            "frees the bf16 weights between forward and backward; single_device keeps them and "
+            "its gradient buffer allocated all step)"
         )
     elif not reshards_after_forward(p, world_size):
         fixes.append(

@@ -20,6 +20,7 @@ groups' hyper-parameters), so a checkpoint of either path resumes on the other.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -54,15 +55,31 @@ def _adamw_chunk(
 
 
 _compiled = None
+# Pass lengths compiled so far. Each is its own graph (static shapes: 32-bit indexing, the
+# fastest kernel); dynamo compiles one function for at most 8, then would run it eagerly over
+# passes of 2^30 elements with full-size temporaries. Past this many lengths (a process that
+# builds several models), the passes of new lengths run eagerly in small chunks instead.
+_COMPILED_LENGTHS: set[int] = set()
+MAX_COMPILED_LENGTHS = 6
 
 
-def _update_fn(device: torch.device):
+def _passes(device: torch.device, start: int, end: int) -> Iterator[tuple[int, int, Callable]]:
+    """(a, b, update) for each pass over the elements [start, end)."""
     global _compiled
-    if device.type != "cuda":
-        return _adamw_chunk
-    if _compiled is None:
-        _compiled = torch.compile(_adamw_chunk, fullgraph=True, dynamic=False)
-    return _compiled
+    if device.type == "cuda":
+        for a in range(start, end, CHUNK_COMPILED):
+            b = min(a + CHUNK_COMPILED, end)
+            if b - a in _COMPILED_LENGTHS or len(_COMPILED_LENGTHS) < MAX_COMPILED_LENGTHS:
+                _COMPILED_LENGTHS.add(b - a)
+                if _compiled is None:
+                    _compiled = torch.compile(_adamw_chunk, fullgraph=True, dynamic=False)
+                yield a, b, _compiled
+            else:
+                for c in range(a, b, CHUNK_EAGER):
+                    yield c, min(c + CHUNK_EAGER, b), _adamw_chunk
+    else:
+        for a in range(start, end, CHUNK_EAGER):
+            yield a, min(a + CHUNK_EAGER, end), _adamw_chunk
 
 
 class FlatAdamW(torch.optim.Optimizer):
@@ -119,7 +136,6 @@ class FlatAdamW(torch.optim.Optimizer):
         )
         self.t.add_(keep)
         t = torch.clamp(self.t, min=1.0)  # a skipped first step: t stays 0, nothing is written
-        update = _update_fn(dev)
         f = self.flat
         for g, (start, end) in zip(self.param_groups, self.bounds):
             beta1, beta2 = g["betas"]
@@ -135,9 +151,7 @@ class FlatAdamW(torch.optim.Optimizer):
                     torch.full((), g["eps"], device=dev),
                 ]
             ).float()
-            chunk = CHUNK_COMPILED if dev.type == "cuda" else CHUNK_EAGER
-            for a in range(start, end, chunk):
-                b = min(a + chunk, end)
+            for a, b, update in _passes(dev, start, end):
                 update(
                     f.master[a:b], f.param[a:b], f.grad[a:b],
                     self.exp_avg[a:b], self.exp_avg_sq[a:b], coef, beta1, beta2,

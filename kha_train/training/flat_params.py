@@ -31,11 +31,17 @@ FSDP2 path, both ways.
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_map
+
+# Every view starts at a multiple of this many elements (128 bytes of bf16): kernels such as
+# torch._grouped_mm need 16-byte-aligned operands, which a parameter of, say, 36 elements
+# would break for every view after it. The gaps stay zero in every buffer.
+ALIGN = 64
 
 
 class FlatParams:
@@ -65,9 +71,9 @@ class FlatParams:
         offsets, at = {}, 0
         for p in order:
             offsets[p] = (at, at + p.numel())
-            at += p.numel()
+            at += -(-p.numel() // ALIGN) * ALIGN  # the next view starts aligned
         device = order[0].device if order else torch.device("cpu")
-        master = torch.empty(at, dtype=torch.float32, device=device)
+        master = torch.zeros(at, dtype=torch.float32, device=device)
         for p in order:
             old = self.master_of(p) if hasattr(self, "master") else p.data
             start, end = offsets[p]
@@ -77,7 +83,7 @@ class FlatParams:
         self.grad = self.acc = None  # freed; acc comes back with the first accumulating step
         for p in order:
             p.grad = None
-        self.param = torch.empty(at, dtype=self.dtype, device=device)
+        self.param = torch.zeros(at, dtype=self.dtype, device=device)
         self.param.copy_(self.master)
         for p in order:
             p.data = self.view(self.param, p)  # frees the fp32 parameter or the old bf16 buffer
@@ -100,12 +106,8 @@ class FlatParams:
         if len(order) != len(self.params) or set(order) != set(self.params):
             raise ValueError("the optimizer's groups must hold every trainable parameter once")
         self._layout(order)
-        bounds, at = [], 0
-        for g in groups:
-            size = sum(p.numel() for p in g)
-            bounds.append((at, at + size))
-            at += size
-        return bounds
+        starts = [self.offsets[g[0]][0] for g in groups] + [self.master.numel()]
+        return list(itertools.pairwise(starts))  # alignment gaps included: they stay zero
 
     # Gradients --------------------------------------------------------------------------------
     # Autograd leaves each micro-batch's gradient of a parameter in a tensor of its own (``.grad``

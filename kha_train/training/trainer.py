@@ -195,6 +195,8 @@ class Trainer:
             for g in summarize_groups(self.optimizer)
         )
         impl = "fused" if self.fused else "foreach"
+        if type(self.optimizer).__name__ == "FlatAdamW":
+            impl = "over flat buffers (parallel.single_device)"
         self.log.info(
             f"{cfg.name}: {n_params / 1e6:.2f}M parameters on {env.world_size} rank(s) "
             f"({self.device.type}, {cfg.train.precision.value}); global batch "

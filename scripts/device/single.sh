@@ -45,6 +45,6 @@ done
 if [ ${#files[@]} -gt 0 ]; then
   python3 scripts/perf_table.py "${files[@]}" | tee $OUT/table.md
 fi
-# At most 8 files come back from a call: everything but the table in one archive.
-(cd $OUT && tar czf /tmp/single.tar.gz --exclude=table.md . \
-  && find . -type f ! -name table.md -delete && mv /tmp/single.tar.gz .)
+# At most 8 files come back from a call: the rows' logs and JSON in one archive.
+(cd $OUT && rows=$(ls *.log *.jsonl 2>/dev/null) && [ -n "$rows" ] \
+  && tar czf single.tar.gz $rows && rm -f $rows)

@@ -20,6 +20,7 @@ for flag in (
     "--warmup",
     "--loss-kernel",
     "--fp8-min-dim",
+    "--mode",
 ):
     p.add_argument(flag)
 for flag in ("--reshard", "--no-defer-sync", "--no-profile", "--no-sync-check"):
@@ -34,6 +35,7 @@ settings = {
     "reshard": a.reshard or None,
     "defer_sync": not a.no_defer_sync,
     "loss_kernel": a.loss_kernel or "chunked",
+    "mode": a.mode or "fsdp",
     "fp8": {"recipe": "tensorwise", "min_dim": int(a.fp8_min_dim or 1024)},
 }
 for precision in (a.precision or "bf16").split(","):

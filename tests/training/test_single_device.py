@@ -242,3 +242,32 @@ def test_the_settings_line_and_memory_estimate_name_the_mode(
     fsdp = build(_run(tmp_path, tiny_dataset, single=False))
     assert "reshard_after_forward off (auto)" in settings_line(fsdp, "cuda", 1)
     assert "grads" in info_text(cfg, 1) and info_text(cfg, 1) != info_text(fsdp, 1)
+
+
+def test_views_are_aligned_and_drift_reads_the_masters(tmp_path: Path, tiny_dataset: Path) -> None:
+    """Every view starts a multiple of 128 bytes into its buffer (whose base CUDA's allocator
+    aligns; grouped GEMMs need 16 bytes), also after a parameter of an odd size; the KHA drift is computed from the fp32 masters, whose
+    small moves from the identity the bf16 copies round away."""
+    from kha_train.training.build import build_model
+    from kha_train.training.flat_params import flat_params_of
+    from kha_train.training.kha_drift import kha_drift
+
+    model = TwoLayers()
+    model.odd = nn.Parameter(torch.ones(3, 3))  # 9 elements: the next view would be misaligned
+    flat = FlatParams(model)
+    for p in model.parameters():
+        assert (flat.view(flat.param, p).data_ptr() - flat.param.data_ptr()) % 128 == 0
+        assert (flat.master_of(p).data_ptr() - flat.master.data_ptr()) % 256 == 0
+    cfg = build(_run(tmp_path, tiny_dataset, single=True))
+    tiny = build_model(cfg.model, cfg.parallel, cfg.train.precision, torch.device("cpu"), seed=0)
+    flat = flat_params_of(tiny)
+    assert kha_drift(tiny) == [0.0, 0.0]
+    with torch.no_grad():
+        for name, p in tiny.named_parameters():
+            if "kha_v.w_up" in name:
+                flat.master_of(p).add_(
+                    1e-3 * torch.eye(p.shape[0])
+                )  # |1 + 1e-3| rounds to 1 in bf16
+    flat.sync_params()
+    drift = kha_drift(tiny)
+    assert all(d > 0 for d in drift), drift
