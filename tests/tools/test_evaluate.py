@@ -336,7 +336,8 @@ def test_errors(world, tmp_path) -> None:
 @pytest.mark.slow
 def test_two_ranks_shard_the_model_and_agree_with_one_process(world, tmp_path) -> None:
     """Under torchrun the model is sharded by FSDP2 and the batches split over the ranks: the same
-    figures, per document too, as one process."""
+    figures, per document too, as one process; also for a run trained as one process without
+    FSDP2 (parallel.single_device in its config)."""
     import os
     import subprocess
     import sys
@@ -351,7 +352,8 @@ def test_two_ranks_shard_the_model_and_agree_with_one_process(world, tmp_path) -
     two = tmp_path / "two.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-           "-m", "kha_train.cli", "eval", *common, "--json", str(two), "--device", "cpu"]  # fmt: skip
+           "-m", "kha_train.cli", "eval", common[0], "parallel.single_device=true", *common[1:],
+           "--json", str(two), "--device", "cpu"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
