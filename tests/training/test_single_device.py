@@ -271,3 +271,26 @@ def test_views_are_aligned_and_drift_reads_the_masters(tmp_path: Path, tiny_data
     flat.sync_params()
     drift = kha_drift(tiny)
     assert all(d > 0 for d in drift), drift
+
+
+def test_the_compiled_update_is_the_eager_one() -> None:
+    """The AdamW pass as torch.compile makes it (CUDA's path; Inductor's CPU backend here):
+    the same in-place results as the eager pass (fp32 rounding), a skipped step included."""
+    from kha_train.training.flat_adamw import _adamw_chunk
+
+    compiled = torch.compile(_adamw_chunk, fullgraph=True, dynamic=False)
+    g = torch.Generator().manual_seed(0)
+    n = 1000
+    state = [torch.randn(n, generator=g), None, torch.randn(n, generator=g).bfloat16(),
+             torch.randn(n, generator=g) * 0.1, torch.rand(n, generator=g) * 0.01]  # fmt: skip
+    state[1] = state[0].bfloat16()
+    for keep in (1.0, 0.0):
+        coef = torch.tensor([1 - 1e-3 * 0.1, 1e-3 / 0.1, 1 / 0.3, 0.5, keep, 1e-8])
+        eager = [t.clone() for t in state]
+        comp = [t.clone() for t in state]
+        _adamw_chunk(*eager, coef, 0.9, 0.95)
+        compiled(*comp, coef, 0.9, 0.95)
+        for a, b in zip(eager, comp, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        changed = not torch.equal(eager[0], state[0])
+        assert changed == (keep == 1.0)  # a skipped step leaves the masters as they were
