@@ -85,3 +85,18 @@ def test_selective_recomputes_no_matrix_product_and_full_recomputes_them_all() -
 def test_checkpointed_blocks(mode, every, expected) -> None:
     cfg = ParallelConfig(activation_checkpointing=ACMode(mode), ac_every_n=every)
     assert checkpointed_blocks(cfg, 4) == expected
+
+
+def test_selective_survives_the_grouped_mm_probe_inside_the_first_block() -> None:
+    """The experts probe once whether torch._grouped_mm runs here; when that first happens
+    inside a selectively checkpointed block, the recompute must not be handed the probe's
+    product in place of the experts' (it was: a shape error in the first backward on a CPU)."""
+    from kha_train.model.moe import experts
+
+    experts._cpu_grouped_mm_works.__wrapped__.cache_clear()  # as in a fresh process
+    loss, grads, _, _ = _run(ACMode.selective)
+    experts._cpu_grouped_mm_works.__wrapped__.cache_clear()
+    ref_loss, ref_grads, _, _ = _run(ACMode.none)
+    assert torch.equal(loss, ref_loss)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-6)

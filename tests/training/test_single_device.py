@@ -294,3 +294,43 @@ def test_the_compiled_update_is_the_eager_one() -> None:
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
         changed = not torch.equal(eager[0], state[0])
         assert changed == (keep == 1.0)  # a skipped step leaves the masters as they were
+
+
+@pytest.mark.slow
+def test_the_device_script_trains_replays_and_compares(tmp_path: Path, tiny_dataset: Path) -> None:
+    """scripts/device/single_train.sh end to end on the CPU, every model a tiny one: the
+    deterministic single_device run, its replay from the middle checkpoint (bitwise, as on the
+    GPU with train.deterministic), both modes of the reference row, the main row, the summary."""
+    import os
+    import subprocess
+    import sys
+
+    from train_helpers import REPO, write_config
+
+    cfg = tiny_config(tmp_path / "unused", tiny_dataset, train={"precision": "bf16"})
+    config = write_config(tmp_path / "tiny.yaml", cfg)
+    out, work = tmp_path / "out", tmp_path / "work"
+    out.mkdir()
+    shims = REPO / "tests" / "device_shims"
+    env = {
+        **os.environ, "PATH": f"{shims}{os.pathsep}{os.environ['PATH']}", "OUT": str(out),
+        "SHIM_LOG": str(tmp_path / "calls.log"), "REAL_PYTHON": sys.executable,
+        "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "DATA": str(tiny_dataset),
+        "WORK": str(work), "SMALL_CONFIG": str(config), "REF_CONFIG": str(config),
+        "MAIN_CONFIG": str(config), "SMALL_STEPS": "6",
+        "REF_ARGS": "train.micro_batch_size=2 train.global_batch_tokens=128 train.max_steps=3",
+        "MAIN_ARGS": "data.seq_len=32 train.micro_batch_size=2 train.global_batch_tokens=64 "
+        "train.max_steps=3",
+    }  # fmt: skip
+    proc = subprocess.run(["bash", "scripts/device/single_train.sh", "900"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text
+    for name in ("small_det", "ref_single", "ref_fsdp", "main_single"):
+        assert f"== {name}: exit 0" in text, text
+    assert "== replay from step 3: exit 0" in text, text
+    replay = (out / "replay.log").read_text()
+    assert "bitwise" in replay.lower(), replay
+    summary = [line for line in proc.stdout.splitlines() if line.startswith(("small_det:", "ref_"))]
+    assert len(summary) == 3 and all("end ['completed']" in line for line in summary), summary
+    assert "main_single: 3 steps" in proc.stdout

@@ -21,6 +21,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import _disable_current_modes
 
 from kha_train.model.init import trunc_normal_
 
@@ -84,11 +85,17 @@ def _grouped_mm_ok(device: torch.device, dtype: torch.dtype, shape_E2FD: torch.S
 @torch.compiler.disable  # a probe on real tensors: under compile, fake tensors would answer
 @functools.cache
 def _cpu_grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
-    """Whether this build runs torch._grouped_mm on this device type and dtype (probed once)."""
+    """Whether this build runs torch._grouped_mm on this device type and dtype (probed once).
+
+    The probe runs outside any dispatch mode: selective activation checkpointing records the
+    forward's matrix products in order and hands them back in the recompute, which would find
+    the first forward's probe where the experts' product should be (the probe is cached)."""
     try:
-        a = torch.ones(4, 8, dtype=dtype, device=device_type)
-        b = torch.ones(2, 8, 8, dtype=dtype, device=device_type)
-        torch._grouped_mm(a, b, offs=torch.tensor([1, 4], dtype=torch.int32, device=device_type))
+        with _disable_current_modes():
+            a = torch.ones(4, 8, dtype=dtype, device=device_type)
+            b = torch.ones(2, 8, 8, dtype=dtype, device=device_type)
+            offs = torch.tensor([1, 4], dtype=torch.int32, device=device_type)
+            torch._grouped_mm(a, b, offs=offs)
         return True
     except (RuntimeError, NotImplementedError, AttributeError):
         _warn_fallback(f"device {device_type}, dtype {dtype}")
