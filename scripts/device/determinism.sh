@@ -14,10 +14,9 @@
 # Carry: data/builtin, .whl (omegaconf, antlr4), .kha_commit (optional).
 set -u
 export PYTHONUNBUFFERED=1
-deadline=${1:-540}; start=$(date +%s)
-left() { echo $(( deadline - ($(date +%s) - start) )); }
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
+deadline=${1:-540}
+source "$(dirname "$0")/lib.sh"  # left, install_wheels
+install_wheels .whl /tmp/site
 export PYTHONPATH=/tmp/site:$PWD
 echo "commit $(cat .kha_commit 2>/dev/null || echo unknown), $(date -u +%FT%TZ)"
 cfg=configs/paper/table5/moe_a0.44b_kha_mlp.yaml

@@ -1,4 +1,4 @@
-# Sourced by device scripts (throughput.sh, splits.sh, ac_sweep.sh, perf.sh): the deadline clock, the carried wheels
+# Sourced by the device scripts: the deadline clock, the carried wheels
 # and one timed, logged row. Set `deadline` (seconds, counted from `start`) before sourcing.
 start=${start:-$(date +%s)}
 left() { echo $(( deadline - ($(date +%s) - start) )); }

@@ -17,7 +17,8 @@ export PYTHONUNBUFFERED=1 KHA_COMMIT=$(cat .kha_commit 2>/dev/null || echo unkno
 deadline=$1; min_run=$2; shift 2
 ref=""; [ "${1:-}" = REF ] && { ref=1; shift; }
 studies=${*:-configs/study/table2.yaml}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+source "$(dirname "$0")/lib.sh"  # install_wheels (and left, unused here)
+install_wheels .whl /tmp/site
 export PYTHONPATH=/tmp/site:$PWD
 if [ ! -f data/study/index.json ]; then
   [ -f data/pack/study.tar.xz.001 ] && cp data/pack/study.tar.xz.001 /tmp/pack/
