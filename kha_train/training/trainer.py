@@ -38,7 +38,7 @@ from kha_train.fs import StorageError, storage_error
 from kha_train.training import distributed as D
 from kha_train.training.build import build_loaders, build_model, config_snapshot, resume_path
 from kha_train.training.checkpoint import CheckpointManager, complete_checkpoints, latest_checkpoint
-from kha_train.training.checkpoint_checks import STEP_DIR, check_free_space, stray_entries
+from kha_train.training.checkpoint_checks import STEP_DIR
 from kha_train.training.determinism import make_deterministic
 from kha_train.training.device_memory import OutOfDeviceMemoryError, out_of_memory_message
 from kha_train.training.evaluator import build_evaluator
@@ -46,8 +46,8 @@ from kha_train.training.hf_export import HFExporter
 from kha_train.training.loggers import RunLoggers, read_jsonl
 from kha_train.training.metrics import WindowTimer
 from kha_train.training.monitor import NonFiniteError, StepMonitor
-from kha_train.training.optim import build_optimizer, is_fused, summarize_groups
-from kha_train.training.parallel import compiles, settings_line
+from kha_train.training.optim import build_optimizer, is_fused
+from kha_train.training.parallel import compiles
 from kha_train.training.rollback import (
     Decision,
     RollbackLimitError,
@@ -59,6 +59,7 @@ from kha_train.training.rollback import (
 )
 from kha_train.training.runlock import RunLock, RunLockedError
 from kha_train.training.schedule import lr_at
+from kha_train.training.start_lines import start_lines, storage_warnings
 from kha_train.training.step import StepResult, train_step
 from kha_train.training.validation import validation_loss
 
@@ -151,12 +152,10 @@ class Trainer:
             total_steps=self.total_steps, start_step=self.step,
             resumed=resume is not None, is_main=self.env.is_main, console_stream=console,
         )  # fmt: skip
-        self._announce(resume)
-        for note in [] if restored is None else restored.notes:
-            self.log.info(f"warning: {note}")
-        for note in self.loader.notes:
-            self.log.info(f"note: {note}")
-        self._warn_about_storage()
+        notes = [f"warning: {n}" for n in ([] if restored is None else restored.notes)]
+        notes += [f"note: {n}" for n in self.loader.notes]
+        for line in start_lines(self, resume) + notes + storage_warnings(self):
+            self.log.info(line)
 
     def _new_monitor(self) -> StepMonitor:
         """A fresh monitor (at start, and at a rollback before loading the checkpoint's state)."""
@@ -172,81 +171,6 @@ class Trainer:
             self.config_yaml, self.config_dict = config_snapshot(
                 dataclasses.replace(self.cfg, data=data)
             )
-
-    def _warn_about_storage(self) -> None:
-        """Look-alike files in the checkpoint folder, and too little room for one checkpoint."""
-        stray = stray_entries(self.ckpt_dir)
-        if stray:
-            self.log.info(
-                f"warning: {self.ckpt_dir} holds {', '.join(stray)}, which look like checkpoints "
-                "but are not complete kha-train checkpoints: they are never loaded"
-            )
-        n_params = sum(p.numel() for p in self.model.parameters())
-        warning = check_free_space(self.ckpt_dir, n_params, self.cfg.checkpoint.keep_last)
-        if warning:
-            self.log.info(warning)
-
-    def _announce(self, resume: Path | None) -> None:
-        cfg, env = self.cfg, self.env
-        n_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        accum = self.loader.micro_batches_per_step
-        groups = ", ".join(
-            f"{g.name}: {g.num_tensors} tensors / {g.num_params / 1e6:.2f}M (wd {g.weight_decay})"
-            for g in summarize_groups(self.optimizer)
-        )
-        impl = "fused" if self.fused else "foreach"
-        if type(self.optimizer).__name__ == "FlatAdamW":
-            impl = "over flat buffers (parallel.single_device)"
-        self.log.info(
-            f"{cfg.name}: {n_params / 1e6:.2f}M parameters on {env.world_size} rank(s) "
-            f"({self.device.type}, {cfg.train.precision.value}); global batch "
-            f"{self.tokens_per_step} tokens = {accum} micro-batch(es) x "
-            f"{cfg.train.micro_batch_size} x {cfg.data.seq_len} tokens x {env.world_size} rank(s); "
-            f"{self.total_steps} steps; AdamW {impl} [{groups}]; run dir {self.run_dir}"
-        )
-        data_vocab = self.loader.index.vocab_size
-        if cfg.model.vocab_size >= 2 * data_vocab and cfg.model.vocab_size - data_vocab >= 1024:
-            unused = (cfg.model.vocab_size - data_vocab) * cfg.model.hidden_size
-            self.log.info(
-                f"warning: model.vocab_size={cfg.model.vocab_size} but the dataset's tokenizer "
-                f"has {data_vocab} ids: {unused / 1e6:.1f}M embedding parameters are never "
-                f"used. Set model.vocab_size={-(-data_vocab // 64) * 64} (the next multiple of "
-                "64), or train a larger tokenizer"
-            )
-        if self.val_loader is None and cfg.train.val_batches > 0:
-            self.log.info(
-                f"warning: no validation: the val split of {cfg.data.dataset} is missing or "
-                f"smaller than one micro-batch per rank ({cfg.train.micro_batch_size} x "
-                f"{cfg.data.seq_len} tokens x {env.world_size}). Prepare the data with a larger "
-                "--val-fraction, or set train.val_batches=0 to train without validation"
-            )
-        elif self.val_batches < cfg.train.val_batches:
-            self.log.info(
-                f"validation uses {self.val_batches} micro-batches per rank (train.val_batches="
-                f"{cfg.train.val_batches}, but the val split holds only {self.val_batches})"
-            )
-        self.log.info("settings: " + settings_line(cfg, self.device, env.world_size))
-        if resume is not None:
-            self.log.info(f"resumed from {resume} at step {self.step}")
-        r = cfg.train.rollback
-        if r.enabled:
-            triggers = [f"{r.max_spikes} spiking steps within {r.window}"] if r.max_spikes else []
-            if r.loss_rise:
-                triggers.append(f"smoothed loss {r.loss_rise:.0%} up for {r.loss_rise_steps} steps")
-            done = len(self.rollbacks.history)
-            self.log.info(
-                f"rollback: on ({' or '.join(triggers)}; at most {r.max_rollbacks}, {done} done)"
-            )
-            if cfg.checkpoint.keep_last < 2:
-                self.log.info(
-                    "warning: train.rollback with checkpoint.keep_last=1: a checkpoint saved "
-                    "during a spike window replaces the only one before it, and the rollback "
-                    "then has nowhere to go. Keep 2 or more"
-                )
-        skipped = self.loader.skip_entries
-        if skipped:
-            n = sum(e["end"] - e["start"] for e in skipped)
-            self.log.info(f"data: {len(skipped)} skipped range(s), up to {n} samples")
 
     # -- checkpoint state -------------------------------------------------------------------------
 
