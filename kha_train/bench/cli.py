@@ -82,6 +82,7 @@ def run(
     from kha_train.bench.timing import time_workload
     from kha_train.bench.workload import Workload
     from kha_train.model.flops import param_counts
+    from kha_train.training.flat_adamw import forget_compiled_lengths
 
     device = torch.device("cuda")
     results = []
@@ -117,6 +118,7 @@ def run(
             del w
             gc.collect()
             torch._dynamo.reset()
+            forget_compiled_lengths()
             torch.cuda.empty_cache()
     return results
 

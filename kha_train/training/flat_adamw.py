@@ -63,6 +63,11 @@ _COMPILED_LENGTHS: set[int] = set()
 MAX_COMPILED_LENGTHS = 6
 
 
+def forget_compiled_lengths() -> None:
+    """After ``torch._dynamo.reset()`` (the benchmark's, between models): nothing is compiled."""
+    _COMPILED_LENGTHS.clear()
+
+
 def _passes(device: torch.device, start: int, end: int) -> Iterator[tuple[int, int, Callable]]:
     """(a, b, update) for each pass over the elements [start, end)."""
     global _compiled

@@ -334,3 +334,28 @@ def test_the_device_script_trains_replays_and_compares(tmp_path: Path, tiny_data
     summary = [line for line in proc.stdout.splitlines() if line.startswith(("small_det:", "ref_"))]
     assert len(summary) == 3 and all("end ['completed']" in line for line in summary), summary
     assert "main_single: 3 steps" in proc.stdout
+
+
+def test_new_pass_lengths_past_the_limit_run_in_small_eager_chunks() -> None:
+    """Dynamo compiles one function for a few shapes only; past MAX_COMPILED_LENGTHS distinct
+    pass lengths the update runs eagerly in chunks of CHUNK_EAGER (bounded temporaries), and
+    after the benchmark's dynamo reset the lengths are forgotten."""
+    from kha_train.training import flat_adamw as fa
+
+    fa.forget_compiled_lengths()
+    cuda = torch.device("cuda")  # only compared, never used: no GPU needed
+    for n in range(fa.MAX_COMPILED_LENGTHS):
+        [(a, b, fn)] = list(fa._passes(cuda, 0, 1000 + n))
+        assert (a, b) == (0, 1000 + n) and fn is not fa._adamw_chunk
+    size = 2 * fa.CHUNK_EAGER + 5
+    passes = list(fa._passes(cuda, 0, size))
+    assert [(a, b) for a, b, _ in passes] == [
+        (0, fa.CHUNK_EAGER), (fa.CHUNK_EAGER, 2 * fa.CHUNK_EAGER), (2 * fa.CHUNK_EAGER, size)
+    ]  # fmt: skip
+    assert all(fn is fa._adamw_chunk for _, _, fn in passes)
+    [(_, _, fn)] = list(fa._passes(cuda, 0, 1000))  # a length compiled already: still compiled
+    assert fn is not fa._adamw_chunk
+    fa.forget_compiled_lengths()
+    [(_, _, fn)] = list(fa._passes(cuda, 0, size))
+    assert fn is not fa._adamw_chunk
+    fa.forget_compiled_lengths()
