@@ -64,15 +64,19 @@ def preset_config(name: str) -> ModelConfig:
     )
 
 
+BENCH_MODES = ("fsdp", "single", "autocast")  # BenchSettings.mode
+
+
 def run(
     mcfg: ModelConfig,
     s: BenchSettings,
     variants: list[str],
     precisions: list[Precision] | None = None,
+    modes: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Build, time and profile each variant (kha: ``mcfg``; nokha: without KHA) in each of
-    ``precisions`` (default bf16) in turn. A run that fails (out of memory, say) is reported
-    with its error and the next one runs."""
+    ``precisions`` (default bf16) and ``modes`` (default ``s.mode``) in turn. A run that fails
+    (out of memory, say) is reported with its error and the next one runs."""
     import gc
     import traceback
 
@@ -86,40 +90,43 @@ def run(
 
     device = torch.device("cuda")
     results = []
-    for precision in precisions or [Precision.bf16]:
-        for variant in variants:
-            cfg = (
-                mcfg
-                if variant == "kha"
-                else dataclasses.replace(mcfg, kha=KHAConfig(variant=KHAVariant.none))
-            )
-            total, active = param_counts(cfg)
-            r: dict[str, Any] = {
-                "variant": variant,
-                "precision": Precision(precision).value,
-                "params_b": total / 1e9,
-                "active_b": active / 1e9,
-            }
-            w = None
-            try:
-                w = Workload(cfg, s, device, precision=Precision(precision))
-                r["fp8_linears"] = len(w.fp8_modules)
-                r.update(time_workload(w))
-                if s.profile and r["sync_check"] in ("ok", "skipped"):
-                    r["breakdown_ms"] = profile_breakdown(w)
-                    r["top_kernels"] = w.top_kernels
-            except Exception as e:  # report it, free the memory, go on with the next run
-                traceback.print_exc()
-                r["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-            results.append(r)
-            print(json.dumps({k: v for k, v in r.items() if k != "top_kernels"}), flush=True)
-            # Free this run's memory before the next one: the compiled graphs' caches keep the
-            # model alive otherwise (a third variant in one process ran near full memory, slower).
-            del w
-            gc.collect()
-            torch._dynamo.reset()
-            forget_compiled_lengths()
-            torch.cuda.empty_cache()
+    runs = [(m, p, v) for m in modes or [s.mode] for p in precisions or [Precision.bf16]
+            for v in variants]  # fmt: skip
+    for mode, precision, variant in runs:
+        sm = dataclasses.replace(s, mode=mode)
+        cfg = (
+            mcfg
+            if variant == "kha"
+            else dataclasses.replace(mcfg, kha=KHAConfig(variant=KHAVariant.none))
+        )
+        total, active = param_counts(cfg)
+        r: dict[str, Any] = {
+            "variant": variant,
+            "mode": mode,
+            "precision": Precision(precision).value,
+            "params_b": total / 1e9,
+            "active_b": active / 1e9,
+        }
+        w = None
+        try:
+            w = Workload(cfg, sm, device, precision=Precision(precision))
+            r["fp8_linears"] = len(w.fp8_modules)
+            r.update(time_workload(w))
+            if s.profile and r["sync_check"] in ("ok", "skipped"):
+                r["breakdown_ms"] = profile_breakdown(w)
+                r["top_kernels"] = w.top_kernels
+        except Exception as e:  # report it, free the memory, go on with the next run
+            traceback.print_exc()
+            r["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        results.append(r)
+        print(json.dumps({k: v for k, v in r.items() if k != "top_kernels"}), flush=True)
+        # Free this run's memory before the next one: the compiled graphs' caches keep the
+        # model alive otherwise (a third variant in one process ran near full memory, slower).
+        del w
+        gc.collect()
+        torch._dynamo.reset()
+        forget_compiled_lengths()
+        torch.cuda.empty_cache()
     return results
 
 
@@ -134,8 +141,10 @@ def format_table(results: list[dict[str, Any]], s: BenchSettings) -> str:
         f"{'variant':8} {'prec':>4} {'params':>8} {'active':>7} {'step ms':>8} {'tok/s':>9} "
         f"{'TFLOP/s':>8} {'MFU':>6} {'mem GiB':>8} {'fp8 lin':>7} sync",
     ]
+    several_modes = len({r.get("mode", s.mode) for r in results}) > 1
     for r in results:
-        head = f"{r['variant']:8} {r.get('precision', 'bf16'):>4} {r['params_b']:7.3f}B "
+        name = f"{r['variant']}/{r.get('mode', s.mode)}" if several_modes else r["variant"]
+        head = f"{name:8} {r.get('precision', 'bf16'):>4} {r['params_b']:7.3f}B "
         if "error" in r:
             lines.append(head + f"{r['active_b']:6.3f}B  failed: {r['error']}")
             continue
@@ -145,19 +154,29 @@ def format_table(results: list[dict[str, Any]], s: BenchSettings) -> str:
             f"{r.get('fp8_linears', 0):7d} {r.get('sync_check', '-')}"
         )
     ok = [r for r in results if "error" not in r]
-    for prec in dict.fromkeys(r.get("precision", "bf16") for r in ok):
-        by = {r["variant"]: r for r in ok if r.get("precision", "bf16") == prec}
-        if "kha" in by and "nokha" in by:
-            ratio = by["kha"]["step_ms"] / by["nokha"]["step_ms"]
-            lines.append(
-                f"KHA overhead ({prec}): step time x{ratio:.4f} ({100 * (ratio - 1):+.2f}%)"
-            )
-    for variant in dict.fromkeys(r["variant"] for r in ok):
-        by = {r.get("precision", "bf16"): r for r in ok if r["variant"] == variant}
-        if "bf16" in by and "fp8" in by:
-            speedup = by["fp8"]["tokens_per_s"] / by["bf16"]["tokens_per_s"]
-            lines.append(f"FP8 speed-up ({variant}): tokens/s x{speedup:.4f} over bf16")
-            lines.append(fp8_numerics_line(variant, by["bf16"], by["fp8"]))
+    mode_of = {id(r): r.get("mode", s.mode) for r in ok}
+    for mode in dict.fromkeys(mode_of.values()):
+        this = [r for r in ok if mode_of[id(r)] == mode]
+        tag = f", {mode}" if several_modes else ""
+        for prec in dict.fromkeys(r.get("precision", "bf16") for r in this):
+            by = {r["variant"]: r for r in this if r.get("precision", "bf16") == prec}
+            if "kha" in by and "nokha" in by:
+                ratio = by["kha"]["step_ms"] / by["nokha"]["step_ms"]
+                lines.append(
+                    f"KHA overhead ({prec}{tag}): step time x{ratio:.4f} "
+                    f"({100 * (ratio - 1):+.2f}%)"
+                )
+        for variant in dict.fromkeys(r["variant"] for r in this):
+            by = {r.get("precision", "bf16"): r for r in this if r["variant"] == variant}
+            if "bf16" in by and "fp8" in by:
+                speedup = by["fp8"]["tokens_per_s"] / by["bf16"]["tokens_per_s"]
+                lines.append(f"FP8 speed-up ({variant}{tag}): tokens/s x{speedup:.4f} over bf16")
+                lines.append(fp8_numerics_line(variant, by["bf16"], by["fp8"]))
+    for variant, prec in dict.fromkeys((r["variant"], r.get("precision", "bf16")) for r in ok):
+        by = {mode_of[id(r)]: r for r in ok
+              if (r["variant"], r.get("precision", "bf16")) == (variant, prec)}  # fmt: skip
+        if "single" in by and "fsdp" in by:
+            lines += single_device_lines(f"{variant} {prec}", by["fsdp"], by["single"])
     for r in ok:
         if "breakdown_ms" in r:
             parts = sorted(r["breakdown_ms"].items(), key=lambda kv: -kv[1])
@@ -186,6 +205,36 @@ def fp8_numerics_line(variant: str, bf16: dict[str, Any], fp8: dict[str, Any]) -
         f"FP8 numerics ({variant}): first-step loss {b:.5f} vs bf16 {a:.5f}, "
         f"relative difference {rel:.1e}: {verdict}"
     )
+
+
+# parallel.single_device against FSDP2, same seed, weights and tokens: the first step's loss is
+# the same forward (equal up to the order of a few reductions); after the timed steps' updates
+# (bf16 weights, AdamW at lr 3e-4) the runs part by bf16 rounding only: 5e-4 apart after 9
+# updates on one H200 (docs/performance.md). 1e-2 flags a broken update, not rounding.
+SINGLE_FIRST_LOSS_RTOL, SINGLE_LAST_LOSS_RTOL = 1e-4, 1e-2
+
+
+def single_device_lines(name: str, fsdp: dict[str, Any], single: dict[str, Any]) -> list[str]:
+    """The bench's check of parallel.single_device: its speed-up over FSDP2, and its losses
+    (the first step's and the last timed step's) against FSDP2's."""
+    lines = [
+        f"single_device speed-up ({name}): tokens/s "
+        f"x{single['tokens_per_s'] / fsdp['tokens_per_s']:.4f} over FSDP2"
+    ]
+    checks = []
+    for key, rtol in (("first_loss", SINGLE_FIRST_LOSS_RTOL), ("loss", SINGLE_LAST_LOSS_RTOL)):
+        if key not in fsdp or key not in single:
+            return [*lines, f"single_device numerics ({name}): not checked (no {key})"]
+        a, b = fsdp[key], single[key]
+        rel = abs(b - a) / max(abs(a), 1e-12)
+        checks.append((key, a, b, rel, rel <= rtol, rtol))
+    verdict = "ok" if all(c[4] for c in checks) else "FAILED"
+    detail = "; ".join(
+        f"{'first step' if k == 'first_loss' else 'last timed step'} {b:.5f} vs {a:.5f} "
+        f"({rel:.1e}{'' if good else f' > {rtol:g}'})"
+        for k, a, b, rel, good, rtol in checks
+    )
+    return [*lines, f"single_device numerics ({name}): {detail}: {verdict}"]
 
 
 def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -250,11 +299,11 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak (H100: 989)")
     p.add_argument(
         "--mode",
-        choices=["fsdp", "single", "autocast"],
         default="fsdp",
         help="fsdp: the trainer's FSDP2 bf16 mixed precision; single: parallel.single_device "
         "(no FSDP2: flat bf16 weights, fp32 masters, FlatAdamW); autocast: fp32 weights "
-        "on one GPU under bf16 autocast (the baseline of docs/performance.md)",
+        "on one GPU under bf16 autocast (the baseline of docs/performance.md); several, "
+        "comma-separated, run in turn (single,fsdp also compares their speed and losses)",
     )
     p.add_argument(
         "--no-reshard",
@@ -313,6 +362,12 @@ def main(args: argparse.Namespace) -> int:
 
         make_deterministic()
     precisions = [Precision(p.strip()) for p in args.precision.split(",") if p.strip()]
+    modes = [m.strip() for m in args.mode.split(",") if m.strip()]
+    bad = [m for m in modes if m not in BENCH_MODES]
+    if bad or not modes:
+        raise SystemExit(
+            f"kha-train bench --mode {args.mode}: each one of {', '.join(BENCH_MODES)}"
+        )
     from kha_train.config_checks import loss_kernel_errors
 
     errs = loss_kernel_errors(args.loss_kernel, "cuda")
@@ -346,7 +401,7 @@ def main(args: argparse.Namespace) -> int:
         peak_tflops=args.peak_tflops,
         profile=not args.no_profile,
         sync_check=not args.no_sync_check,
-        mode=args.mode,
+        mode=modes[0],
         reshard=args.reshard,
         defer_sync=not args.no_defer_sync,
         loss_chunk=args.loss_chunk,
@@ -362,7 +417,7 @@ def main(args: argparse.Namespace) -> int:
         f"{torch.cuda.get_device_name()} | torch {torch.__version__} | {time.strftime('%Y-%m-%d')}"
     )
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    results = run(mcfg, s, variants, precisions)
+    results = run(mcfg, s, variants, precisions, modes)
     print(format_table(results, s))
     if args.json:
         with open(args.json, "a") as f:
@@ -372,7 +427,8 @@ def main(args: argparse.Namespace) -> int:
                         {
                             **r,
                             "settings": dataclasses.asdict(s)
-                            | {"ac": s.ac.value, "fp8": _fp8_dict(s.fp8)},
+                            | {"ac": s.ac.value, "fp8": _fp8_dict(s.fp8)}
+                            | {"mode": r.get("mode", s.mode)},
                             "device": torch.cuda.get_device_name(),
                             "deterministic": args.deterministic,
                         }

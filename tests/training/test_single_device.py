@@ -359,3 +359,29 @@ def test_new_pass_lengths_past_the_limit_run_in_small_eager_chunks() -> None:
     [(_, _, fn)] = list(fa._passes(cuda, 0, size))
     assert fn is not fa._adamw_chunk
     fa.forget_compiled_lengths()
+
+
+def test_the_benchmark_compares_the_modes() -> None:
+    """`kha-train bench --mode single,fsdp`: rows named by mode, the speed-up, and the check of
+    both losses (the first step's nearly equal, the last timed step's within bf16 drift)."""
+    from kha_train.bench import BenchSettings, build_arg_parser
+    from kha_train.bench.cli import format_table
+
+    assert build_arg_parser().parse_args(["--mode", "single,fsdp"]).mode == "single,fsdp"
+
+    def row(mode: str, tps: float, first: float, last: float) -> dict[str, object]:
+        return {"variant": "kha", "mode": mode, "precision": "bf16", "params_b": 2.3,
+                "active_b": 0.4, "step_ms": 16384 / tps * 1e3, "tokens_per_s": tps,
+                "tflops": 400.0, "mfu": 0.45, "peak_mem_gib": 50.0, "sync_check": "ok",
+                "first_loss": first, "loss": last}  # fmt: skip
+
+    s = BenchSettings(mode="single")
+    good = format_table([row("single", 99086.0, 12.15867, 11.73338),
+                         row("fsdp", 87344.0, 12.15867, 11.73978)], s)  # fmt: skip
+    assert "kha/single bf16" in good and "kha/fsdp bf16" in good
+    assert "single_device speed-up (kha bf16): tokens/s x1.1344 over FSDP2" in good
+    assert "single_device numerics (kha bf16): first step 12.15867 vs 12.15867 (0.0e+00)" in good
+    assert good.splitlines()[-1].endswith(": ok")
+    bad = format_table([row("single", 99086.0, 12.15867, 12.3),
+                        row("fsdp", 87344.0, 12.15867, 11.7)], s)  # fmt: skip
+    assert "last timed step 12.30000 vs 11.70000 (5.1e-02 > 0.01): FAILED" in bad
