@@ -134,7 +134,8 @@ def format_table(results: list[dict[str, Any]], s: BenchSettings) -> str:
     f = s.fp8
     lines = [
         f"seq {s.seq_len} x micro-batch {s.micro_batch} x accum {s.accum}, compile={s.compile}, "
-        f"ac={s.ac.value}, mode={s.mode}, reshard={s.reshard}, defer_sync={s.defer_sync}, "
+        f"ac={s.ac.value}, mode={','.join(dict.fromkeys(r.get('mode', s.mode) for r in results)) or s.mode}, "
+        f"reshard={s.reshard}, defer_sync={s.defer_sync}, "
         f"loss kernel {LossKernel(s.loss_kernel).value}, "
         f"peak {s.peak_tflops:.0f} TFLOP/s; fp8: {Fp8Recipe(f.recipe).value}, dims >= "
         f"{f.min_dim}, FP8 all-gather {f.fsdp_fp8_all_gather}",
@@ -144,7 +145,7 @@ def format_table(results: list[dict[str, Any]], s: BenchSettings) -> str:
     several_modes = len({r.get("mode", s.mode) for r in results}) > 1
     for r in results:
         name = f"{r['variant']}/{r.get('mode', s.mode)}" if several_modes else r["variant"]
-        head = f"{name:8} {r.get('precision', 'bf16'):>4} {r['params_b']:7.3f}B "
+        head = f"{name:{12 if several_modes else 8}} {r.get('precision', 'bf16'):>4} {r['params_b']:7.3f}B "
         if "error" in r:
             lines.append(head + f"{r['active_b']:6.3f}B  failed: {r['error']}")
             continue
@@ -171,7 +172,7 @@ def format_table(results: list[dict[str, Any]], s: BenchSettings) -> str:
             if "bf16" in by and "fp8" in by:
                 speedup = by["fp8"]["tokens_per_s"] / by["bf16"]["tokens_per_s"]
                 lines.append(f"FP8 speed-up ({variant}{tag}): tokens/s x{speedup:.4f} over bf16")
-                lines.append(fp8_numerics_line(variant, by["bf16"], by["fp8"]))
+                lines.append(fp8_numerics_line(f"{variant}{tag}", by["bf16"], by["fp8"]))
     for variant, prec in dict.fromkeys((r["variant"], r.get("precision", "bf16")) for r in ok):
         by = {mode_of[id(r)]: r for r in ok
               if (r["variant"], r.get("precision", "bf16")) == (variant, prec)}  # fmt: skip
@@ -181,8 +182,9 @@ def format_table(results: list[dict[str, Any]], s: BenchSettings) -> str:
         if "breakdown_ms" in r:
             parts = sorted(r["breakdown_ms"].items(), key=lambda kv: -kv[1])
             total = sum(v for _, v in parts)
+            name = f"{r['variant']}/{mode_of[id(r)]}" if several_modes else r["variant"]
             lines.append(
-                f"{r['variant']} {r.get('precision', 'bf16')} GPU time/step {total:.1f} ms: "
+                f"{name} {r.get('precision', 'bf16')} GPU time/step {total:.1f} ms: "
                 + ", ".join(f"{k} {v:.1f} ({100 * v / total:.0f}%)" for k, v in parts)
             )
     return "\n".join(lines)
@@ -354,6 +356,12 @@ def main(args: argparse.Namespace) -> int:
 
     from kha_train.training.device_memory import default_allocator_config
 
+    modes = [m.strip() for m in args.mode.split(",") if m.strip()]
+    bad = [m for m in modes if m not in BENCH_MODES]
+    if bad or not modes:
+        raise SystemExit(
+            f"kha-train bench --mode {args.mode}: each one of {', '.join(BENCH_MODES)}"
+        )
     default_allocator_config()  # before CUDA initialises, as the trainer does
     if not torch.cuda.is_available():
         raise SystemExit("kha-train bench needs a CUDA GPU")
@@ -362,12 +370,6 @@ def main(args: argparse.Namespace) -> int:
 
         make_deterministic()
     precisions = [Precision(p.strip()) for p in args.precision.split(",") if p.strip()]
-    modes = [m.strip() for m in args.mode.split(",") if m.strip()]
-    bad = [m for m in modes if m not in BENCH_MODES]
-    if bad or not modes:
-        raise SystemExit(
-            f"kha-train bench --mode {args.mode}: each one of {', '.join(BENCH_MODES)}"
-        )
     from kha_train.config_checks import loss_kernel_errors
 
     errs = loss_kernel_errors(args.loss_kernel, "cuda")

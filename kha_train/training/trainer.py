@@ -154,7 +154,9 @@ class Trainer:
         )  # fmt: skip
         notes = [f"warning: {n}" for n in ([] if restored is None else restored.notes)]
         notes += [f"note: {n}" for n in self.loader.notes]
-        for line in start_lines(self, resume) + notes + storage_warnings(self):
+        for line in start_lines(self, resume) + notes:
+            self.log.info(line)
+        for line in storage_warnings(self):  # after the rest: it reads the checkpoint folder
             self.log.info(line)
 
     def _new_monitor(self) -> StepMonitor:

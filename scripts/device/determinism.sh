@@ -14,7 +14,7 @@
 # Carry: data/builtin, .whl (omegaconf, antlr4), .kha_commit (optional).
 set -u
 export PYTHONUNBUFFERED=1
-deadline=${1:-540}
+deadline=${1:-540}; start=$(date +%s)
 source "$(dirname "$0")/lib.sh"  # left, install_wheels
 install_wheels .whl /tmp/site
 export PYTHONPATH=/tmp/site:$PWD

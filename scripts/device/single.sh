@@ -20,7 +20,7 @@ echo "commit $(cat .kha_commit 2>/dev/null || echo unknown), $(date -u +%FT%TZ)"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 cfg=configs/paper/table5/moe_a0.44b_kha_mlp.yaml
 row() {  # row NAME CAP_S COMMAND...
-  logged_row "$1" "$2" "^(kha|nokha) |GPU time/step|^RESULT|OOM|Error" "${@:3}"
+  logged_row "$1" "$2" "^(kha|nokha)[ /]|GPU time/step|^RESULT|OOM|Error" "${@:3}"
 }
 ours() {  # ours NAME CAP_S MODE MB ACCUM STEPS
   row $1 $2 python3 -m kha_train.cli bench --config $cfg --variants kha --mode $3 \

@@ -3,10 +3,10 @@
 #   1. The replication study's model (123M) with single_device and train.deterministic=true:
 #      40 steps on data/builtin, a checkpoint every 20 (the flat buffers saved by DCP from the
 #      GPU), then `kha-train replay` restores step 20 and trains 21-40 again: bitwise equal?
-#   2. The reference A0.44B at one micro-batch per step (4 x 4096), 30 steps, single_device
-#      then FSDP2: the trainer's tokens/s beside the benchmark's (docs/performance.md).
-#   3. With time left, the paper's main model at its seq 8192 (micro-batch 4, one per step,
-#      selective AC), single_device, 12 steps: does it fit, its tokens/s, its allocator retries.
+#   2. The paper's main model at its seq 8192 (micro-batch 4, one per step, selective AC),
+#      single_device, 12 steps: does it fit, its tokens/s, its allocator retries.
+#   3. With time left, the reference A0.44B at one micro-batch per step (4 x 4096), 30 steps,
+#      single_device then FSDP2: the trainer's tokens/s beside the benchmark's.
 # Each run's metrics come back as JSON lines; a summary is printed at the end.
 # Usage: bash scripts/device/single_train.sh [DEADLINE_S]
 #   SMALL_CONFIG, REF_CONFIG, MAIN_CONFIG replace the models and SMALL_ARGS, REF_ARGS, MAIN_ARGS
@@ -37,10 +37,10 @@ run() {  # run NAME CAP_S RESERVE_S CONFIG OVERRIDES...: train unless RESERVE_S 
   cp $work/$name/metrics.jsonl $OUT/$name.jsonl 2>/dev/null
 }
 steps=${SMALL_STEPS:-40}; half=$(( steps / 2 ))
-run small_det 100 400 ${SMALL_CONFIG:-configs/study/model.yaml} parallel.single_device=true \
+run small_det 100 420 ${SMALL_CONFIG:-configs/study/model.yaml} parallel.single_device=true \
   train.deterministic=true train.max_steps=$steps checkpoint.every_steps=$half \
   checkpoint.keep_last=2 ${SMALL_ARGS:-}
-t=$(( $(left) - 330 )); [ $t -gt 90 ] && t=90
+t=$(( $(left) - 340 )); [ $t -gt 80 ] && t=80
 if [ -d $work/small_det/checkpoints ] && [ $t -ge 45 ]; then
   timeout --kill-after=10 $t python3 -m kha_train.cli replay $work/small_det --step $(( half + 1 )) \
     --after $(( steps - half - 1 )) --json $OUT/replay.json > $OUT/replay.log 2>&1
@@ -48,14 +48,14 @@ if [ -d $work/small_det/checkpoints ] && [ $t -ge 45 ]; then
   grep -iE "bitwise|recur|transient" $OUT/replay.log | head -3
 fi
 rm -rf $work/small_det/checkpoints $work/small_det/replay
+run main_single 200 130 ${MAIN_CONFIG:-configs/paper/main/kha.yaml} parallel.single_device=true \
+  parallel.activation_checkpointing=selective data.seq_len=8192 train.micro_batch_size=4 \
+  train.global_batch_tokens=32768 train.max_steps=12 checkpoint.every_steps=0 ${MAIN_ARGS:-}
 ref=${REF_CONFIG:-configs/paper/table5/moe_a0.44b_kha_mlp.yaml}
 one_step="train.micro_batch_size=4 train.global_batch_tokens=16384 train.max_steps=30
   checkpoint.every_steps=0"
-run ref_single 130 190 $ref parallel.single_device=true $one_step ${REF_ARGS:-}
-run ref_fsdp 130 60 $ref parallel.single_device=false $one_step ${REF_ARGS:-}
-run main_single 200 5 ${MAIN_CONFIG:-configs/paper/main/kha.yaml} parallel.single_device=true \
-  parallel.activation_checkpointing=selective data.seq_len=8192 train.micro_batch_size=4 \
-  train.global_batch_tokens=32768 train.max_steps=12 checkpoint.every_steps=0 ${MAIN_ARGS:-}
+run ref_single 120 65 $ref parallel.single_device=true $one_step ${REF_ARGS:-}
+run ref_fsdp 120 5 $ref parallel.single_device=false $one_step ${REF_ARGS:-}
 echo "== done after $(( $(date +%s) - start ))s"
 python3 - <<'P'
 import json, os, statistics

@@ -22,7 +22,7 @@ echo "commit $(cat .kha_commit 2>/dev/null || echo unknown), $(date -u +%FT%TZ)"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 cfg=${CONFIG:-configs/paper/table5/moe_a0.44b_kha_mlp.yaml}
 row() {  # row NAME CAP_S COMMAND...
-  logged_row "$1" "$2" "^(kha|nokha) |^RESULT|failed|OOM" "${@:3}"
+  logged_row "$1" "$2" "^(kha|nokha)[ /]|^RESULT|failed|OOM" "${@:3}"
 }
 files=()
 for split in $splits; do

@@ -23,7 +23,7 @@ echo "commit $(cat .kha_commit 2>/dev/null || echo unknown), $(date -u +%FT%TZ)"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 cfg=configs/paper/table5/moe_a0.44b_kha_mlp.yaml
 row() {  # row NAME CAP_S COMMAND...
-  logged_row "$1" "$2" "^(kha|nokha) |KHA overhead|GPU time/step|^RESULT|^HF |OOM" "${@:3}"
+  logged_row "$1" "$2" "^(kha|nokha)[ /]|KHA overhead|GPU time/step|^RESULT|^HF |OOM" "${@:3}"
 }
 row ours_mb6x5 170 python3 -m kha_train.cli bench --config $cfg --variants kha,nokha \
   --micro-batch 6 --accum 5 --seq-len 4096 --steps 4 --warmup 1 --json $OUT/ours_mb6x5.jsonl \
