@@ -19,8 +19,7 @@ export PYTHONUNBUFFERED=1
 deadline=${1:-560}
 source "$(dirname "$0")/lib.sh"  # left, install_wheels
 install_wheels .whl /tmp/site
-export PYTHONPATH=/tmp/site:$PWD
-echo "commit $(cat .kha_commit 2>/dev/null || echo unknown), $(date -u +%FT%TZ)"
+use_wheels_and_log_commit
 row() {  # row NAME AC MICRO_BATCH ACCUM [BENCH_ARGS...]
   local name=$1 ac=$2 mb=$3 accum=$4; shift 4
   local t=$(( $(left) - 5 )); [ $t -gt 150 ] && t=150

@@ -11,8 +11,7 @@ export PYTHONUNBUFFERED=1
 deadline=${1:-240}; start=$(date +%s)
 source "$(dirname "$0")/lib.sh"  # left, install_wheels
 install_wheels .whl /tmp/site
-export PYTHONPATH=/tmp/site:$PWD
-echo "commit $(cat .kha_commit 2>/dev/null || echo unknown), $(date -u +%FT%TZ)"
+use_wheels_and_log_commit
 cfg=${CKPT_CONFIG:-configs/study/model.yaml}  # another config: a CPU check of this script
 for mode in blocking async; do
   t=$(( $(left) - 5 )); [ $t -gt 110 ] && t=110

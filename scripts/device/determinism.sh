@@ -17,8 +17,7 @@ export PYTHONUNBUFFERED=1
 deadline=${1:-540}; start=$(date +%s)
 source "$(dirname "$0")/lib.sh"  # left, install_wheels
 install_wheels .whl /tmp/site
-export PYTHONPATH=/tmp/site:$PWD
-echo "commit $(cat .kha_commit 2>/dev/null || echo unknown), $(date -u +%FT%TZ)"
+use_wheels_and_log_commit
 cfg=configs/paper/table5/moe_a0.44b_kha_mlp.yaml
 # A checkpoint of this model is 26 GiB and the disk holds 64: only det1 saves mid-run (step 15,
 # for the replay; the paper config's rollback needs mid-run saves, so the others turn it off),

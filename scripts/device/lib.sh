@@ -8,6 +8,11 @@ install_wheels() {  # install_wheels DIR TARGET: the carried wheels of DIR into 
     --target "$2" "$1"/*.whl || exit 1
 }
 
+use_wheels_and_log_commit() {  # the installed wheels and this checkout on the path; the commit line
+  export PYTHONPATH=/tmp/site:$PWD
+  echo "commit $(cat .kha_commit 2>/dev/null || echo unknown), $(date -u +%FT%TZ)"
+}
+
 # logged_row NAME CAP_S PATTERN COMMAND...: COMMAND under timeout min(CAP_S, time left - 5 s)
 # (skipped when under 45 s), its output in $OUT/NAME.log; prints its exit code and the log's
 # lines that match PATTERN.

@@ -19,8 +19,7 @@ export PYTHONUNBUFFERED=1
 deadline=${1:-560}
 source "$(dirname "$0")/lib.sh"  # left, install_wheels
 install_wheels .whl /tmp/site
-export PYTHONPATH=/tmp/site:$PWD
-echo "commit $(cat .kha_commit 2>/dev/null || echo unknown), $(date -u +%FT%TZ)"
+use_wheels_and_log_commit
 work=${WORK:-/tmp}; data=${DATA:-data/builtin}
 common="data.dataset=$data logging.wandb=disabled logging.log_every=1 train.val_every=0
   train.val_batches=0 eval.sets={} train.rollback.enabled=false"

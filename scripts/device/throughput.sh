@@ -18,8 +18,7 @@ extra=("$@")
 source "$(dirname "$0")/lib.sh"  # left, install_wheels, logged_row
 install_wheels .whl /tmp/site
 install_wheels .whl/peers /tmp/peers
-export PYTHONPATH=/tmp/site:$PWD
-echo "commit $(cat .kha_commit 2>/dev/null || echo unknown), $(date -u +%FT%TZ)"
+use_wheels_and_log_commit
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 cfg=configs/paper/table5/moe_a0.44b_kha_mlp.yaml
 row() {  # row NAME CAP_S COMMAND...
