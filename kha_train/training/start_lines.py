@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from kha_train.training.checkpoint_checks import check_free_space, stray_entries
+from kha_train.training.flat_adamw import FlatAdamW
 from kha_train.training.optim import summarize_groups
 from kha_train.training.parallel import settings_line
 
@@ -42,7 +43,7 @@ def start_lines(t: Any, resume: Path | None) -> list[str]:
         for g in summarize_groups(t.optimizer)
     )
     impl = "fused" if t.fused else "foreach"
-    if type(t.optimizer).__name__ == "FlatAdamW":
+    if isinstance(t.optimizer, FlatAdamW):
         impl = "over flat buffers (parallel.single_device)"
     out.append(
         f"{cfg.name}: {n_params / 1e6:.2f}M parameters on {env.world_size} rank(s) "
